@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+PY := .venv/bin/python
+STAMP := .venv/.lorafuse-installed
+
+.PHONY: setup demo test test-gpu bench-gpu lint clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	./scripts/bootstrap.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/lorafuse demo
+
+test: $(STAMP)
+	PYTHONSAFEPATH=1 $(PY) -m pytest -q
+
+test-gpu: $(STAMP)
+	PYTHONSAFEPATH=1 $(PY) -m pytest -q -m gpu
+
+bench-gpu: $(STAMP)
+	.venv/bin/lorafuse bench
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf .venv build *.egg-info demo_out .pytest_cache

@@ -1,0 +1,198 @@
+"""Run configuration: plain dataclasses, read from YAML, overridden by `key.sub=value` arguments.
+
+Unknown keys and values of the wrong type are errors that name the key, so a typo never
+silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL, chat ({"messages": [...]}) or prompt/completion form
+    validation: str | None = None
+    test: str | None = None
+    # When validation/test files are not given, carve these fractions out of train (seeded).
+    validation_fraction: float = 0.0
+    test_fraction: float = 0.0
+    on_error: str = "stop"  # stop: refuse a file with any bad line | skip: drop bad lines, count them
+    overlong: str = "truncate"  # truncate | drop  (examples longer than train.max_seq_len)
+    train_on: str = "assistant"  # assistant: loss on assistant tokens only | all: every token
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # > 0 stops after this many optimizer steps
+    lr: float = 2.0e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_tokens_per_step: int = 4096  # token budget of one packed micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_seq_len: int = 1024
+    seed: int = 0
+    eval_every: int = 50  # optimizer steps between validation passes (0: only at the end)
+    save_every: int = 100  # optimizer steps between adapter checkpoints (0: only at the end)
+    early_stopping_patience: int = 0  # validation passes without improvement before stopping (0: never)
+    log_every: int = 1
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attention: str = "auto"  # auto | triton | reference (per-document SDPA)
+    checkpointing: str = "none"  # none | recompute (per decoder layer)
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class Config:
+    model: str = ""  # local HuggingFace model directory
+    output_dir: str = "runs/lorafuse"
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    "data.on_error": ("stop", "skip"),
+    "data.overlong": ("truncate", "drop"),
+    "data.train_on": ("assistant", "all"),
+    "train.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "train.attention": ("auto", "triton", "reference"),
+    "train.checkpointing": ("none", "recompute"),
+}
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an int is a fine float (lr: 1 is a valid, if odd, learning rate)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _fill(obj, values: dict, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' (known here: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _fill(current, value, path + ".")
+            continue
+        tp = hints[key]
+        if not _type_ok(value, tp):
+            raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
+        if isinstance(value, int) and tp is float:
+            value = float(value)
+        setattr(obj, key, value)
+
+
+def validate(cfg: Config) -> Config:
+    for path, choices in _CHOICES.items():
+        section, key = path.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"config key '{path}' must be one of {', '.join(choices)}; got {value!r}")
+    t, lo = cfg.train, cfg.lora
+    positive = {"lora.r": lo.r, "train.max_tokens_per_step": t.max_tokens_per_step,
+                "train.max_seq_len": t.max_seq_len, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
+                "train.log_every": t.log_every}
+    for path, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{path}' must be at least 1, got {value}")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout}")
+    if t.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be positive, got {t.lr}")
+    if t.max_seq_len > t.max_tokens_per_step:
+        raise ConfigError(
+            f"train.max_seq_len ({t.max_seq_len}) exceeds train.max_tokens_per_step ({t.max_tokens_per_step}): "
+            "one example must fit in one packed micro-batch")
+    for path in ("data.validation_fraction", "data.test_fraction"):
+        value = getattr(cfg.data, path.split(".")[1])
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key '{path}' must be in [0, 1), got {value}")
+    if not lo.target_modules:
+        raise ConfigError("config key 'lora.target_modules' must name at least one module")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Build a Config from a YAML file (or `base` dict) and `key.sub=value` overrides."""
+    values: dict = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        values.update(loaded)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    cfg = Config()
+    _fill(cfg, values, "")
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

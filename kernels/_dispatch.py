@@ -1,0 +1,60 @@
+"""Which implementation a kernel call runs (DESIGN.md, "Kernel selection").
+
+- CUDA tensors: the Triton kernels.
+- CPU tensors with TRITON_INTERPRET=1 set before triton was imported: the same Triton kernels
+  through Triton's interpreter (how the CPU test suite runs the real kernel code).
+- CPU tensors otherwise, or LORAFUSE_KERNELS=reference: the PyTorch reference.
+
+`launches` counts Triton launches per op, so a test can prove the Triton code ran rather than
+the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+
+launches: Counter = Counter()
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off")
+
+
+try:  # triton ships for Linux only; elsewhere every op runs its reference
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - Linux CI always has it
+    HAVE_TRITON = False
+
+# Triton decides at @triton.jit time whether a kernel is interpreted: remember what it decided.
+INTERPRETED = HAVE_TRITON and _interpret_env()
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when this call should run the Triton kernel, from the tensor's device."""
+    mode = os.environ.get("LORAFUSE_KERNELS", "auto")
+    if mode not in ("auto", "reference", "triton"):
+        raise ValueError(f"LORAFUSE_KERNELS must be auto, reference or triton; got {mode!r}")
+    if mode == "reference":
+        return False
+    if x.device.type == "cuda":
+        if not HAVE_TRITON:
+            raise RuntimeError("CUDA tensors need triton (pip install triton), or set LORAFUSE_KERNELS=reference")
+        return True
+    if x.device.type == "cpu" and _interpret_env():
+        if not INTERPRETED:
+            raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; set it before importing "
+                               "lorafuse or triton so the kernels are built for the interpreter")
+        return True
+    if mode == "triton":
+        raise RuntimeError(f"LORAFUSE_KERNELS=triton on {x.device.type} tensors needs CUDA, or TRITON_INTERPRET=1 "
+                           "set before triton is imported")
+    return False
+
+
+def count(op: str) -> None:
+    launches[op] += 1

@@ -1,0 +1,63 @@
+"""Compile every Triton kernel for NVIDIA GPUs without one (ahead of time, no launch).
+
+`python -m lorafuse.kernels.aot` builds each kernel variant that a kernel module lists in its
+AOT_SPECS for sm_80 (A100) and sm_90 (H100/H200) and prints the shared memory each needs. The
+CPU test suite runs it, so a kernel that the interpreter accepts but the GPU compiler rejects
+(tl.dot shapes, layouts, too much shared memory) fails in CI, not on a rented GPU.
+
+An AOT spec is (kernel, signature, constexprs): signature maps each argument to a Triton type
+("*bf16", "*fp32", "i32", "i64", "fp32", or "constexpr"); constexprs gives the constexpr values.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+
+ARCHS = (80, 90)
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use
+MODULES = ("lora_linear", "fused_linear_cross_entropy", "varlen_attention", "rope", "rms_norm", "swiglu")
+
+
+def compile_spec(kernel, signature: dict, constexprs: dict, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = kernel
+    while hasattr(fn, "fn"):  # unwrap @autotune / @heuristics
+        fn = fn.fn
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
+        return 2
+    failures = 0
+    for name in MODULES:
+        module = importlib.import_module(f"lorafuse.kernels.{name}")
+        for kernel, signature, constexprs in getattr(module, "AOT_SPECS", ()):
+            label = f"{name}.{getattr(kernel, '__name__', None) or getattr(kernel, 'fn', kernel).__name__}"
+            shown = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.isupper())
+            for arch in ARCHS:
+                t0 = time.perf_counter()
+                try:
+                    compiled = compile_spec(kernel, signature, constexprs, arch)
+                except Exception as e:  # report every failing variant, not just the first
+                    failures += 1
+                    print(f"FAIL sm_{arch} {label} [{shown}]: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    continue
+                shared = compiled.metadata.shared
+                ok = shared <= SHARED_LIMIT[arch]
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} sm_{arch} {label} [{shown}] shared={shared}B "
+                      f"warps={compiled.metadata.num_warps} {time.perf_counter() - t0:.1f}s")
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

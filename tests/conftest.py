@@ -1,0 +1,37 @@
+"""Test-suite setup.
+
+TRITON_INTERPRET=1 is set here, before anything imports triton, so kernel calls on CPU tensors
+run the real Triton kernels through Triton's interpreter (DESIGN.md). Engine tests that train
+models use the `reference_kernels` fixture: the interpreter is far too slow for whole models,
+and the kernels have their own tests.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Run every kernel call through its PyTorch reference."""
+    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
