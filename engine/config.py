@@ -41,6 +41,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    init_adapter: str | None = None  # start from this adapter (PEFT format, same r and targets), not a fresh init
 
 
 @dataclass
@@ -108,6 +109,13 @@ def _type_name(tp) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+def _yaml_float(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _fill(obj, values: dict, prefix: str) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(values).__name__}")
@@ -122,6 +130,8 @@ def _fill(obj, values: dict, prefix: str) -> None:
             _fill(current, value, path + ".")
             continue
         tp = hints[key]
+        if tp is float and isinstance(value, str):
+            value = _yaml_float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if not _type_ok(value, tp):
             raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
         if isinstance(value, int) and tp is float:

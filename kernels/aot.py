@@ -5,8 +5,10 @@ AOT_SPECS for sm_80 (A100) and sm_90 (H100/H200) and prints the shared memory ea
 CPU test suite runs it, so a kernel that the interpreter accepts but the GPU compiler rejects
 (tl.dot shapes, layouts, too much shared memory) fails in CI, not on a rented GPU.
 
-An AOT spec is (kernel, signature, constexprs): signature maps each argument to a Triton type
-("*bf16", "*fp32", "i32", "i64", "fp32", or "constexpr"); constexprs gives the constexpr values.
+An AOT spec is (kernel, signature, constexprs[, options]): signature maps each argument to a
+Triton type ("*bf16", "*fp32", "i32", "i64", "fp32", or "constexpr"); constexprs gives the
+constexpr values; options the launch options of an autotune config ({"num_warps": 8,
+"num_stages": 3}).
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one bl
 MODULES = ("lora_linear", "fused_linear_cross_entropy", "varlen_attention", "rope", "rms_norm", "swiglu")
 
 
-def compile_spec(kernel, signature: dict, constexprs: dict, arch: int):
+def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, options: dict | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
 
     fn = kernel
-    while hasattr(fn, "fn"):  # unwrap @autotune / @heuristics
+    while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @autotune / @heuristics
         fn = fn.fn
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options or {})
 
 
 def main() -> int:
@@ -39,13 +41,15 @@ def main() -> int:
     failures = 0
     for name in MODULES:
         module = importlib.import_module(f"lorafuse.kernels.{name}")
-        for kernel, signature, constexprs in getattr(module, "AOT_SPECS", ()):
+        for spec in getattr(module, "AOT_SPECS", ()):
+            kernel, signature, constexprs, options = (*spec, {})[:4]
             label = f"{name}.{getattr(kernel, '__name__', None) or getattr(kernel, 'fn', kernel).__name__}"
-            shown = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.isupper())
+            shown = ",".join([f"{k}={v}" for k, v in constexprs.items() if k.isupper()]
+                             + [f"{k}={v}" for k, v in options.items()])
             for arch in ARCHS:
                 t0 = time.perf_counter()
                 try:
-                    compiled = compile_spec(kernel, signature, constexprs, arch)
+                    compiled = compile_spec(kernel, signature, constexprs, arch, options)
                 except Exception as e:  # report every failing variant, not just the first
                     failures += 1
                     print(f"FAIL sm_{arch} {label} [{shown}]: {type(e).__name__}: {str(e).splitlines()[0][:300]}")

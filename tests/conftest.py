@@ -35,3 +35,26 @@ def reference_kernels(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama (GQA) with a BPE tokenizer and chat template, saved as a HF directory."""
+    from lorafuse.engine.demo.base_model import build_model, build_tokenizer, tiny_config
+    from lorafuse.engine.demo.tickets import pretraining_text
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = build_tokenizer(pretraining_text(n_tickets=300), 400, path)
+    config = tiny_config("llama", vocab_size=len(tokenizer), hidden=64, layers=2, heads=4, kv_heads=2,
+                         intermediate=96, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    build_model(config, path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from lorafuse.engine.model import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+

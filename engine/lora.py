@@ -1,0 +1,215 @@
+"""LoRA adapters: injection into a HF model, PEFT-format save and load, merge into the base.
+
+A targeted nn.Linear becomes a LoraLinear holding the frozen base weight (and bias) and two
+trainable float32 matrices in PEFT's layout: lora_A [r, in], lora_B [out, r], initialised as
+PEFT does (A kaiming-uniform with a=sqrt(5), B zeros, so training starts from the base model).
+The forward runs lorafuse.kernels.lora_linear; the adapters are cast to the activation dtype per
+call (bf16 on GPU) while their float32 masters are what the optimizer updates.
+
+Saved adapters use PEFT's file names and keys
+(`base_model.model.<module path>.lora_A.weight`), so `PeftModel.from_pretrained` loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from lorafuse.kernels import lora_linear
+
+from .config import ALL_PROJECTIONS, LoraConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # frozen base, shared with the loaded model (no copy)
+        self.bias = base.bias
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
+        self.enabled = True
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        if self.dropout > 0 and self.training:
+            # Dropout feeds only the low-rank branch, so the fused kernel (one x for both) cannot
+            # be used: plain ops, as PEFT computes it.
+            low_rank = F.linear(F.linear(F.dropout(x, self.dropout, training=True), a), b)
+            return F.linear(x, self.weight, self.bias) + self.scaling * low_rank
+        return lora_linear(x, self.weight, a, b, self.scaling, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+def _check_targets(model, targets: list[str]) -> None:
+    unknown = [t for t in targets if t not in ALL_PROJECTIONS]
+    if unknown:
+        hint = " (a LoRA on lm_head is not supported: the fused loss reads the head weight directly)" \
+            if "lm_head" in unknown else ""
+        raise ValueError(f"lora.target_modules: unknown module(s) {unknown}; choose from {ALL_PROJECTIONS}{hint}")
+
+
+def inject_lora(model, cfg: LoraConfig) -> list[str]:
+    """Replace each targeted projection of every decoder layer by a LoraLinear. Returns their names."""
+    _check_targets(model, cfg.target_modules)
+    names = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in cfg.target_modules and isinstance(module, nn.Linear):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, leaf, LoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+            names.append(name)
+    if not names:
+        raise ValueError(f"lora.target_modules {cfg.target_modules} matched no nn.Linear in the model")
+    return names
+
+
+def lora_modules(model) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def lora_parameters(model) -> list[nn.Parameter]:
+    return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+
+
+@contextmanager
+def adapters_disabled(model):
+    """Run the base model: every LoraLinear acts as its frozen base layer."""
+    mods = list(lora_modules(model).values())
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT format
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu", torch.float32).contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def adapter_config(cfg: LoraConfig, base_model_path: str) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_path),
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": list(cfg.target_modules),
+        "use_rslora": cfg.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def save_adapter(model, cfg: LoraConfig, out_dir: str | Path, base_model_path: str) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into out_dir. Each file is written
+    beside its final name and renamed, so a crash never leaves a half-written adapter."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_tmp = out_dir / (ADAPTER_WEIGHTS + ".tmp")
+    save_file(adapter_state_dict(model), str(weights_tmp), metadata={"format": "pt"})
+    config_tmp = out_dir / (ADAPTER_CONFIG + ".tmp")
+    config_tmp.write_text(json.dumps(adapter_config(cfg, base_model_path), indent=2))
+    os.replace(weights_tmp, out_dir / ADAPTER_WEIGHTS)
+    os.replace(config_tmp, out_dir / ADAPTER_CONFIG)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a PEFT/lorafuse adapter directory")
+    raw = json.loads(path.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r} is not LORA")
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        raise ValueError(f"{path}: target_modules given as a regex ({targets!r}); list the module names instead")
+    return LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
+                      target_modules=list(targets), use_rslora=bool(raw.get("use_rslora", False)))
+
+
+def load_adapter_weights(model, adapter_dir: str | Path) -> None:
+    """Copy an adapter's weights (safetensors only) into the model's LoraLinear modules."""
+    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise ValueError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
+    state = load_file(str(weights_path))
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: keys do not match the model: {len(missing)} missing "
+                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    for name, m in lora_modules(model).items():
+        for attr in ("lora_A", "lora_B"):
+            tensor = state[f"{PEFT_PREFIX}{name}.{attr}.weight"]
+            param = getattr(m, attr)
+            if tensor.shape != param.shape:
+                raise ValueError(f"{weights_path}: {name}.{attr} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor)
+
+
+def load_adapter(model, adapter_dir: str | Path) -> LoraConfig:
+    """Inject LoRA as the adapter's config says and load its weights."""
+    cfg = read_adapter_config(adapter_dir)
+    inject_lora(model, cfg)
+    load_adapter_weights(model, adapter_dir)
+    return cfg
+
+
+def merge_lora(model) -> int:
+    """Fold every adapter into its base weight (W += s B A) and put plain nn.Linear layers back."""
+    merged = 0
+    for name, m in list(lora_modules(model).items()):
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                           device=m.weight.device, dtype=m.weight.dtype)
+        with torch.no_grad():
+            delta = m.scaling * (m.lora_B.float() @ m.lora_A.float())
+            linear.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
+            if m.bias is not None:
+                linear.bias.copy_(m.bias)
+        linear.requires_grad_(False)
+        parent, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), leaf, linear)
+        merged += 1
+    return merged

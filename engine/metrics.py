@@ -1,0 +1,96 @@
+"""Run records: metrics.jsonl, model FLOPs and MFU, the loss plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """One JSON object per line; flushed on every write so a crash loses nothing."""
+
+    def __init__(self, path: str | Path, append: bool = False):
+        self.path = Path(path)
+        self.fh = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def flops_per_token(model, n_lora: int):
+    """A function of a step's micro-batches giving its model FLOPs (DESIGN.md): 4 N_frozen + 6 N_lora per
+    token for the matmuls (no weight gradients for the frozen base; recomputation not counted), plus causal
+    attention per document: forward 2 L^2 D per query head and layer, backward twice that."""
+    n_matmul = sum(m.weight.numel() for m in model.modules()
+                   if isinstance(m, torch.nn.Linear) or type(m).__name__ == "LoraLinear")
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attn_per_len2 = 6 * c.num_attention_heads * head_dim * c.num_hidden_layers
+
+    def flops(micro_batches) -> float:
+        total = 0.0
+        for b in micro_batches:
+            total += (4 * n_matmul + 6 * n_lora) * b.num_tokens
+            total += attn_per_len2 * sum(n * n for n in b.doc_lengths)
+        return total
+
+    return flops
+
+
+_PEAK_CACHE: dict = {}
+
+
+def peak_matmul_flops(device: torch.device, n: int = 8192) -> float:
+    """The GPU's measured bf16 matmul rate (FLOP/s): the MFU denominator (DESIGN.md)."""
+    key = str(device)
+    if key not in _PEAK_CACHE:
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 10
+        start.record()
+        for _ in range(reps):
+            a @ b
+        end.record()
+        torch.cuda.synchronize(device)
+        _PEAK_CACHE[key] = 2 * n**3 * reps / (start.elapsed_time(end) / 1e3)
+        del a, b
+    return _PEAK_CACHE[key]
+
+
+def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "LoRA fine-tuning") -> Path | None:
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and "stopped" not in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per target token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)

@@ -1,0 +1,263 @@
+"""The training loop. Read it top to bottom: data, model, optimizer, the step loop, the end.
+
+One optimizer step = `grad_accum` packed micro-batches. Each micro-batch's loss is summed over
+its target tokens and divided by the target tokens of the whole step, so a step's gradient is
+the mean over every trained token in it, however the tokens fell into micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import Config, to_dict
+from .data import encode_all, read_jsonl, split_examples
+from .evaluate import evaluate_loss
+from .forward import packed_loss
+from .lora import adapters_disabled, inject_lora, load_adapter_weights, lora_parameters, save_adapter
+from .metrics import MetricsLog, flops_per_token, peak_matmul_flops, plot_losses
+from .model import (count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype,
+                    sliding_window_limit)
+from .packing import PackedBatch, pack
+
+CHECKPOINTS_KEPT = 2
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early on a non-finite loss; the message says where the last good adapter is."""
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    best_val_loss: float | None = None
+    test: dict = field(default_factory=dict)  # {"base": {...}, "finetuned": {...}}
+    output_dir: str = ""
+    stopped_early: bool = False
+
+
+def load_datasets(cfg: Config, tokenizer, log) -> dict[str, list]:
+    """Tokenized documents per split ("train", and "validation"/"test" when there are any)."""
+    d, t = cfg.data, cfg.train
+    if not d.train:
+        raise ValueError("config key 'data.train' is required: the path of a JSONL file")
+    examples = {"train": read_jsonl(d.train, d.on_error)}
+    for split in ("validation", "test"):
+        if getattr(d, split):
+            examples[split] = read_jsonl(getattr(d, split), d.on_error)
+    for split, (_, report) in examples.items():
+        if report.errors:
+            log(f"[data] {report.path}: skipped {len(report.errors)} invalid line(s) (data.on_error=skip); "
+                f"first: {report.errors[0]}")
+    carve = [(s, getattr(d, f"{s}_fraction")) for s in ("validation", "test")
+             if s not in examples and getattr(d, f"{s}_fraction") > 0]
+    if carve:
+        rest, *parts = split_examples(examples["train"][0], [f for _, f in carve], seed=t.seed)
+        examples["train"] = (rest, examples["train"][1])
+        for (split, frac), part in zip(carve, parts):
+            examples[split] = (part, None)
+            log(f"[data] {split}: {len(part)} examples carved out of {d.train} ({frac:.0%}, seed {t.seed})")
+    docs = {}
+    for split, (exs, report) in examples.items():
+        path = report.path if report else d.train
+        docs[split], enc = encode_all(tokenizer, exs, t.max_seq_len, d.overlong, d.train_on, path)
+        log(f"[data] {split}: {enc.summary(t.max_seq_len)}")
+        if not docs[split]:
+            raise ValueError(f"{path}: no usable {split} examples after tokenization")
+    return docs
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def plan_steps(docs, cfg) -> list[tuple[int, list[PackedBatch]]]:
+    """Every optimizer step of the run as (epoch, micro-batches); each epoch is re-packed with its own seed."""
+    steps = []
+    for epoch in range(cfg.epochs):
+        batches = pack(docs, cfg.max_tokens_per_step, seed=cfg.seed + epoch, shuffle=True)
+        steps += [(epoch, batches[i:i + cfg.grad_accum]) for i in range(0, len(batches), cfg.grad_accum)]
+    return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps
+
+
+def save_checkpoint(model, cfg: Config, optimizer, step: int, out: Path) -> Path:
+    """OUTPUT_DIR/checkpoint-STEP with the adapter, optimizer state and step; written under a
+    temporary name and renamed, so a crash never leaves a broken checkpoint. Keeps the newest few."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, cfg.lora, tmp, cfg.model)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-CHECKPOINTS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
+    t, out = cfg.train, Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    torch.manual_seed(t.seed)
+    device = resolve_device(t.device)
+    dtype = resolve_dtype(t.dtype, device)
+    if t.attention == "reference":
+        os.environ["LORAFUSE_KERNELS"] = "reference"
+
+    # ---- data
+    tokenizer = load_tokenizer(cfg.model)
+    docs = load_datasets(cfg, tokenizer, log)
+
+    # ---- model: frozen base, LoRA adapters in float32
+    model = load_model(cfg.model, dtype, device)
+    window = sliding_window_limit(model)
+    if window is not None and t.max_seq_len > window:
+        raise ValueError(f"{cfg.model}: the model uses sliding-window attention ({window} tokens), which lorafuse "
+                         f"does not implement; set train.max_seq_len <= {window}")
+    inject_lora(model, cfg.lora)
+    if cfg.lora.init_adapter:
+        load_adapter_weights(model, cfg.lora.init_adapter)
+        log(f"[model] LoRA weights initialised from {cfg.lora.init_adapter}")
+    params = lora_parameters(model)
+    n_frozen, n_lora = count_parameters(model)
+    log(f"[model] {model.config.model_type} {n_frozen / 1e6:.1f}M frozen + {n_lora / 1e6:.2f}M LoRA parameters "
+        f"(r={cfg.lora.r}, {len(cfg.lora.target_modules)} projections per layer), {dtype}, {device}")
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
+                                  fused=device.type == "cuda")
+
+    steps = plan_steps(docs["train"], t)
+    total = len(steps)
+    start_step = 0
+    if resume and (ckpt := latest_checkpoint(out)) is not None:
+        load_adapter_weights(model, ckpt)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        log(f"[train] resumed from {ckpt} at step {start_step}")
+    val_batches = pack(docs["validation"], t.max_tokens_per_step) if "validation" in docs else None
+
+    # ---- throughput accounting (DESIGN.md: 4 N_frozen + 6 N_lora per token, plus attention)
+    flops_token = flops_per_token(model, n_lora)
+    peak = peak_matmul_flops(device) if device.type == "cuda" else None
+    metrics = MetricsLog(out / "metrics.jsonl", append=start_step > 0)
+    result = TrainResult(output_dir=str(out))
+    best, bad_evals = math.inf, 0
+    log(f"[train] {total} steps of up to {t.grad_accum} x {t.max_tokens_per_step} tokens, {t.epochs} epoch(s)")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not t.progress, dynamic_ncols=True)
+    model.train()
+    step = start_step
+    for step in range(start_step, total):
+        t0 = time.perf_counter()
+        lr = lr_at(step, total, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch, micro = steps[step]
+        step_targets = sum(b.num_target_tokens for b in micro)
+        step_tokens = sum(b.num_tokens for b in micro)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # ---- forward and backward over the step's micro-batches
+        loss_sum = torch.zeros((), device=device)
+        for batch in micro:
+            batch = batch.to(device)
+            loss = packed_loss(model, batch, reduction="sum", checkpointing=t.checkpointing) / step_targets
+            loss.backward()
+            loss_sum += loss.detach()
+
+        # ---- clip, check, update
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the one host sync per step
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            optimizer.zero_grad(set_to_none=True)  # the weights are still those of the last good step
+            good = save_checkpoint(model, cfg, optimizer, step, out)
+            metrics.write({"step": step + 1, "loss": loss_value, "grad_norm": norm_value, "stopped": "non-finite"})
+            bar.close()
+            raise TrainingStopped(f"step {step + 1}: loss {loss_value} / grad norm {norm_value} is not finite; "
+                                  f"stopped before applying it. The adapter of the last good step is in {good}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- log
+        dt = time.perf_counter() - t0
+        record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
+                  "grad_norm": norm_value, "tokens": step_tokens, "target_tokens": step_targets,
+                  "tokens_per_s": step_tokens / dt}
+        if device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            record["mfu"] = flops_token(micro) / dt / peak
+        metrics.write(record)
+        result.train_losses.append(loss_value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if (step + 1) % t.log_every == 0 and not t.progress:
+            log(_format_record(record))
+
+        # ---- validate, save, stop early
+        last = step + 1 == total
+        if val_batches and ((t.eval_every and (step + 1) % t.eval_every == 0) or last):
+            val = evaluate_loss(model, val_batches, device)
+            model.train()
+            result.val_losses.append((step + 1, val["loss"]))
+            metrics.write({"step": step + 1, "val_loss": val["loss"], "val_ppl": val["ppl"]})
+            bar.write(f"[eval] step {step + 1}: validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f})")
+            if val["loss"] < best:
+                best, bad_evals = val["loss"], 0
+                save_adapter(model, cfg.lora, out / "best", cfg.model)
+            else:
+                bad_evals += 1
+                if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
+                    bar.write(f"[train] early stop at step {step + 1}: no validation improvement in "
+                              f"{bad_evals} evaluations (best {best:.4f}, adapter in {out / 'best'})")
+                    result.stopped_early = True
+                    break
+        if t.save_every and (step + 1) % t.save_every == 0 and not last:
+            save_checkpoint(model, cfg, optimizer, step + 1, out)
+    bar.close()
+    result.steps = step + 1 if total else 0
+    result.best_val_loss = best if math.isfinite(best) else None
+
+    # ---- the end: adapter, held-out comparison, plot
+    save_adapter(model, cfg.lora, out, cfg.model)
+    log(f"[train] adapter saved to {out} (adapter_config.json, adapter_model.safetensors)")
+    if "test" in docs:
+        test_batches = pack(docs["test"], t.max_tokens_per_step)
+        with adapters_disabled(model):
+            result.test["base"] = evaluate_loss(model, test_batches, device)
+        result.test["finetuned"] = evaluate_loss(model, test_batches, device)
+        (out / "eval_results.json").write_text(json.dumps(result.test, indent=2))
+        b, f = result.test["base"], result.test["finetuned"]
+        log(f"[test] loss base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> fine-tuned {f['loss']:.4f} (ppl {f['ppl']:.2f})")
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    return result
+
+
+def _format_record(r: dict) -> str:
+    parts = [f"step {r['step']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"grad_norm {r['grad_norm']:.3f}",
+             f"{r['tokens_per_s']:.0f} tok/s"]
+    if "mfu" in r:
+        parts += [f"mfu {r['mfu']:.1%}", f"mem {r['peak_mem_gb']:.1f} GB"]
+    return "[train] " + "  ".join(parts)
