@@ -1,4 +1,4 @@
-"""LoRA linear: y = x W^T + bias + s * (x A^T) B^T.
+"""LoRA linear: y = x W^T + bias + s * (x A^T) B^T; grouped projections of one input; the LoRA MLP.
 
 Shapes (PEFT layout): x [..., in]; weight W [out, in] (frozen base); lora_a A [r, in];
 lora_b B [out, r]; bias [out] or None; s = scaling (alpha / r, or alpha / sqrt(r) for rsLoRA).
@@ -7,13 +7,54 @@ Gradients, with dY [..., out] and the intermediate U = x A^T [..., r]:
   dX = dY W + s (dY B) A
   dA = s (dY B)^T x        dB = s dY^T U
   dW = dY^T x (only when W requires grad)   dbias = sum dY (only when bias requires grad)
+
+Grouped projections (q/k/v, gate/up): the frozen weights are stacked, W = [W_0; W_1; ...]
+[sum n_i, in]; the adapters are stacked as A = [A_0; A_1; ...] [R = sum r_i, in] and a
+block-diagonal B [sum n_i, R] whose block i is B_i, and s becomes a per-rank-column vector. Then the
+whole group is one LoRA linear: y_all = x W^T + bias + (x A^T diag(s)) B^T, with y_i the column
+block i of y_all (a view of one buffer, last dim contiguous). A projection without adapter has
+r_i = 0. The backward takes the dY_i as separate segments of the reduction (no concatenation).
+
+The LoRA MLP: y = down(swiglu(gate(x), up(x))), gate/up one group over [W_gate; W_up], each
+projection a LoRA linear (or plain, without adapter). h = silu(g) * u is not kept for backward:
+the GEMM that computes dH = dY W_down + s (dY B_d) A_d applies the SwiGLU backward in its
+epilogue, writing dG and dU (never dH) and recomputing h there for dA_down = V_d^T h.
+
+Every GEMM with a [tokens, features] output is one Triton kernel (`_lowrank_mm_kernel`):
+  C[M, N] = scale[n] * (sum_seg A_seg[M, K_seg] @ Bop[off_seg : off_seg + K_seg, N] + E[M, R] @ F[R, N])
+            + bias[n]                         (then optionally the SwiGLU backward on C)
+with every operand addressed through strides, so W, W^T, A^T, B^T are read in place:
+  forward      U = x A^T diag(s)          skinny: N = R, one column block (x read once)
+               y = x W^T + bias + U B^T    E = U, F = B^T
+  backward     V = dY B diag(s)           skinny, the dY_i as segments
+               dX = dY W + V A             E = V, F = A, the dY_i as segments
+               dA = V^T x, dB_i = dY_i^T U_i, dW = dY^T x: small (or weight) GEMMs by cuBLAS
+Saved for backward: x and U only (plus the parameters). U carries the scale, so dB needs none.
+Not handled here: LoRA dropout > 0 (the low-rank branch then sees another input than the base);
+the engine runs plain PyTorch ops for that case and these kernels for dropout 0.
+
+Tiling of the kernel: output tiles [BLOCK_M, BLOCK_N] in grouped (GROUP_M) order for L2 reuse of
+the x row block; the low-rank product E F is accumulated first (before the main loop, so its
+loads overlap the pipeline's prologue instead of trailing it), then the main loop over K in
+BLOCK_K steps, segment after segment; float32 accumulation, cast on store. Rows and columns of
+the operand loads wrap (modulo M, N) so only the K tail is masked (not at all when every K_seg
+is a multiple of BLOCK_K); stores are masked. Row offsets are int64. The skinny GEMMs use one
+column block of next_pow2(R) >= 16 columns (tl.dot needs 16; the padding is masked), so r = 1
+works and x is streamed once. Block sizes are autotuned per (bucketed tokens, N, K, R) on GPU;
+the interpreter runs one small fixed config.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from .swiglu import swiglu_forward_triton, swiglu_reference
+
+# ----------------------------------------------------------------------------- PyTorch references
 
 
 def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
@@ -21,6 +62,603 @@ def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_a), lora_b)
 
 
+def lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None):
+    """Each projection of the stacked weight on its own: y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T."""
+    weights = weight.split(list(out_splits), 0)
+    biases = bias.split(list(out_splits), 0) if bias is not None else [None] * len(out_splits)
+    outs = []
+    for w, a, b, s, bi in zip(weights, lora_as, lora_bs, scalings, biases, strict=True):
+        outs.append(F.linear(x, w, bi) if a is None else lora_linear_reference(x, w, a, b, s, bi))
+    return tuple(outs)
+
+
+def lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
+                       down_weight, down_a, down_b, down_scaling):
+    inter = down_weight.shape[1]
+    gate, up = lora_linear_group_reference(x, gate_up_weight, [gate_a, up_a], [gate_b, up_b],
+                                           [gate_scaling, up_scaling], [inter, inter])
+    h = swiglu_reference(gate, up)
+    if down_a is None:
+        return F.linear(h, down_weight)
+    return lora_linear_reference(h, down_weight, down_a, down_b, down_scaling)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+MAX_SEGMENTS = 3  # dY pieces one launch reads in place (q, k, v); more are concatenated first
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .swiglu import _swiglu_terms
+
+    @triton.jit
+    def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, b_off, K, rows_a, b_cols,
+                            EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc += A[rows_a, 0:K] @ Bop[b_off : b_off + K, cols] (b_cols holds cols * stride_bn)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + (b_off + offs_k).to(tl.int64)[:, None] * stride_bk + b_cols[None, :]
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a_tile = tl.load(a_ptrs)
+                b_tile = tl.load(b_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                a_tile = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                b_tile = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        return acc
+
+    @triton.jit
+    def _lowrank_mm_kernel(
+        a0_ptr, a1_ptr, a2_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, e_ptr, f_ptr,
+        g_ptr, u_ptr, du_ptr, h_ptr,
+        M, N, R, K0, K1, K2, b_off0, b_off1, b_off2,
+        stride_a0m, stride_a0k, stride_a1m, stride_a1k, stride_a2m, stride_a2k,
+        stride_bk, stride_bn, stride_cm, stride_cn,
+        stride_em, stride_er, stride_fr, stride_fn,
+        stride_gm, stride_um, stride_dum, stride_hm,
+        M_BUCKET,  # only an autotune key: tokens rounded up to a power of 2
+        NUM_SEGS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+        SWIGLU_BWD: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # GROUP_M row blocks sweep the columns together, so their x rows stay in L2.
+        pids_per_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // pids_per_group) * GROUP_M
+        group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+        pid_n = (pid % pids_per_group) // group_rows
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Loads wrap instead of masking rows and columns: the extra rows/columns are never stored.
+        rows_a = (offs_m % M).to(tl.int64)
+        cols_b = (offs_n % N).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+        if HAS_LOWRANK:
+            offs_r = tl.arange(0, BLOCK_R)
+            for r0 in range(0, R, BLOCK_R):
+                r_ok = (r0 + offs_r) < R
+                e_tile = tl.load(e_ptr + rows_a[:, None] * stride_em + (r0 + offs_r)[None, :] * stride_er,
+                                 mask=r_ok[None, :], other=0.0)
+                f_tile = tl.load(f_ptr + (r0 + offs_r)[:, None] * stride_fr + cols_b[None, :] * stride_fn,
+                                 mask=r_ok[:, None], other=0.0)
+                acc = tl.dot(e_tile, f_tile, acc, input_precision=DOT_PRECISION)
+
+        b_cols = cols_b * stride_bn
+        acc = _accumulate_segment(acc, a0_ptr, stride_a0m, stride_a0k, b_ptr, stride_bk, b_off0, K0, rows_a,
+                                  b_cols, EVEN_K, DOT_PRECISION, BLOCK_K)
+        if NUM_SEGS >= 2:
+            acc = _accumulate_segment(acc, a1_ptr, stride_a1m, stride_a1k, b_ptr, stride_bk, b_off1, K1,
+                                      rows_a, b_cols, EVEN_K, DOT_PRECISION, BLOCK_K)
+        if NUM_SEGS >= 3:
+            acc = _accumulate_segment(acc, a2_ptr, stride_a2m, stride_a2k, b_ptr, stride_bk, b_off2, K2,
+                                      rows_a, b_cols, EVEN_K, DOT_PRECISION, BLOCK_K)
+
+        col_ok = offs_n < N
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + offs_n, mask=col_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+        rows = offs_m.to(tl.int64)[:, None]
+        cols = offs_n[None, :]
+        c_ptrs = c_ptr + rows * stride_cm + cols * stride_cn
+        out_mask = (offs_m < M)[:, None] & col_ok[None, :]
+        if SWIGLU_BWD:
+            # acc is dH of h = silu(g) * u: store dG (at c) and dU, and h for dA of the down LoRA.
+            g = tl.load(g_ptr + rows * stride_gm + cols, mask=out_mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + rows * stride_um + cols, mask=out_mask, other=0.0).to(tl.float32)
+            dg, du, h = _swiglu_terms(acc, g, u)
+            tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(du_ptr + rows * stride_dum + cols, du.to(du_ptr.dtype.element_ty), mask=out_mask)
+            if STORE_H:
+                tl.store(h_ptr + rows * stride_hm + cols, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+    def _even_k(args) -> bool:
+        return all(args[k] % args["BLOCK_K"] == 0 for k in ("K0", "K1", "K2"))
+
+    _lowrank_mm = triton.heuristics({"EVEN_K": _even_k})(_lowrank_mm_kernel)
+
+    _KEY = ["M_BUCKET", "N", "R", "K0", "K1", "K2", "NUM_SEGS", "HAS_LOWRANK", "SWIGLU_BWD"]
+
+    def _main_config(bm, bn, bk, stages, warps):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
+                             num_warps=warps)
+
+    # Big GEMMs (x W^T, dY W): Hopper/Ampere-friendly tiles; float32 inputs only fit the smaller ones
+    # (the autotuner drops configs that run out of shared memory).
+    MAIN_CONFIGS = [
+        _main_config(128, 256, 64, 3, 8),
+        _main_config(256, 128, 64, 3, 8),
+        _main_config(128, 128, 64, 4, 8),
+        _main_config(128, 128, 64, 4, 4),
+        _main_config(128, 64, 64, 4, 4),
+        _main_config(64, 128, 64, 4, 4),
+    ]
+
+    def _skinny_config(bm, bk, stages, warps):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": 1}, num_stages=stages, num_warps=warps)
+
+    # Skinny GEMMs (x A^T, dY B): BLOCK_N is the padded rank, given per call; memory-bound on x / dY.
+    SKINNY_CONFIGS = [
+        _skinny_config(64, 128, 4, 4),
+        _skinny_config(128, 64, 4, 4),
+        _skinny_config(64, 64, 5, 4),
+        _skinny_config(32, 128, 4, 4),
+    ]
+
+    _tuned_main = triton.autotune(configs=MAIN_CONFIGS, key=_KEY)(_lowrank_mm)
+    _tuned_skinny = triton.autotune(configs=SKINNY_CONFIGS, key=_KEY + ["BLOCK_N"])(_lowrank_mm)
+
+    # The interpreter is slow: one small config, and no tuning.
+    INTERPRETER_MAIN = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+    INTERPRETER_SKINNY = {"BLOCK_M": 32, "BLOCK_K": 32, "GROUP_M": 1}
+
+    def _aot_specs():
+        """Variants of the autotune lists (tiles, warps, stages) for the kernel's main uses."""
+
+        def spec(dt, *, segs, lowrank, bias, scale, swiglu, dot_precision, config, block_n=None, block_r=16):
+            sig = {name: dt for name in ("a0_ptr", "a1_ptr", "a2_ptr", "b_ptr", "c_ptr", "bias_ptr", "e_ptr",
+                                         "f_ptr", "g_ptr", "u_ptr", "du_ptr", "h_ptr")}
+            sig["scale_ptr"] = "*fp32"
+            ints = ("M N R K0 K1 K2 b_off0 b_off1 b_off2 stride_a0m stride_a1m stride_a2m stride_bk "
+                    "stride_bn stride_cm stride_em stride_er stride_fr stride_fn stride_gm stride_um "
+                    "stride_dum stride_hm M_BUCKET").split()
+            sig.update({name: "i32" for name in ints})
+            # unit strides are constexpr 1 at runtime (Triton specialises them)
+            consts = {"stride_a0k": 1, "stride_a1k": 1, "stride_a2k": 1, "stride_cn": 1,
+                      "NUM_SEGS": segs, "HAS_BIAS": bias, "HAS_SCALE": scale, "HAS_LOWRANK": lowrank,
+                      "SWIGLU_BWD": swiglu, "STORE_H": swiglu, "EVEN_K": True, "DOT_PRECISION": dot_precision,
+                      "BLOCK_R": block_r, **config.kwargs}
+            if block_n is not None:
+                consts["BLOCK_N"] = block_n
+            sig.update({name: "constexpr" for name in consts})
+            order = _lowrank_mm_kernel.arg_names
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            return _lowrank_mm_kernel, {name: sig[name] for name in order}, consts, options
+
+        big, tall, square8, square4, _, small = MAIN_CONFIGS
+        return [
+            # forward y = x W^T + bias + U B^T: the largest tiles, bf16 and fp16
+            spec("*bf16", segs=1, lowrank=True, bias=True, scale=False, swiglu=False, dot_precision="tf32",
+                 config=big),
+            spec("*fp16", segs=1, lowrank=True, bias=False, scale=False, swiglu=False, dot_precision="tf32",
+                 config=tall, block_r=64),
+            # dX of q/k/v: three dY segments, rank chunks of 64
+            spec("*bf16", segs=3, lowrank=True, bias=False, scale=False, swiglu=False, dot_precision="tf32",
+                 config=square8, block_r=64),
+            # dH of the MLP with the SwiGLU backward in the epilogue
+            spec("*bf16", segs=1, lowrank=True, bias=False, scale=False, swiglu=True, dot_precision="tf32",
+                 config=square4),
+            # skinny U = x A^T diag(s) with the widest rank block (3 x r = 192 -> 256 columns)
+            spec("*bf16", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, dot_precision="tf32",
+                 config=SKINNY_CONFIGS[0], block_n=256),
+            # float32 (IEEE dots): only the smaller tiles fit in shared memory
+            spec("*fp32", segs=2, lowrank=True, bias=True, scale=False, swiglu=False, dot_precision="ieee",
+                 config=small),
+        ]
+
+    AOT_SPECS = _aot_specs()
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _dot_precision(dtype) -> str:
+    if dtype != torch.float32:
+        return "tf32"  # (ignored for 16-bit inputs)
+    matmul = torch.backends.cuda.matmul
+    tf32 = matmul.allow_tf32 or getattr(matmul, "fp32_precision", None) == "tf32"
+    return "tf32" if tf32 else "ieee"  # as torch's own float32 matmul: no TF32 unless the user allowed it
+
+
+def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, swiglu=None, skinny=False):
+    """out[M, N] = scale * (sum_s A_s @ Bop[off_s : off_s + K_s] + E @ F) + bias  (module docstring).
+
+    segments: [(A_s [M, K_s], off_s)]; Bop is `b` read with b_strides = (stride along K, along N);
+    lowrank: (E [M, R], F, (stride_fr, stride_fn)); swiglu: (g, u, du, h or None) for the dH epilogue.
+    """
+    M, N = out.shape
+    if M == 0 or N == 0:
+        return out
+    assert 1 <= len(segments) <= MAX_SEGMENTS
+    segs = list(segments) + [segments[0]] * (MAX_SEGMENTS - len(segments))
+    ks = [s[0].shape[1] if i < len(segments) else 0 for i, s in enumerate(segs)]
+    if lowrank is not None:
+        e, f, (stride_fr, stride_fn) = lowrank
+        R = e.shape[1]
+    else:
+        e, f, stride_fr, stride_fn, R = out, out, 0, 0, 0
+    if swiglu is not None:
+        g, u, du, h = swiglu
+        assert g.stride(1) == u.stride(1) == du.stride(1) == 1 and out.stride(1) == 1
+        h_stride = h.stride(0) if h is not None else 0
+        h = out if h is None else h
+    else:
+        g = u = du = h = out
+        h_stride = 0
+    args = (
+        segs[0][0], segs[1][0], segs[2][0], b, out,
+        bias if bias is not None else out, scale if scale is not None else out, e, f, g, u, du, h,
+        M, N, R, ks[0], ks[1], ks[2], segs[0][1], segs[1][1], segs[2][1],
+        segs[0][0].stride(0), segs[0][0].stride(1), segs[1][0].stride(0), segs[1][0].stride(1),
+        segs[2][0].stride(0), segs[2][0].stride(1),
+        b_strides[0], b_strides[1], out.stride(0), out.stride(1),
+        e.stride(0), e.stride(1), stride_fr, stride_fn,
+        g.stride(0), u.stride(0), du.stride(0), h_stride, _pow2(M),
+    )
+    flags = dict(NUM_SEGS=len(segments), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+                 HAS_LOWRANK=lowrank is not None and R > 0, SWIGLU_BWD=swiglu is not None,
+                 STORE_H=swiglu is not None and swiglu[3] is not None, BLOCK_R=min(64, max(16, _pow2(R))),
+                 DOT_PRECISION=_dot_precision(out.dtype))
+    if skinny:
+        flags["BLOCK_N"] = min(256, max(16, _pow2(N)))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    if INTERPRETED:
+        fixed = INTERPRETER_SKINNY if skinny else INTERPRETER_MAIN
+        _lowrank_mm[grid({**fixed, **flags})](*args, **flags, **fixed)
+    else:
+        (_tuned_skinny if skinny else _tuned_main)[grid](*args, **flags)
+    return out
+
+
+_SCALES: dict = {}
+
+
+def _scale_vector(ranks, scalings, device) -> torch.Tensor:
+    """float32 [sum r_i]: s_i repeated r_i times; cached, so no host-to-device copy per call."""
+    key = (device, tuple(ranks), tuple(float(s) for s in scalings))
+    vec = _SCALES.get(key)
+    if vec is None:
+        per_rank = [float(s) for r, s in zip(ranks, scalings, strict=True) for _ in range(r)]
+        vec = torch.tensor(per_rank, dtype=torch.float32, device=device)
+        _SCALES[key] = vec
+    return vec
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Column blocks of a stacked projection and where each adapter's ranks sit in the stack."""
+
+    splits: tuple  # out features n_i
+    offsets: tuple  # first output column of projection i
+    ranks: tuple  # r_i, 0 without adapter
+    r_offsets: tuple  # first column of U / V of adapter i
+    scalings: tuple
+
+    @staticmethod
+    def make(splits, ranks, scalings):
+        offsets, r_offsets, o, ro = [], [], 0, 0
+        for n, r in zip(splits, ranks, strict=True):
+            offsets.append(o)
+            r_offsets.append(ro)
+            o, ro = o + n, ro + r
+        return _Plan(tuple(splits), tuple(offsets), tuple(ranks), tuple(r_offsets), tuple(scalings))
+
+
+def _stack_adapters(plan: _Plan, lora_as, lora_bs):
+    """A [R, in] and block-diagonal B [sum n_i, R] (the tensors themselves for a single projection)."""
+    adapted = [i for i, r in enumerate(plan.ranks) if r]
+    if not adapted:
+        return None, None
+    if len(plan.splits) == 1:
+        return lora_as[0], lora_bs[0]
+    a_stack = torch.cat([lora_as[i] for i in adapted], 0) if len(adapted) > 1 else lora_as[adapted[0]]
+    ref = lora_bs[adapted[0]]
+    blocks = [lora_bs[i] if plan.ranks[i] else ref.new_zeros(n, 0) for i, n in enumerate(plan.splits)]
+    return a_stack, torch.block_diag(*blocks)
+
+
+def _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out):
+    """out = x W^T + bias + U B^T with U = x A^T diag(s); returns U (None without adapters)."""
+    u = None
+    if a_stack is not None:
+        u = _alloc((x2d.shape[0], a_stack.shape[0]), x2d.dtype, x2d.device)
+        _mm(u, [(x2d, 0)], a_stack, (a_stack.stride(1), a_stack.stride(0)), scale=scale, skinny=True)
+    lowrank = (u, b_stack, (b_stack.stride(1), b_stack.stride(0))) if u is not None else None
+    _mm(out, [(x2d, 0)], weight, (weight.stride(1), weight.stride(0)), bias=bias, lowrank=lowrank)
+    return u
+
+
+def _segments(dys, offsets, splits):
+    """The present dY_i as (tensor, first column); column-adjacent views of one buffer are merged."""
+    segs = []
+    for dy, off in zip(dys, offsets, strict=True):
+        if dy is None:
+            continue
+        if segs:
+            prev, prev_off = segs[-1]
+            if (prev_off + prev.shape[1] == off and prev.stride() == dy.stride() and prev.stride(1) == 1
+                    and dy.data_ptr() == prev.data_ptr() + prev.shape[1] * prev.element_size()):
+                merged = prev.as_strided((prev.shape[0], prev.shape[1] + dy.shape[1]), prev.stride())
+                segs[-1] = (merged, prev_off)
+                continue
+        segs.append((dy, off))
+    if len(segs) > MAX_SEGMENTS:  # more projections than the kernel takes pieces: one copy
+        rows = segs[0][0].shape[0]
+        full = torch.cat([dy if dy is not None else segs[0][0].new_zeros(rows, n)
+                          for dy, n in zip(dys, splits, strict=True)], 1)
+        segs = [(full, 0)]
+    return segs
+
+
+def _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, scale, need_dx, need_dw, need_dbias,
+                      need_ab):
+    """Gradients of the (stacked) LoRA linear from the dY_i [T, n_i] (None: no gradient reached it)."""
+    T, K = x2d.shape
+    segs = _segments(dys, plan.offsets, plan.splits)
+    dx = dw = dbias = None
+    das, dbs = [None] * len(plan.splits), [None] * len(plan.splits)
+    if need_dx:
+        dx = _alloc((T, K), x2d.dtype, x2d.device)
+        if not segs:
+            dx.zero_()
+    v = None
+    if segs and a_stack is not None and (need_dx or any(need_ab)):
+        v = _alloc((T, a_stack.shape[0]), x2d.dtype, x2d.device)
+        _mm(v, segs, b_stack, (b_stack.stride(0), b_stack.stride(1)), scale=scale, skinny=True)
+    if need_dx and segs:
+        lowrank = (v, a_stack, (a_stack.stride(0), a_stack.stride(1))) if v is not None else None
+        _mm(dx, segs, weight, (weight.stride(0), weight.stride(1)), lowrank=lowrank)
+    if v is not None and any(need_ab):
+        da_stack = v.t() @ x2d
+    for i, (n, r, r_off) in enumerate(zip(plan.splits, plan.ranks, plan.r_offsets, strict=True)):
+        if r and need_ab[i]:
+            das[i] = da_stack[r_off:r_off + r] if v is not None else x2d.new_zeros(r, K)
+            dbs[i] = dys[i].t() @ u[:, r_off:r_off + r] if dys[i] is not None else x2d.new_zeros(n, r)
+    if need_dw:
+        dw = torch.empty_like(weight)
+        for dy, off, n in zip(dys, plan.offsets, plan.splits, strict=True):
+            if dy is None:
+                dw[off:off + n].zero_()
+            else:
+                torch.mm(dy.t(), x2d, out=dw[off:off + n])
+    if need_dbias:
+        dbias = torch.cat([dy.sum(0) if dy is not None else x2d.new_zeros(n)
+                           for dy, n in zip(dys, plan.splits, strict=True)])
+    return dx, dw, dbias, das, dbs
+
+
+# ----------------------------------------------------------------------------- autograd Functions
+
+
+class LoraGroupFunction(torch.autograd.Function):
+    """y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T for the stacked weight; one projection is lora_linear."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: _Plan, *adapters):
+        lora_as, lora_bs = list(adapters[0::2]), list(adapters[1::2])
+        x2d = x.reshape(-1, x.shape[-1])
+        a_stack, b_stack = _stack_adapters(plan, lora_as, lora_bs)
+        scale = _scale_vector(plan.ranks, plan.scalings, x.device) if a_stack is not None else None
+        n_total = sum(plan.splits)
+        out = _alloc((*x.shape[:-1], n_total), x.dtype, x.device)
+        u = _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out.view(-1, n_total))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x2d, weight, a_stack, b_stack, u)
+        ctx.plan, ctx.scale, ctx.x_shape = plan, scale, x.shape
+        if len(plan.splits) == 1:
+            return out
+        return tuple(out.split(list(plan.splits), -1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2d, weight, a_stack, b_stack, u = ctx.saved_tensors
+        plan = ctx.plan
+        dys = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
+        needs = ctx.needs_input_grad
+        need_ab = [needs[4 + 2 * i] or needs[5 + 2 * i] for i in range(len(plan.splits))]
+        dx, dw, dbias, das, dbs = _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, ctx.scale,
+                                                    needs[0], needs[1], needs[2], need_ab)
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        adapter_grads = [g for pair in zip(das, dbs, strict=True) for g in pair]
+        return (dx, dw, dbias, None, *adapter_grads)
+
+
+class LoraMLPFunction(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)); h is recomputed in the backward GEMM's SwiGLU epilogue."""
+
+    @staticmethod
+    def forward(ctx, x, gate_up_weight, down_weight, plan_gu: _Plan, plan_down: _Plan, gate_a, gate_b, up_a,
+                up_b, down_a, down_b):
+        inter, hidden = down_weight.shape[1], down_weight.shape[0]
+        x2d = x.reshape(-1, x.shape[-1])
+        T = x2d.shape[0]
+        a_gu, b_gu = _stack_adapters(plan_gu, [gate_a, up_a], [gate_b, up_b])
+        scale_gu = _scale_vector(plan_gu.ranks, plan_gu.scalings, x.device) if a_gu is not None else None
+        gu = _alloc((T, 2 * inter), x.dtype, x.device)
+        u_gu = _lowrank_forward(x2d, gate_up_weight, None, a_gu, b_gu, scale_gu, gu)
+        h = swiglu_forward_triton(gu[:, :inter], gu[:, inter:], out=_alloc((T, inter), x.dtype, x.device))
+        scale_d = _scale_vector(plan_down.ranks, plan_down.scalings, x.device) if down_a is not None else None
+        out = _alloc((*x.shape[:-1], hidden), x.dtype, x.device)
+        u_d = _lowrank_forward(h, down_weight, None, down_a, down_b, scale_d, out.view(-1, hidden))
+        ctx.save_for_backward(x2d, gate_up_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
+        ctx.plan_gu, ctx.scales, ctx.x_shape = plan_gu, (scale_gu, scale_d), x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, gu_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d = ctx.saved_tensors
+        plan_gu, (scale_gu, scale_d) = ctx.plan_gu, ctx.scales
+        needs = ctx.needs_input_grad
+        inter = down_weight.shape[1]
+        T = x2d.shape[0]
+        dy = dy.reshape(-1, dy.shape[-1])
+        need_down_ab = needs[9] or needs[10]
+        need_h = (down_a is not None and need_down_ab) or needs[2]
+
+        # dH = dY W_d + V_d A_d, with the SwiGLU backward applied on the tile: writes dG, dU (and h).
+        v_d = None
+        if down_a is not None:
+            v_d = _alloc((T, down_a.shape[0]), dy.dtype, dy.device)
+            _mm(v_d, [(dy, 0)], down_b, (down_b.stride(0), down_b.stride(1)), scale=scale_d, skinny=True)
+        dgu = _alloc((T, 2 * inter), dy.dtype, dy.device)
+        h = _alloc((T, inter), dy.dtype, dy.device) if need_h else None
+        lowrank = (v_d, down_a, (down_a.stride(0), down_a.stride(1))) if v_d is not None else None
+        _mm(dgu[:, :inter], [(dy, 0)], down_weight, (down_weight.stride(0), down_weight.stride(1)),
+            lowrank=lowrank, swiglu=(gu[:, :inter], gu[:, inter:], dgu[:, inter:], h))
+        d_down_a = d_down_b = d_down_w = None
+        if down_a is not None and need_down_ab:
+            d_down_a = v_d.t() @ h
+            d_down_b = dy.t() @ u_d
+        if needs[2]:
+            d_down_w = dy.t() @ h
+
+        dys = [dgu[:, :inter], dgu[:, inter:]]
+        need_ab = [needs[5] or needs[6], needs[7] or needs[8]]
+        dx, d_gu_w, _, das, dbs = _lowrank_backward(plan_gu, dys, x2d, gu_weight, a_gu, b_gu, u_gu, scale_gu,
+                                                    needs[0], needs[1], False, need_ab)
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return (dx, d_gu_w, d_down_w, None, None, das[0], dbs[0], das[1], dbs[1], d_down_a, d_down_b)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _compute_dtype(x):
+    """x's dtype, or autocast's (as F.linear would compute in); one the kernels support."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(x.device.type)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"lorafuse LoRA kernels take float16, bfloat16 or float32 inputs, not {dtype} "
+                        "(LORAFUSE_KERNELS=reference runs any dtype)")
+    return dtype
+
+
+def _check_adapter(name, a, b, n_out, n_in):
+    if (a is None) != (b is None):
+        raise ValueError(f"{name}: lora_a and lora_b must both be given or both be None")
+    if a is None:
+        return 0
+    r = a.shape[0]
+    if a.dim() != 2 or a.shape[1] != n_in or tuple(b.shape) != (n_out, r):
+        raise ValueError(f"{name}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} do not fit "
+                         f"[r, {n_in}] / [{n_out}, r]")
+    return r
+
+
 def lora_linear(x, weight, lora_a, lora_b, scaling: float, bias=None):
-    """y = x @ weight.T + bias + scaling * (x @ lora_a.T) @ lora_b.T (see module docstring)."""
-    return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias)
+    """y = x @ weight.T + bias + scaling * (x @ lora_a.T) @ lora_b.T (see module docstring).
+
+    x [..., in] (any strides); weight [out, in]; lora_a [r, in]; lora_b [out, r]; bias [out] or None.
+    Differentiable in x, lora_a, lora_b, and in weight / bias when they require grad.
+    """
+    if not use_triton(x):
+        return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias)
+    count("lora_linear")
+    dtype = _compute_dtype(x)
+    x, weight, bias, lora_a, lora_b = (_cast(t, dtype) for t in (x, weight, bias, lora_a, lora_b))
+    r = _check_adapter("lora_linear", lora_a, lora_b, weight.shape[0], weight.shape[1])
+    plan = _Plan.make((weight.shape[0],), (r,), (scaling,))
+    return LoraGroupFunction.apply(x, weight, bias, plan, lora_a, lora_b)
+
+
+def lora_linear_group(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None) -> tuple:
+    """Several LoRA projections of one input whose frozen weights are stacked (module docstring).
+
+    weight [sum(out_splits), in] = [W_0; W_1; ...]; lora_as[i] [r_i, in] and lora_bs[i] [out_splits[i], r_i]
+    (both None for a projection without adapter); scalings[i] floats; bias [sum(out_splits)] or None.
+    Returns (y_0, y_1, ...), y_i [..., out_splits[i]]: column views of one buffer (last dim contiguous;
+    they may not be modified in place).
+    """
+    out_splits = tuple(int(n) for n in out_splits)
+    if not (len(lora_as) == len(lora_bs) == len(scalings) == len(out_splits)):
+        raise ValueError("lora_linear_group: lora_as, lora_bs, scalings and out_splits differ in length")
+    if weight.shape[0] != sum(out_splits):
+        raise ValueError(f"lora_linear_group: weight has {weight.shape[0]} rows, out_splits sum to "
+                         f"{sum(out_splits)}")
+    if not use_triton(x):
+        return lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias)
+    count("lora_linear_group")
+    dtype = _compute_dtype(x)
+    x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+    lora_as = [_cast(a, dtype) for a in lora_as]
+    lora_bs = [_cast(b, dtype) for b in lora_bs]
+    ranks = tuple(_check_adapter(f"lora_linear_group[{i}]", a, b, n, weight.shape[1])
+                  for i, (a, b, n) in enumerate(zip(lora_as, lora_bs, out_splits, strict=True)))
+    plan = _Plan.make(out_splits, ranks, tuple(float(s) for s in scalings))
+    adapters = [t for pair in zip(lora_as, lora_bs, strict=True) for t in pair]
+    outs = LoraGroupFunction.apply(x, weight, bias, plan, *adapters)
+    return outs if isinstance(outs, tuple) else (outs,)
+
+
+def lora_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
+             down_weight, down_a, down_b, down_scaling):
+    """down(silu(gate(x)) * up(x)), each projection a LoRA linear (A/B None: the plain frozen linear).
+
+    x [..., H]; gate_up_weight [2 I, H] = [W_gate; W_up]; down_weight [H, I]; no biases.
+    """
+    hidden, inter = down_weight.shape
+    if gate_up_weight.shape != (2 * inter, hidden):
+        raise ValueError(f"lora_mlp: gate_up_weight {tuple(gate_up_weight.shape)} is not "
+                         f"[2 * {inter}, {hidden}]")
+    if not use_triton(x):
+        return lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
+                                  down_weight, down_a, down_b, down_scaling)
+    count("lora_mlp")
+    dtype = _compute_dtype(x)
+    x, gate_up_weight, down_weight = _cast(x, dtype), _cast(gate_up_weight, dtype), _cast(down_weight, dtype)
+    adapters = (gate_a, gate_b, up_a, up_b, down_a, down_b)
+    gate_a, gate_b, up_a, up_b, down_a, down_b = (_cast(t, dtype) for t in adapters)
+    ranks = (_check_adapter("lora_mlp gate", gate_a, gate_b, inter, hidden),
+             _check_adapter("lora_mlp up", up_a, up_b, inter, hidden))
+    r_down = _check_adapter("lora_mlp down", down_a, down_b, hidden, inter)
+    plan_gu = _Plan.make((inter, inter), ranks, (float(gate_scaling), float(up_scaling)))
+    plan_down = _Plan.make((hidden,), (r_down,), (float(down_scaling),))
+    return LoraMLPFunction.apply(x, gate_up_weight, down_weight, plan_gu, plan_down, gate_a, gate_b, up_a,
+                                 up_b, down_a, down_b)

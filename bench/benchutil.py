@@ -1,0 +1,42 @@
+"""What the kernel micro-benchmarks share: the mode they run in and `measure`.
+
+On a CUDA GPU with compiled kernels (TRITON_INTERPRET unset or 0) they time real sizes: `measure`
+takes the median of triton.testing.do_bench (CUDA events, after warm-up) and records it with the
+case's FLOPs and bytes in the benchmark's extra_info, which the benchmark runner collects into
+bench/results/. Otherwise (no GPU, or Triton's interpreter on) they run in smoke mode: tiny sizes,
+each case once, timing off, so the benchmarks never rot.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+GPU = torch.cuda.is_available() and not INTERPRET
+SMOKE = not GPU
+
+
+def measure(benchmark, fn, *, flops: float | None = None, bytes_moved: float | None = None, **info):
+    """Time fn (a zero-argument callable that runs the case once) and record what it did."""
+    benchmark.extra_info.update(info)
+    if SMOKE:
+        benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+        return None
+    import triton.testing
+
+    ms = triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
+    benchmark.extra_info["median_ms"] = ms
+    if flops is not None:
+        benchmark.extra_info["tflops"] = flops / ms / 1e9
+    if bytes_moved is not None:
+        benchmark.extra_info["gb_per_s"] = bytes_moved / ms / 1e6
+    benchmark.extra_info["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=3, iterations=1, warmup_rounds=1)
+    return ms
