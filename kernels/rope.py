@@ -3,12 +3,31 @@
 For position p and frequency f_j = inv_freq[j] (j < D/2), angle a = p * f_j, and s = attention_scaling:
   out[j]       = s * (x[j] cos a - x[j + D/2] sin a)
   out[j + D/2] = s * (x[j + D/2] cos a + x[j] sin a)
-position_ids restart at 0 in each packed document. The backward is the rotation by -a.
+position_ids restart at 0 in each packed document. The backward is the rotation by -a:
+  dx[j]       = s * (dout[j] cos a + dout[j + D/2] sin a)
+  dx[j + D/2] = s * (dout[j + D/2] cos a - dout[j] sin a)
+The angle is float32(p) * inv_freq[j] rounded to float32, exactly as HF's rotary embedding forms it
+(inv_freq already carries Llama-3 / YaRN scaling); cos and sin are then taken in float32 in the
+kernel (precise libdevice cosf/sinf on NVIDIA, with full range reduction), never as [T, D] tables.
+Everything is computed in float32 and rounded once to the input dtype (HF rounds cos/sin to the
+input dtype first, so it is slightly less accurate in bf16/fp16).
+
+Tiling: one kernel rotates q and k together. A program takes BLOCK_T tokens: it loads their
+positions, forms cos/sin [BLOCK_T, D/2] once, then loops over the query heads and then the
+key heads in chunks of BLOCK_H, each chunk a [BLOCK_T, BLOCK_H, D/2] tile loaded as two halves
+(x[:D/2] and x[D/2:]) and stored as two halves. Head dims that are not powers of two (80, 96) are
+masked to the next power of two. Nothing is saved for backward but position_ids and inv_freq.
+
+Strides: q [T, Hq, D] and k [T, Hkv, D] may be views with any token and head strides (the engine
+splits a fused qkv projection output, token stride > H * D); the head dim must have stride 1
+(otherwise it is copied). Outputs are new contiguous tensors; offsets are int64.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
 
 
 def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):
@@ -27,5 +46,161 @@ def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float 
     return rotate(q), rotate(k)
 
 
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rotate_heads(X, stride_t, stride_h, OUT, n_heads, tokens64, token_ok, j, j_ok, cos3, sin3,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        for h0 in range(0, n_heads, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)
+            tile_ok = token_ok[:, None, None] & (heads < n_heads)[None, :, None] & j_ok[None, None, :]
+            in_off = (tokens64 * stride_t)[:, None, None] + (heads.to(tl.int64) * stride_h)[None, :, None] \
+                + j[None, None, :]
+            x_lo = tl.load(X + in_off, mask=tile_ok, other=0.0).to(tl.float32)
+            x_hi = tl.load(X + in_off + HALF, mask=tile_ok, other=0.0).to(tl.float32)
+            out_lo = x_lo * cos3 - x_hi * sin3
+            out_hi = x_hi * cos3 + x_lo * sin3
+            out_rows = (tokens64 * n_heads)[:, None, None] + heads[None, :, None]
+            out_off = out_rows * (2 * HALF) + j[None, None, :]
+            tl.store(OUT + out_off, out_lo.to(OUT.dtype.element_ty), mask=tile_ok)
+            tl.store(OUT + out_off + HALF, out_hi.to(OUT.dtype.element_ty), mask=tile_ok)
+
+    @triton.jit
+    def _rope_kernel(
+        Q, stride_q_t, stride_q_h, K, stride_k_t, stride_k_h,
+        Q_OUT, K_OUT, POS, INV_FREQ,
+        n_tokens, n_q_heads, n_kv_heads, scaling,
+        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+        BACKWARD: tl.constexpr,
+    ):
+        tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_ok = tokens < n_tokens
+        tokens64 = tokens.to(tl.int64)
+        j = tl.arange(0, BLOCK_HALF)
+        j_ok = j < HALF
+        pos = tl.load(POS + tokens64, mask=token_ok, other=0).to(tl.float32)
+        inv_freq = tl.load(INV_FREQ + j, mask=j_ok, other=0.0).to(tl.float32)
+        angle = pos[:, None] * inv_freq[None, :]
+        # cos/sin once per token tile, shared by every head of q and k.
+        cos_tile = tl.cos(angle) * scaling
+        sin_tile = tl.sin(angle) * scaling
+        if BACKWARD:  # the transpose of a rotation is the rotation by -angle
+            sin_tile = -sin_tile
+        cos3 = cos_tile[:, None, :]
+        sin3 = sin_tile[:, None, :]
+        _rotate_heads(Q, stride_q_t, stride_q_h, Q_OUT, n_q_heads, tokens64, token_ok, j, j_ok, cos3, sin3,
+                      HALF, BLOCK_H)
+        _rotate_heads(K, stride_k_t, stride_k_h, K_OUT, n_kv_heads, tokens64, token_ok, j, j_ok, cos3, sin3,
+                      HALF, BLOCK_H)
+
+    def _prune_rope_configs(configs, named_args, **kwargs):
+        """Drop head chunks wider than both head counts need; keep tiles of 8..64 elements per thread."""
+        heads = max(named_args["n_q_heads"], named_args["n_kv_heads"])
+        block_half = kwargs["BLOCK_HALF"]
+        kept = [c for c in configs
+                if c.kwargs["BLOCK_H"] <= max(2, triton.next_power_of_2(heads))
+                and 8 <= c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_H"] * block_half // (32 * c.num_warps) <= 64]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_H"])]
+
+    _ROPE_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w)
+                     for bt, bh, w in ((1, 8, 4), (2, 8, 4), (4, 8, 4), (4, 4, 4), (2, 16, 4), (4, 16, 8),
+                                       (8, 8, 8), (1, 2, 4), (2, 2, 4))]
+    _rope_tuned = triton.autotune(
+        _ROPE_CONFIGS, key=["n_q_heads", "n_kv_heads", "HALF", "BACKWARD"],
+        prune_configs_by={"early_config_prune": _prune_rope_configs},
+    )(_rope_kernel)
+
+    def _aot(dtype, half, block_t, block_h, backward):
+        ptr = f"*{dtype}"
+        sig = {"Q": ptr, "stride_q_t": "i32", "stride_q_h": "i32", "K": ptr, "stride_k_t": "i32",
+               "stride_k_h": "i32", "Q_OUT": ptr, "K_OUT": ptr, "POS": "*i64", "INV_FREQ": "*fp32",
+               "n_tokens": "i32", "n_q_heads": "i32", "n_kv_heads": "i32", "scaling": "fp32"}
+        constexprs = {"HALF": half, "BLOCK_HALF": triton.next_power_of_2(half), "BLOCK_T": block_t,
+                      "BLOCK_H": block_h, "BACKWARD": backward}
+        sig.update({name: "constexpr" for name in constexprs})
+        return _rope_kernel, sig, constexprs
+
+    AOT_SPECS = [
+        _aot("bf16", 64, 4, 8, False),   # Llama-3 / Qwen head_dim 128
+        _aot("bf16", 64, 2, 16, True),
+        _aot("bf16", 40, 4, 4, False),   # head_dim 80, masked to 64
+        _aot("fp16", 32, 8, 8, True),    # head_dim 64
+        _aot("fp32", 128, 1, 8, False),  # head_dim 256 (Gemma)
+    ]
+
+
+def _empty(shape, dtype, device):
+    """Every buffer the kernel writes comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool):
+    """Rotate q and k (or, with backward, their gradients) in one launch; returns new contiguous tensors."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    n_tokens, n_q_heads, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    q_out = _empty(q.shape, q.dtype, q.device)
+    k_out = _empty(k.shape, k.dtype, k.device)
+    if n_tokens == 0:
+        return q_out, k_out
+    half = head_dim // 2
+    args = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), q_out, k_out, position_ids, inv_freq,
+            n_tokens, n_q_heads, n_kv_heads, scaling)
+    flags = dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward)
+    if INTERPRETED:
+        block_t = 4
+        _rope_kernel[(triton.cdiv(n_tokens, block_t),)](*args, **flags, BLOCK_T=block_t, BLOCK_H=4)
+    else:
+        _rope_tuned[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),)](*args, **flags)
+    return q_out, k_out
+
+
+class _ApplyRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, position_ids, inv_freq, scaling):
+        ctx.save_for_backward(position_ids, inv_freq)
+        ctx.scaling = scaling
+        return _rope(q, k, position_ids, inv_freq, scaling, backward=False)
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        position_ids, inv_freq = ctx.saved_tensors
+        dq, dk = _rope(dq_out, dk_out, position_ids, inv_freq, ctx.scaling, backward=True)
+        need_q, need_k = ctx.needs_input_grad[:2]
+        return (dq if need_q else None), (dk if need_k else None), None, None, None
+
+
 def apply_rope(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):
-    return apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling)
+    """Rotary embedding of q [T, Hq, D] and k [T, Hkv, D] at position_ids [T] (or [1, T]).
+
+    inv_freq [D/2] is HF's (with its rope scaling); attention_scaling multiplies cos and sin as in
+    HF. q and k may be strided views (head-dim stride 1). Returns new contiguous (q, k) in their
+    dtypes, differentiable in q and k.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"apply_rope: expected q [T, Hq, D] and k [T, Hkv, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    head_dim = q.shape[2]
+    if head_dim % 2 or inv_freq.dim() != 1 or inv_freq.numel() != head_dim // 2:
+        raise ValueError(f"apply_rope: inv_freq must be [D/2] = [{head_dim // 2}] for head dim {head_dim} "
+                         f"(partial rotary is not supported); got {tuple(inv_freq.shape)}")
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        position_ids = position_ids[0]
+    if position_ids.dim() != 1 or position_ids.shape[0] != q.shape[0]:
+        raise ValueError(f"apply_rope: position_ids must be [T] = [{q.shape[0]}]; "
+                         f"got {tuple(position_ids.shape)}")
+    if position_ids.is_floating_point():
+        raise TypeError("apply_rope: position_ids must be an integer tensor")
+    if not use_triton(q):
+        return apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling)
+    if k.device != q.device or position_ids.device != q.device or inv_freq.device != q.device:
+        raise ValueError("apply_rope: q, k, position_ids and inv_freq must be on one device")
+    count("apply_rope")
+    position_ids = position_ids.contiguous()
+    inv_freq = inv_freq.float().contiguous()
+    return _ApplyRope.apply(q, k, position_ids, inv_freq, float(attention_scaling))

@@ -1,0 +1,226 @@
+"""Rotary embedding with per-document positions, q and k in one kernel, forward and backward.
+
+Checked against transformers' own LlamaRotaryEmbedding + apply_rotary_pos_emb (Llama-3 scaled
+inv_freq, and YaRN for attention_scaling != 1) and against a float64 reference, through the
+Triton interpreter on CPU (float32, float16), with q and k as strided views of a fused qkv
+projection output and every output buffer starting as NaN. The GPU test checks bfloat16 at
+Llama-3-8B shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from kernel_utils import assert_close, expect_triton, rel_err
+from lorafuse.kernels import apply_rope, launches
+from lorafuse.kernels.rope import apply_rope_reference
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+rope_module = importlib.import_module("lorafuse.kernels.rope")
+
+# transformers 5.x names the rope settings `rope_parameters` (rope_theta inside); the 4.x
+# `rope_scaling` + `rope_theta` keywords are still accepted and folded into it.
+ROPE_PARAMETERS = {
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+             "original_max_position_embeddings": 8192},
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(rope_module, "_empty",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                device=device))
+
+
+def rotary_config(kind: str, head_dim: int) -> LlamaConfig:
+    params = ROPE_PARAMETERS[kind]
+    # YaRN reads its factor from max_position_embeddings / original_max_position_embeddings too
+    max_positions = 131072
+    if kind == "yarn":
+        max_positions = int(params["factor"]) * params["original_max_position_embeddings"]
+    return LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=1,
+                       head_dim=head_dim, max_position_embeddings=max_positions, rope_parameters=dict(params))
+
+
+def hf_inv_freq(kind: str, head_dim: int, device="cpu"):
+    """HF's inv_freq (carrying the rope scaling) and attention_scaling, from ROPE_INIT_FUNCTIONS."""
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[kind](rotary_config(kind, head_dim), device)
+    return inv_freq, attention_scaling
+
+
+def document_positions(lengths, device="cpu"):
+    """position_ids restarting at 0 in every packed document."""
+    return torch.cat([torch.arange(n, device=device) for n in lengths])
+
+
+def fused_qkv_views(tokens, q_heads, kv_heads, head_dim, dtype, device="cpu"):
+    """q [T, Hq, D] and k [T, Hkv, D] as the engine gets them: views of one qkv output (token stride
+    (Hq + 2 Hkv) D), here with extra padding so no stride is a multiple of anything."""
+    width = (q_heads + 2 * kv_heads) * head_dim + 3
+    qkv = torch.randn(tokens, width, dtype=dtype, device=device)
+    q = qkv[:, :q_heads * head_dim].view(tokens, q_heads, head_dim)
+    k = qkv[:, q_heads * head_dim:(q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    return q.requires_grad_(), k.requires_grad_()
+
+
+def rope64(x, position_ids, inv_freq, attention_scaling):
+    """Float64 rotate-half RoPE at the float32 angle float32(p) * inv_freq (HF's definition)."""
+    angle = (position_ids[:, None].float() * inv_freq[None, :].float()).double()
+    angle = torch.cat((angle, angle), dim=-1)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * angle.cos() + rotated * angle.sin()) * attention_scaling
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def run_ours(q, k, position_ids, inv_freq, scaling):
+    with expect_triton("apply_rope"):
+        q_out, k_out = apply_rope(q, k, position_ids, inv_freq, scaling)
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    assert q_out.shape == q.shape and k_out.shape == k.shape and q_out.dtype == q.dtype
+    dq_out, dk_out = torch.randn_like(q_out), torch.randn_like(k_out)
+    torch.autograd.backward((q_out, k_out), (dq_out, dk_out))
+    return q_out, k_out, dq_out, dk_out
+
+
+def float64_rope(q, k, position_ids, inv_freq, scaling, dq_out, dk_out):
+    q64, k64 = leaf(q.double()), leaf(k.double())
+    q_ref, k_ref = rope64(q64, position_ids, inv_freq, scaling), rope64(k64, position_ids, inv_freq, scaling)
+    torch.autograd.backward((q_ref, k_ref), (dq_out.double(), dk_out.double()))
+    return q_ref, k_ref, q64.grad, k64.grad
+
+
+def hf_rope(q, k, position_ids, kind, head_dim, dq_out, dk_out):
+    """transformers' own path: LlamaRotaryEmbedding's cos/sin tables, then apply_rotary_pos_emb."""
+    rotary = LlamaRotaryEmbedding(rotary_config(kind, head_dim)).to(q.device)
+    cos, sin = rotary(q, position_ids[None])  # [1, T, D] in q's dtype, attention_scaling applied
+    qh, kh = leaf(q), leaf(k)
+    q_hf, k_hf = apply_rotary_pos_emb(qh, kh, cos[0], sin[0], unsqueeze_dim=1)
+    torch.autograd.backward((q_hf, k_hf), (dq_out, dk_out))
+    return q_hf, k_hf, qh.grad, kh.grad
+
+
+def check(name, out, ref64, stock, dtype):
+    """Within the dtype's tolerance of float64, and (low precision) no further than HF's own computation."""
+    assert_close(out, ref64, dtype, name)
+    if dtype != torch.float32:
+        ours, theirs = rel_err(out, ref64), rel_err(stock, ref64)
+        assert ours <= 1.1 * theirs + 1e-5, f"{name}: {ours:.3e} vs HF {dtype} {theirs:.3e}"
+
+
+CASES = [  # (kind, head_dim, q_heads, kv_heads, document lengths)
+    ("llama3", 128, 7, 1, [5, 1, 23, 8]),  # Llama-3 scaled inv_freq, several documents, one of length 1
+    ("yarn", 64, 4, 4, [13]),              # attention_scaling != 1 (YaRN), one document
+    ("llama3", 80, 1, 7, [1]),             # T = 1, head dim 80 (masked to 64 lanes per half)
+    ("llama3", 128, 32, 8, [3, 6]),        # Llama-3-8B heads
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kind,head_dim,q_heads,kv_heads,lengths", CASES,
+                         ids=[f"{c[0]}-d{c[1]}-h{c[2]}x{c[3]}-docs{len(c[4])}" for c in CASES])
+def test_rope_matches_hf_and_float64(kind, head_dim, q_heads, kv_heads, lengths, dtype):
+    position_ids = document_positions(lengths)
+    inv_freq, scaling = hf_inv_freq(kind, head_dim)
+    assert (scaling != 1.0) == (kind == "yarn")
+    q, k = fused_qkv_views(len(position_ids), q_heads, kv_heads, head_dim, dtype)
+
+    q_out, k_out, dq_out, dk_out = run_ours(q, k, position_ids, inv_freq, scaling)
+    q_ref, k_ref, dq_ref, dk_ref = float64_rope(q, k, position_ids, inv_freq, scaling, dq_out, dk_out)
+    q_hf, k_hf, dq_hf, dk_hf = hf_rope(q, k, position_ids, kind, head_dim, dq_out, dk_out)
+
+    if dtype == torch.float32:  # HF's float32 path is the same math: agree with it directly too
+        for name, ours, theirs in (("q vs hf", q_out, q_hf), ("k vs hf", k_out, k_hf),
+                                   ("dq vs hf", q.grad, dq_hf), ("dk vs hf", k.grad, dk_hf)):
+            assert_close(ours, theirs, dtype, name, tol=1e-6)
+    check("q", q_out, q_ref, q_hf, dtype)
+    check("k", k_out, k_ref, k_hf, dtype)
+    check("dq", q.grad, dq_ref, dq_hf, dtype)
+    check("dk", k.grad, dk_ref, dk_hf, dtype)
+
+
+def test_rope_long_positions():
+    """Positions up to 131071 (Llama-3.1's context): angles of 1e5 rad, where a fast sin/cos fails."""
+    inv_freq, scaling = hf_inv_freq("llama3", 128)
+    position_ids = torch.cat([torch.tensor([0, 1, 131071]), torch.randint(0, 131072, (6,))])
+    q, k = fused_qkv_views(len(position_ids), 3, 2, 128, torch.float32)
+    q_out, k_out, dq_out, dk_out = run_ours(q, k, position_ids, inv_freq, scaling)
+    q_ref, k_ref, dq_ref, dk_ref = float64_rope(q, k, position_ids, inv_freq, scaling, dq_out, dk_out)
+    for name, ours, ref in (("q", q_out, q_ref), ("k", k_out, k_ref), ("dq", q.grad, dq_ref),
+                            ("dk", k.grad, dk_ref)):
+        assert_close(ours, ref, torch.float32, name)
+
+
+def test_rope_contiguous_inputs_batch_position_ids_and_q_only_grad():
+    """Contiguous q/k, position_ids shaped [1, T] (HF style), explicit attention_scaling, k frozen."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 96, 2).float() / 96))
+    position_ids = document_positions([4, 7])
+    q = torch.randn(11, 5, 96, requires_grad=True)
+    k = torch.randn(11, 2, 96)
+    with expect_triton("apply_rope"):
+        q_out, k_out = apply_rope(q, k, position_ids[None], inv_freq, attention_scaling=0.75)
+    dq_out = torch.randn_like(q_out)
+    q_out.backward(dq_out)
+    dk_out = torch.zeros_like(k_out)
+    q_ref, k_ref, dq_ref, _ = float64_rope(q, k, position_ids, inv_freq, 0.75, dq_out, dk_out)
+    assert_close(q_out, q_ref, torch.float32, "q")
+    assert_close(k_out, k_ref, torch.float32, "k")
+    assert_close(q.grad, dq_ref, torch.float32, "dq")
+
+
+def test_rope_reference_mode_runs_no_kernel(monkeypatch):
+    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    q, k, position_ids = torch.randn(5, 2, 16), torch.randn(5, 1, 16), torch.arange(5)
+    before = launches["apply_rope"]
+    q_out, k_out = apply_rope(q, k, position_ids, inv_freq)
+    assert launches["apply_rope"] == before
+    q_ref, k_ref = apply_rope_reference(q, k, position_ids, inv_freq)
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+
+
+def test_rope_rejects_bad_arguments():
+    q, k = torch.randn(5, 2, 16), torch.randn(5, 1, 16)
+    inv_freq = torch.ones(8)
+    with pytest.raises(ValueError):
+        apply_rope(q, k, torch.arange(4), inv_freq)
+    with pytest.raises(ValueError):
+        apply_rope(q, k, torch.arange(5), torch.ones(4))  # partial rotary
+    with pytest.raises(ValueError):
+        apply_rope(q, torch.randn(5, 1, 8), torch.arange(5), inv_freq)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[4096] * 4, "mixed"], ids=["4x4096", "mixed-docs"])
+def test_rope_bf16_gpu_llama3_8b(lengths):
+    dtype, device = torch.bfloat16, "cuda"
+    if lengths == "mixed":  # lognormal document lengths, median ~400, capped at 4096
+        lengths = torch.distributions.LogNormal(6.0, 1.0).sample((40,)).clamp(1, 4096).long().tolist()
+    position_ids = document_positions(lengths, device)
+    inv_freq, scaling = hf_inv_freq("llama3", 128, device)
+    q, k = fused_qkv_views(len(position_ids), 32, 8, 128, dtype, device)
+    q_out, k_out, dq_out, dk_out = run_ours(q, k, position_ids, inv_freq, scaling)
+    q_ref, k_ref, dq_ref, dk_ref = float64_rope(q, k, position_ids, inv_freq, scaling, dq_out, dk_out)
+    q_hf, k_hf, dq_hf, dk_hf = hf_rope(q, k, position_ids, "llama3", 128, dq_out, dk_out)
+    check("q", q_out, q_ref, q_hf, dtype)
+    check("k", k_out, k_ref, k_hf, dtype)
+    check("dq", q.grad, dq_ref, dq_hf, dtype)
+    check("dk", k.grad, dk_ref, dk_hf, dtype)
+
+    # Long context: positions up to 131071 keep float32 accuracy (precise sin/cos on the GPU).
+    position_ids = torch.randint(0, 131072, (4096,), device=device)
+    q, k = fused_qkv_views(4096, 32, 8, 128, torch.float32, device)
+    q_out, k_out, dq_out, dk_out = run_ours(q, k, position_ids, inv_freq, scaling)
+    q_ref, k_ref, _, _ = float64_rope(q, k, position_ids, inv_freq, scaling, dq_out, dk_out)
+    assert_close(q_out, q_ref, torch.float32, "q long")
+    assert_close(k_out, k_ref, torch.float32, "k long")
