@@ -17,7 +17,7 @@ test: $(STAMP)
 	PYTHONSAFEPATH=1 $(PY) -m pytest -q
 
 test-gpu: $(STAMP)
-	PYTHONSAFEPATH=1 $(PY) -m pytest -q -m gpu
+	TRITON_INTERPRET=0 PYTHONSAFEPATH=1 $(PY) -m pytest -q -m gpu tests
 
 bench-gpu: $(STAMP)
 	.venv/bin/lorafuse bench

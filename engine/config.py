@@ -64,7 +64,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attention: str = "auto"  # auto | triton | reference (per-document SDPA)
-    checkpointing: str = "none"  # none | recompute (per decoder layer)
+    checkpointing: str = "none"  # none | recompute | offload (per decoder layer; offload spares the last layer)
+    memory_budget_gb: float = 0.0  # > 0: pick keep / recompute / offload per layer to fit this much GPU memory
     progress: bool = True  # tqdm progress bar
 
 
@@ -83,7 +84,7 @@ _CHOICES = {
     "data.train_on": ("assistant", "all"),
     "train.dtype": ("auto", "bfloat16", "float16", "float32"),
     "train.attention": ("auto", "triton", "reference"),
-    "train.checkpointing": ("none", "recompute"),
+    "train.checkpointing": ("none", "recompute", "offload"),
 }
 
 

@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
 from lorafuse.kernels import lora_linear
+from safetensors.torch import load_file, save_file
 
 from .config import ALL_PROJECTIONS, LoraConfig
 

@@ -24,8 +24,16 @@ from .evaluate import evaluate_loss
 from .forward import packed_loss
 from .lora import adapters_disabled, inject_lora, load_adapter_weights, lora_parameters, save_adapter
 from .metrics import MetricsLog, flops_per_token, peak_matmul_flops, plot_losses
-from .model import (count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype,
-                    sliding_window_limit)
+from .model import (
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    model_spec,
+    resolve_device,
+    resolve_dtype,
+    sliding_window_limit,
+    stack_projections,
+)
 from .packing import PackedBatch, pack
 
 CHECKPOINTS_KEPT = 2
@@ -55,7 +63,7 @@ def load_datasets(cfg: Config, tokenizer, log) -> dict[str, list]:
     for split in ("validation", "test"):
         if getattr(d, split):
             examples[split] = read_jsonl(getattr(d, split), d.on_error)
-    for split, (_, report) in examples.items():
+    for _, report in examples.values():
         if report.errors:
             log(f"[data] {report.path}: skipped {len(report.errors)} invalid line(s) (data.on_error=skip); "
                 f"first: {report.errors[0]}")
@@ -92,6 +100,38 @@ def plan_steps(docs, cfg) -> list[tuple[int, list[PackedBatch]]]:
         batches = pack(docs, cfg.max_tokens_per_step, seed=cfg.seed + epoch, shuffle=True)
         steps += [(epoch, batches[i:i + cfg.grad_accum]) for i in range(0, len(batches), cfg.grad_accum)]
     return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps
+
+
+def make_checkpointer(model, cfg: Config, dtype: torch.dtype, device: torch.device, log):
+    """The per-layer activation policy: train.checkpointing for every layer, or, with
+    train.memory_budget_gb, keep / recompute / offload chosen per layer to fit the budget."""
+    t = cfg.train
+    if t.checkpointing == "none" and t.memory_budget_gb <= 0:
+        return None
+    from .checkpointing import LayerCheckpointer, layer_modes, llama_layer_bytes_per_token, plan_checkpointing
+
+    c = model.config
+    n_layers = c.num_hidden_layers
+    if t.memory_budget_gb > 0:
+        kept = llama_layer_bytes_per_token(c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                           c.num_key_value_heads, head_dim=model_spec(model)["head_dim"],
+                                           dtype=dtype, lora_rank=cfg.lora.r,
+                                           lora_projections=len(cfg.lora.target_modules))
+        item = torch.empty((), dtype=dtype).element_size()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        lora = sum(p.numel() for p in lora_parameters(model)) * 4 * 4  # fp32 master, grad, two Adam moments
+        loss_workspace = 256 * 2**20 + t.max_tokens_per_step * c.hidden_size * item * 2
+        budget = t.memory_budget_gb * 2**30 - weights - lora - loss_workspace
+        modes = plan_checkpointing(n_layers, kept, c.hidden_size * item, t.max_tokens_per_step, budget)
+        counts = {m: modes.count(m) for m in ("none", "recompute", "offload")}
+        log(f"[memory] budget {t.memory_budget_gb:g} GB: keep {counts['none']}, recompute {counts['recompute']}, "
+            f"offload {counts['offload']} of {n_layers} layers")
+    else:
+        modes = layer_modes(t.checkpointing, n_layers)
+    checkpointer = LayerCheckpointer(device, modes)
+    if "offload" in modes:
+        log(f"[memory] offload backend: {checkpointer.backend}")
+    return checkpointer
 
 
 def save_checkpoint(model, cfg: Config, optimizer, step: int, out: Path) -> Path:
@@ -135,6 +175,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     if window is not None and t.max_seq_len > window:
         raise ValueError(f"{cfg.model}: the model uses sliding-window attention ({window} tokens), which lorafuse "
                          f"does not implement; set train.max_seq_len <= {window}")
+    stack_projections(model)
     inject_lora(model, cfg.lora)
     if cfg.lora.init_adapter:
         load_adapter_weights(model, cfg.lora.init_adapter)
@@ -155,6 +196,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
         start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
         log(f"[train] resumed from {ckpt} at step {start_step}")
     val_batches = pack(docs["validation"], t.max_tokens_per_step) if "validation" in docs else None
+    checkpointer = make_checkpointer(model, cfg, dtype, device, log)
 
     # ---- throughput accounting (DESIGN.md: 4 N_frozen + 6 N_lora per token, plus attention)
     flops_token = flops_per_token(model, n_lora)
@@ -184,7 +226,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
         loss_sum = torch.zeros((), device=device)
         for batch in micro:
             batch = batch.to(device)
-            loss = packed_loss(model, batch, reduction="sum", checkpointing=t.checkpointing) / step_targets
+            loss = packed_loss(model, batch, reduction="sum", checkpointer=checkpointer) / step_targets
             loss.backward()
             loss_sum += loss.detach()
 
@@ -200,6 +242,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
                                   f"stopped before applying it. The adapter of the last good step is in {good}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if checkpointer is not None:
+            checkpointer.end_step()  # the offload arena is reused by the next step
 
         # ---- log
         dt = time.perf_counter() - t0

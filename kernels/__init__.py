@@ -11,11 +11,11 @@ when TRITON_INTERPRET=1 was set before triton was imported, the PyTorch referenc
 if __name__ == "lorafuse.kernels":
     from ._dispatch import launches
     from .fused_linear_cross_entropy import fused_linear_cross_entropy
-    from .lora_linear import lora_linear
-    from .rms_norm import rms_norm
+    from .lora_linear import lora_linear, lora_linear_group, lora_mlp
+    from .rms_norm import rms_norm, rms_norm_residual
     from .rope import apply_rope
     from .swiglu import swiglu
     from .varlen_attention import varlen_attention
 
-    __all__ = ["lora_linear", "fused_linear_cross_entropy", "varlen_attention", "apply_rope", "rms_norm",
-               "swiglu", "launches"]
+    __all__ = ["lora_linear", "lora_linear_group", "lora_mlp", "fused_linear_cross_entropy", "varlen_attention",
+               "apply_rope", "rms_norm", "rms_norm_residual", "swiglu", "launches"]

@@ -4,6 +4,9 @@ TRITON_INTERPRET=1 is set here, before anything imports triton, so kernel calls 
 run the real Triton kernels through Triton's interpreter (DESIGN.md). Engine tests that train
 models use the `reference_kernels` fixture: the interpreter is far too slow for whole models,
 and the kernels have their own tests.
+
+Tests marked `gpu` need compiled kernels on a CUDA GPU: they run with TRITON_INTERPRET=0
+(`make test-gpu`) and are skipped without a GPU or with the interpreter on.
 """
 
 import os
@@ -18,9 +21,12 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if torch.cuda.is_available() and not interpreted:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    reason = "needs a CUDA GPU" if not torch.cuda.is_available() else \
+        "needs compiled kernels: run with TRITON_INTERPRET=0 (make test-gpu)"
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -9,7 +9,6 @@ import sys
 import pytest
 import yaml
 from engine_utils import write_jsonl
-
 from lorafuse.engine.cli import main
 from lorafuse.engine.demo.tickets import make_example
 

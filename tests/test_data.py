@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from engine_utils import write_jsonl
-
 from lorafuse.engine.data import DataError, encode_all, encode_example, read_jsonl, split_examples
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},

@@ -4,7 +4,6 @@ documents run one at a time (loss and every LoRA gradient)."""
 import numpy as np
 import pytest
 import torch
-
 from lorafuse.engine.config import LoraConfig
 from lorafuse.engine.data import Document
 from lorafuse.engine.demo.base_model import build_model, tiny_config
@@ -66,12 +65,40 @@ def test_packed_equals_one_document_at_a_time(tiny_model_dir):
     assert sum(g.norm() for g in packed_grads) > 0  # the adapters really were trained
 
 
-def test_recompute_checkpointing_gives_the_same_gradients(tiny_model_dir):
+@pytest.mark.parametrize("mode", ["recompute", "offload"])
+def test_checkpointing_modes_give_the_same_gradients(tiny_model_dir, mode):
+    from lorafuse.engine.checkpointing import LayerCheckpointer, layer_modes
+
     model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
     inject_lora(model, LoraConfig(r=4, alpha=8))
     params = lora_parameters(model)
     batch = make_batch(random_docs([20, 11], model.config.vocab_size, seed=4))
     plain = torch.autograd.grad(packed_loss(model, batch), params)
-    recomputed = torch.autograd.grad(packed_loss(model, batch, checkpointing="recompute"), params)
-    for a, b in zip(plain, recomputed):
+    checkpointer = LayerCheckpointer(torch.device("cpu"), layer_modes(mode, model.config.num_hidden_layers),
+                                     min_offload_bytes=0)
+    checkpointed = torch.autograd.grad(packed_loss(model, batch, checkpointer=checkpointer), params)
+    for a, b in zip(plain, checkpointed):
         assert torch.equal(a, b)
+    if mode == "offload":
+        assert checkpointer.stats()["offloads"] >= 1
+
+
+def test_stacked_projections_give_the_same_loss_and_gradients(tiny_model_dir):
+    from lorafuse.engine.model import stack_projections
+
+    results = []
+    for stacked in (False, True):
+        model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+        if stacked:
+            stack_projections(model)
+        torch.manual_seed(0)
+        inject_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+        for m in lora_modules(model).values():
+            torch.nn.init.normal_(m.lora_B, std=0.05)
+        batch = make_batch(random_docs([13, 8, 1], model.config.vocab_size, seed=6))
+        loss = packed_loss(model, batch)
+        results.append((loss, torch.autograd.grad(loss, lora_parameters(model))))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a.item() - loss_b.item()) <= 1e-6 * abs(loss_a.item())
+    for a, b in zip(grads_a, grads_b):
+        assert (a - b).norm() <= 1e-5 * a.norm() + 1e-12

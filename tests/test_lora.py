@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from engine_utils import write_jsonl
-
 from lorafuse.engine.config import LoraConfig, load_config
 from lorafuse.engine.demo.tickets import make_example
 from lorafuse.engine.lora import inject_lora, load_adapter, lora_modules, merge_lora, save_adapter
@@ -74,6 +73,11 @@ def test_lm_head_target_is_refused_with_a_reason(tiny_model_dir):
         inject_lora(model, LoraConfig(target_modules=["q_proj", "lm_head"]))
 
 
+def pad_right(rows, value):
+    width = max(len(x) for x in rows)
+    return torch.stack([torch.cat([x, torch.full((width - len(x),), value)]) for x in rows])
+
+
 def test_ten_training_steps_match_hf_and_peft(tiny_model_dir, tmp_path):
     """lorafuse's loop (packed, grad accumulation over 2 micro-batches) and stock HF + PEFT
     (padded batches of the same documents, HF's loss) give the same loss step by step."""
@@ -121,10 +125,8 @@ def test_ten_training_steps_match_hf_and_peft(tiny_model_dir, tmp_path):
                 shifted = torch.full((e - s,), -100)
                 shifted[1:] = b.labels[s:e - 1]  # HF shifts labels itself
                 docs_labels.append(shifted)
-        width = max(len(x) for x in docs_ids)
-        pad = lambda xs, v: torch.stack([torch.cat([x, torch.full((width - len(x),), v)]) for x in xs])
-        ids, labels = pad(docs_ids, 0), pad(docs_labels, -100)
-        mask = pad([torch.ones(len(x), dtype=torch.long) for x in docs_ids], 0)
+        ids, labels = pad_right(docs_ids, 0), pad_right(docs_labels, -100)
+        mask = pad_right([torch.ones(len(x), dtype=torch.long) for x in docs_ids], 0)
         loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -112,12 +112,13 @@ CATEGORIES = {
     ],
 }
 
-OPENERS = ["Hello,", "Hi there,", "Hi team,", "Good morning,", "Dear support,", "Hey,", "", "", "To whom it may concern,"]
-CLOSERS = ["Thanks.", "Thank you!", "Please help.", "Regards, {name}", "Cheers, {name}", "", "", "Any update is welcome.",
-           "This is urgent.", "Thanks in advance, {name}"]
-DETAILS = ["I have been a customer for years.", "This is the second time this happens.", "I already tried the help page.",
-           "My order number is {order}.", "I am writing from my phone.", "", "", "", "I contacted you on {date} too.",
-           "It is really frustrating."]
+OPENERS = ["Hello,", "Hi there,", "Hi team,", "Good morning,", "Dear support,", "Hey,", "", "",
+           "To whom it may concern,"]
+CLOSERS = ["Thanks.", "Thank you!", "Please help.", "Regards, {name}", "Cheers, {name}", "", "",
+           "Any update is welcome.", "This is urgent.", "Thanks in advance, {name}"]
+DETAILS = ["I have been a customer for years.", "This is the second time this happens.",
+           "I already tried the help page.", "My order number is {order}.", "I am writing from my phone.", "", "", "",
+           "I contacted you on {date} too.", "It is really frustrating."]
 PRODUCTS = ["blender", "desk lamp", "running shoes", "laptop stand", "coffee grinder", "backpack", "smart watch",
             "air purifier", "office chair", "kettle", "phone case", "yoga mat", "headphones", "toaster"]
 FEATURES = ["reports", "dashboard", "invoices", "calendar", "inventory", "checkout", "settings", "analytics", "exports"]
