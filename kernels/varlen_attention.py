@@ -4,12 +4,48 @@ q [T, Hq, D]; k, v [T, Hkv, D], Hq % Hkv == 0 (query head h reads key/value head
 documents are the rows cu_seqlens[b] : cu_seqlens[b+1]. Within a document, for query i:
   out_i = sum_j softmax_j(scale * q_i . k_j) v_j   over keys j of the same document (j <= i if causal)
 No token attends across documents. Same layout as flash-attn's varlen API.
+
+Forward (flash-attention 2, online softmax in base 2 with log2(e) folded into the scale):
+  s_ij = scale * log2(e) * q_i . k_j;  m_i = running max_j s_ij;  l_i = sum_j 2^(s_ij - m_i)
+  out_i = (sum_j 2^(s_ij - m_i) v_j) / l_i;  lse_i = ln(2) * (m_i + log2 l_i)   (natural log, stored)
+Backward, with P_ij = exp(scale q_i . k_j - lse_i) recomputed from the stored lse:
+  delta_i = sum_d dout_id out_id = sum_j P_ij dP_ij,   dP_ij = dout_i . v_j
+  dS_ij = P_ij (dP_ij - delta_i)
+  dv_j = sum_i P_ij dout_i;  dk_j = scale sum_i dS_ij q_i;  dq_i = scale sum_j dS_ij k_j
+For GQA, dk/dv of a key/value head sum the terms of every query head of its group.
+
+Tiling. Work is a list of (document, tile) pairs: a tile is TILE rows of one document (the last
+tile of a document may be partial), so a batch of thousands of short documents launches one
+program per real tile and head, never a program per (document, max_seqlen block). The list is
+built on the device from cu_seqlens (tiles per document, their cumsum, and a searchsorted that
+maps each program to its document) without a host sync; the grid is the host-side upper bound
+cdiv(T, TILE) + B tiles (each document adds at most one partial tile), and programs past the
+real number of tiles exit at once. The same TILE-row list drives the three main kernels:
+- forward: one program per (query tile, query head); it walks key blocks of BLOCK_N. For causal,
+  key blocks before the tile's first row are never masked; only the blocks on the diagonal are.
+- dk/dv: one program per (key tile, key/value head); it loops over the query heads of the group
+  and, for each, over query blocks of BLOCK_M from the diagonal down to the document's end,
+  accumulating dk and dv in registers (no atomics, so no races and bitwise-reproducible results).
+- dq: one program per (query tile, query head), walking key blocks like the forward.
+- a preprocess kernel computes delta = rowsum(dout * out) per (head, token).
+Saved for backward: q, k, v (as given, views included), out, lse [Hq, T] float32 and the tile
+list. Recomputed in backward: the scores and probabilities.
+
+Inputs may be strided views (for instance q, k, v split from one fused qkv projection, whose token
+stride exceeds H * D): the kernels take token and head strides and copy nothing, as long as the
+head dimension is contiguous (stride 1; otherwise that input is made contiguous). The output and
+the gradients are contiguous. Offsets along tokens are int64. Head dims that are not a power of
+two (80, 96) are padded to the next one with masks. On GPU, float32 inputs use TF32 dots.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None):
@@ -17,7 +53,7 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: boo
     group = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         qd = q[start:end].transpose(0, 1)
         kd = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
         vd = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
@@ -28,8 +64,8 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: boo
 
 def check_varlen_args(q, k, v, cu_seqlens, max_seqlen):
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"expected q [T, Hq, D], k and v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(f"expected q [T, Hq, D], k and v [T, Hkv, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on tokens or head dim")
     if q.shape[1] % k.shape[1]:
@@ -40,7 +76,550 @@ def check_varlen_args(q, k, v, cu_seqlens, max_seqlen):
         raise TypeError("max_seqlen must be a Python int (taken from the host, so no device sync)")
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None):
-    """Attention within each packed document; see the module docstring. Returns [T, Hq, D]."""
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+MAX_HEAD_DIM = 256
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _locate_tile(tile_doc_ptr, tile_end_ptr, cu_ptr, pid_tile, n_docs, TILE: tl.constexpr,
+                     HEAVY_LAST: tl.constexpr):
+        """(document, first row of the tile, document start, document length) of a program's tile.
+
+        Tiles of a document are handed out heaviest first (for causal work the heavy tiles are the
+        last query tiles, HEAVY_LAST, or the first key tiles) so the long programs start early and
+        the short ones fill the tail of the grid. doc == n_docs marks a program past the real tiles.
+        """
+        doc = tl.load(tile_doc_ptr + pid_tile)
+        safe_doc = tl.minimum(doc, n_docs - 1)
+        seq_start = tl.load(cu_ptr + safe_doc)
+        seq_len = tl.load(cu_ptr + safe_doc + 1) - seq_start
+        n_tiles = (seq_len + TILE - 1) // TILE
+        rank = pid_tile - (tl.load(tile_end_ptr + safe_doc) - n_tiles)
+        if HEAVY_LAST:
+            rank = n_tiles - 1 - rank
+        return doc, rank * TILE, seq_start, seq_len
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start, seq_len,
+                   offs_m, lo, hi, scale_log2,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        d_ok = offs_d < HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            tok_n = (seq_start + offs_n).to(tl.int64)
+            if MASKED:
+                col_ok = offs_n < seq_len
+                kT_tile = tl.load(k_base + tok_n[None, :] * stride_kt + offs_d[:, None],
+                                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            else:
+                kT_tile = tl.load(k_base + tok_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None],
+                                  other=0.0)
+            scores = tl.dot(q_tile, kT_tile) * scale_log2
+            if MASKED:
+                keep = col_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                # a finite floor, not -inf: a row with no visible key in this block stays NaN-free
+                scores = tl.where(keep, scores, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.math.exp2(scores - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if MASKED:
+                v_tile = tl.load(v_base + tok_n[:, None] * stride_vt + offs_d[None, :],
+                                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            else:
+                v_tile = tl.load(v_base + tok_n[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :],
+                                 other=0.0)
+            acc = tl.dot(p.to(v_tile.dtype), v_tile, acc)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _varlen_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_ptr, tile_doc_ptr, tile_end_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        n_tokens, n_docs, n_heads, group, scale_log2,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+    ):
+        # heads vary fastest so the query heads of one GQA group run side by side on the same K/V
+        pid = tl.program_id(0)
+        head = pid % n_heads
+        doc, start_m, seq_start, seq_len = _locate_tile(tile_doc_ptr, tile_end_ptr, cu_ptr, pid // n_heads,
+                                                        n_docs, TILE, CAUSAL)
+        if doc >= n_docs:
+            return
+        kv_head = head // group
+        offs_m = start_m + tl.arange(0, TILE)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        row_ok = offs_m < seq_len
+        d_ok = offs_d < HEAD_DIM
+        tok_m = (seq_start + offs_m).to(tl.int64)
+        q_tile = tl.load(q_ptr + head * stride_qh + tok_m[:, None] * stride_qt + offs_d[None, :],
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = k_ptr + kv_head * stride_kh
+        v_base = v_ptr + kv_head * stride_vh
+
+        acc = tl.zeros([TILE, HEAD_DIM_PAD], dtype=tl.float32)
+        l_i = tl.zeros([TILE], dtype=tl.float32)
+        m_i = tl.full([TILE], -1.0e30, dtype=tl.float32)
+        if CAUSAL:
+            # keys before the tile's first row are visible to every row: no mask
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
+                                       seq_len, offs_m, 0, start_m, scale_log2,
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, False)
+            diag_hi = tl.minimum(start_m + TILE, seq_len)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
+                                       seq_len, offs_m, start_m, diag_hi, scale_log2,
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, True)
+        else:
+            full_hi = (seq_len // BLOCK_N) * BLOCK_N
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
+                                       seq_len, offs_m, 0, full_hi, scale_log2,
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, False)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
+                                       seq_len, offs_m, full_hi, seq_len, scale_log2,
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, True)
+
+        # every stored row saw at least one key, so l_i >= 1 there; the guard only covers padding rows
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out_tile = acc / l_safe[:, None]
+        tl.store(out_ptr + head * stride_oh + tok_m[:, None] * stride_ot + offs_d[None, :],
+                 out_tile.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        lse_row = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        tl.store(lse_ptr + head.to(tl.int64) * n_tokens + tok_m, lse_row, mask=row_ok)
+
+    @triton.jit
+    def _varlen_bwd_preprocess_kernel(
+        out_ptr, dout_ptr, delta_ptr, n_tokens, n_heads,
+        stride_ot, stride_oh, stride_dot, stride_doh,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        tok = offs_t.to(tl.int64)
+        mask = (offs_t < n_tokens)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        out_tile = tl.load(out_ptr + head * stride_oh + tok[:, None] * stride_ot + offs_d[None, :],
+                           mask=mask, other=0.0)
+        dout_tile = tl.load(dout_ptr + head * stride_doh + tok[:, None] * stride_dot + offs_d[None, :],
+                            mask=mask, other=0.0)
+        delta_row = tl.sum(out_tile.to(tl.float32) * dout_tile.to(tl.float32), 1)
+        tl.store(delta_ptr + head.to(tl.int64) * n_tokens + tok, delta_row, mask=offs_t < n_tokens)
+
+    @triton.jit
+    def _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base, delta_base,
+                    stride_qt, stride_dot, seq_start, seq_len, offs_n, lo, hi, scale_log2,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                    CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        d_ok = offs_d < HEAD_DIM
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            tok_m = (seq_start + offs_m).to(tl.int64)
+            if MASKED:
+                row_ok = offs_m < seq_len
+                tile_mask = row_ok[:, None] & d_ok[None, :]
+                lse_row = tl.load(lse_base + tok_m, mask=row_ok, other=0.0)
+                delta_row = tl.load(delta_base + tok_m, mask=row_ok, other=0.0)
+            else:
+                tile_mask = d_ok[None, :]
+                lse_row = tl.load(lse_base + tok_m)
+                delta_row = tl.load(delta_base + tok_m)
+            q_tile = tl.load(q_base + tok_m[:, None] * stride_qt + offs_d[None, :], mask=tile_mask, other=0.0)
+            dout_tile = tl.load(dout_base + tok_m[:, None] * stride_dot + offs_d[None, :], mask=tile_mask,
+                                other=0.0)
+            # transposed scores [keys, queries]: the key tile stays the row operand of every dot
+            scores_t = tl.dot(k_tile, tl.trans(q_tile)) * scale_log2
+            p_t = tl.math.exp2(scores_t - (lse_row * 1.4426950408889634)[None, :])
+            if MASKED:
+                keep = row_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[None, :] >= offs_n[:, None])
+                p_t = tl.where(keep, p_t, 0.0)
+            dv_acc = tl.dot(p_t.to(dout_tile.dtype), dout_tile, dv_acc)
+            dp_t = tl.dot(v_tile, tl.trans(dout_tile))
+            ds_t = p_t * (dp_t - delta_row[None, :])
+            dk_acc = tl.dot(ds_t.to(q_tile.dtype), q_tile, dk_acc)
+        return dk_acc, dv_acc
+
+    @triton.jit
+    def _varlen_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr, tile_doc_ptr, tile_end_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        n_tokens, n_docs, n_kv_heads, group, softmax_scale, scale_log2,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+        CAUSAL: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        kv_head = pid % n_kv_heads
+        # causal: the first key tiles of a document see the most queries, so natural order is heaviest first
+        doc, start_n, seq_start, seq_len = _locate_tile(tile_doc_ptr, tile_end_ptr, cu_ptr, pid // n_kv_heads,
+                                                        n_docs, TILE, False)
+        if doc >= n_docs:
+            return
+        offs_n = start_n + tl.arange(0, TILE)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        col_ok = offs_n < seq_len
+        d_ok = offs_d < HEAD_DIM
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        tok_n = (seq_start + offs_n).to(tl.int64)
+        k_tile = tl.load(k_ptr + kv_head * stride_kh + tok_n[:, None] * stride_kt + offs_d[None, :],
+                         mask=kv_mask, other=0.0)
+        v_tile = tl.load(v_ptr + kv_head * stride_vh + tok_n[:, None] * stride_vt + offs_d[None, :],
+                         mask=kv_mask, other=0.0)
+        dk_acc = tl.zeros([TILE, HEAD_DIM_PAD], dtype=tl.float32)
+        dv_acc = tl.zeros([TILE, HEAD_DIM_PAD], dtype=tl.float32)
+
+        if CAUSAL:
+            diag_hi = tl.minimum(start_n + TILE, seq_len)
+            below_lo = start_n + TILE
+            below_full_hi = below_lo + (tl.maximum(seq_len - below_lo, 0) // BLOCK_M) * BLOCK_M
+        else:
+            full_hi = (seq_len // BLOCK_M) * BLOCK_M
+        # GQA: this key/value head's gradients sum over its group of query heads, in registers
+        for g in range(group):
+            head = kv_head * group + g
+            q_base = q_ptr + head * stride_qh
+            dout_base = dout_ptr + head * stride_doh
+            lse_base = lse_ptr + head.to(tl.int64) * n_tokens
+            delta_base = delta_ptr + head.to(tl.int64) * n_tokens
+            if CAUSAL:
+                # query blocks on the diagonal (masked), then those wholly below it; queries above see
+                # none of these keys and are skipped
+                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
+                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
+                                             start_n, diag_hi, scale_log2,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, True)
+                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
+                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
+                                             below_lo, below_full_hi, scale_log2,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, False)
+                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
+                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
+                                             below_full_hi, seq_len, scale_log2,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, True)
+            else:
+                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
+                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
+                                             0, full_hi, scale_log2,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, False)
+                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
+                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
+                                             full_hi, seq_len, scale_log2,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, True)
+
+        dk_acc = dk_acc * softmax_scale
+        tl.store(dk_ptr + kv_head * stride_dkh + tok_n[:, None] * stride_dkt + offs_d[None, :],
+                 dk_acc.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + kv_head * stride_dvh + tok_n[:, None] * stride_dvt + offs_d[None, :],
+                 dv_acc.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt, stride_vt,
+                  seq_start, seq_len, offs_m, lo, hi, scale_log2,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        d_ok = offs_d < HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            tok_n = (seq_start + offs_n).to(tl.int64)
+            if MASKED:
+                col_ok = offs_n < seq_len
+                t_mask = col_ok[None, :] & d_ok[:, None]
+            else:
+                t_mask = d_ok[:, None]
+            kT_tile = tl.load(k_base + tok_n[None, :] * stride_kt + offs_d[:, None], mask=t_mask, other=0.0)
+            vT_tile = tl.load(v_base + tok_n[None, :] * stride_vt + offs_d[:, None], mask=t_mask, other=0.0)
+            scores = tl.dot(q_tile, kT_tile) * scale_log2
+            p = tl.math.exp2(scores - lse_row[:, None])
+            if MASKED:
+                keep = col_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(dout_tile, vT_tile)
+            ds = p * (dp - delta_row[:, None])
+            dq_acc = tl.dot(ds.to(kT_tile.dtype), tl.trans(kT_tile), dq_acc)
+        return dq_acc
+
+    @triton.jit
+    def _varlen_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, tile_doc_ptr, tile_end_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh,
+        n_tokens, n_docs, n_heads, group, softmax_scale, scale_log2,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        head = pid % n_heads
+        doc, start_m, seq_start, seq_len = _locate_tile(tile_doc_ptr, tile_end_ptr, cu_ptr, pid // n_heads,
+                                                        n_docs, TILE, CAUSAL)
+        if doc >= n_docs:
+            return
+        kv_head = head // group
+        offs_m = start_m + tl.arange(0, TILE)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        row_ok = offs_m < seq_len
+        d_ok = offs_d < HEAD_DIM
+        tile_mask = row_ok[:, None] & d_ok[None, :]
+        tok_m = (seq_start + offs_m).to(tl.int64)
+        q_tile = tl.load(q_ptr + head * stride_qh + tok_m[:, None] * stride_qt + offs_d[None, :],
+                         mask=tile_mask, other=0.0)
+        dout_tile = tl.load(dout_ptr + head * stride_doh + tok_m[:, None] * stride_dot + offs_d[None, :],
+                            mask=tile_mask, other=0.0)
+        row_offsets = head.to(tl.int64) * n_tokens + tok_m
+        lse_row = tl.load(lse_ptr + row_offsets, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta_row = tl.load(delta_ptr + row_offsets, mask=row_ok, other=0.0)
+        k_base = k_ptr + kv_head * stride_kh
+        v_base = v_ptr + kv_head * stride_vh
+        dq_acc = tl.zeros([TILE, HEAD_DIM_PAD], dtype=tl.float32)
+        if CAUSAL:
+            diag_hi = tl.minimum(start_m + TILE, seq_len)
+            dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
+                               stride_vt, seq_start, seq_len, offs_m, 0, start_m, scale_log2,
+                               HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, False)
+            dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
+                               stride_vt, seq_start, seq_len, offs_m, start_m, diag_hi, scale_log2,
+                               HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, True)
+        else:
+            full_hi = (seq_len // BLOCK_N) * BLOCK_N
+            dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
+                               stride_vt, seq_start, seq_len, offs_m, 0, full_hi, scale_log2,
+                               HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, False)
+            dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
+                               stride_vt, seq_start, seq_len, offs_m, full_hi, seq_len, scale_log2,
+                               HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, True)
+        dq_acc = dq_acc * softmax_scale
+        tl.store(dq_ptr + head * stride_dqh + tok_m[:, None] * stride_dqt + offs_d[None, :],
+                 dq_acc.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+
+    # Autotune lists (BLOCK, num_warps, num_stages) per head-dim class: <= 64, 128 (80, 96 pad to it), 256.
+    # Configs that spill heavily in an sm_80/sm_90 ptxas check are left out. The tile sizes are fixed per
+    # class on the host (the tile list depends on them); the autotuner picks the inner block, warps and
+    # stages, keyed by head dim, causal, GQA group (dk/dv) and the tensors' dtypes (added by the autotuner).
+    def _configs(param, options):
+        return [triton.Config({param: block}, num_warps=warps, num_stages=stages)
+                for block, warps, stages in options]
+
+    _FWD_OPTIONS = {64: [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)],
+                    128: [(64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4)],
+                    256: [(32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 3)]}
+    _DKDV_OPTIONS = {64: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
+                     128: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
+                     256: [(32, 8, 2), (64, 8, 2), (16, 8, 3)]}
+    _DQ_OPTIONS = {64: [(32, 8, 2), (64, 8, 2), (32, 8, 3), (64, 8, 3)],
+                   128: [(32, 8, 2), (32, 8, 3), (64, 8, 2), (64, 8, 3)],
+                   256: [(32, 8, 2), (16, 8, 2), (64, 8, 1)]}
+    _TUNED_FWD = {dim: triton.autotune(_configs("BLOCK_N", opts), key=["HEAD_DIM", "CAUSAL"])(
+        _varlen_fwd_kernel) for dim, opts in _FWD_OPTIONS.items()}
+    _TUNED_DKDV = {dim: triton.autotune(_configs("BLOCK_M", opts), key=["HEAD_DIM", "CAUSAL", "group"])(
+        _varlen_bwd_dkdv_kernel) for dim, opts in _DKDV_OPTIONS.items()}
+    _TUNED_DQ = {dim: triton.autotune(_configs("BLOCK_N", opts), key=["HEAD_DIM", "CAUSAL"])(
+        _varlen_bwd_dq_kernel) for dim, opts in _DQ_OPTIONS.items()}
+
+# Rows per tile: (query tile of the forward and dq, key tile of dk/dv) per head-dim class. dk/dv keeps
+# two [tile, D] float32 accumulators in registers, hence its smaller tile at head dim 256.
+TILES = {64: (128, 128), 128: (128, 128), 256: (64, 32)}
+# The interpreter runs one small fixed config: query tiles of 32 and key tiles of 64 with inner blocks of
+# 16 still give several tiles per document, several diagonal blocks per tile, the unmasked loops, and
+# two different tile lists.
+INTERP_TILES, INTERP_BLOCK = (32, 64), 16
+PREPROCESS_BLOCK_T = 64
+
+
+def _head_dim_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dim_class(head_dim_pad: int) -> int:
+    return 64 if head_dim_pad <= 64 else head_dim_pad
+
+
+def _tiles(head_dim_pad: int) -> tuple[int, int]:
+    return INTERP_TILES if INTERPRETED else TILES[_dim_class(head_dim_pad)]
+
+
+def _tile_schedule(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
+    """Map program -> document on the device: tile_doc [cdiv(T, tile) + B] int32 (B past the real
+    tiles) and tile_end [B] int32, the cumulative number of tiles through each document."""
+    n_docs = cu_seqlens.numel() - 1
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    tiles_per_doc = torch.div(lengths + (tile - 1), tile, rounding_mode="floor")
+    tile_end = torch.cumsum(tiles_per_doc, 0, dtype=torch.int32)
+    bound = triton.cdiv(n_tokens, tile) + n_docs
+    programs = torch.arange(bound, dtype=torch.int32, device=cu_seqlens.device)
+    tile_doc = torch.searchsorted(tile_end, programs, right=True, out_int32=True)
+    return tile_doc, tile_end, bound
+
+
+def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _varlen_forward(q, k, v, cu_seqlens, causal, softmax_scale, q_schedule):
+    n_tokens, n_heads, head_dim = q.shape
+    group = n_heads // k.shape[1]
+    head_dim_pad = _head_dim_pad(head_dim)
+    tile_doc, tile_end, bound = q_schedule
+    out = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
+    if n_tokens == 0:  # CUDA rejects empty grids
+        return out, lse
+    args = (q, k, v, out, lse, cu_seqlens, tile_doc, tile_end,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1),
+            n_tokens, cu_seqlens.numel() - 1, n_heads, group, softmax_scale * math.log2(math.e))
+    grid = (bound * n_heads,)
+    meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, TILE=_tiles(head_dim_pad)[0], CAUSAL=causal)
+    if INTERPRETED:
+        _varlen_fwd_kernel[grid](*args, **meta, BLOCK_N=INTERP_BLOCK)
+    else:
+        _TUNED_FWD[_dim_class(head_dim_pad)][grid](*args, **meta)
+    return out, lse
+
+
+def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale, q_schedule):
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    group = n_heads // n_kv_heads
+    head_dim_pad = _head_dim_pad(head_dim)
+    tile_q, tile_kv = _tiles(head_dim_pad)
+    kv_schedule = q_schedule if tile_kv == tile_q else _tile_schedule(cu_seqlens, n_tokens, tile_kv)
+    n_docs = cu_seqlens.numel() - 1
+    scale_log2 = softmax_scale * math.log2(math.e)
+
+    if n_tokens == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    delta = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
+    _varlen_bwd_preprocess_kernel[(triton.cdiv(n_tokens, PREPROCESS_BLOCK_T), n_heads)](
+        out, dout, delta, n_tokens, n_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_T=PREPROCESS_BLOCK_T)
+
+    dq = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((n_tokens, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
+    dv = torch.empty((n_tokens, n_kv_heads, head_dim), dtype=v.dtype, device=v.device)
+    meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal)
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens, kv_schedule[0], kv_schedule[1],
+                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                 n_tokens, n_docs, n_kv_heads, group, softmax_scale, scale_log2)
+    dq_args = (q, k, v, dout, lse, delta, dq, cu_seqlens, q_schedule[0], q_schedule[1],
+               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+               n_tokens, n_docs, n_heads, group, softmax_scale, scale_log2)
+    dkdv_grid, dq_grid = (kv_schedule[2] * n_kv_heads,), (q_schedule[2] * n_heads,)
+    if INTERPRETED:
+        _varlen_bwd_dkdv_kernel[dkdv_grid](*dkdv_args, **meta, TILE=tile_kv, BLOCK_M=INTERP_BLOCK)
+        _varlen_bwd_dq_kernel[dq_grid](*dq_args, **meta, TILE=tile_q, BLOCK_N=INTERP_BLOCK)
+    else:
+        _TUNED_DKDV[_dim_class(head_dim_pad)][dkdv_grid](*dkdv_args, **meta, TILE=tile_kv)
+        _TUNED_DQ[_dim_class(head_dim_pad)][dq_grid](*dq_args, **meta, TILE=tile_q)
+    return dq, dk, dv
+
+
+class VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, causal: bool, softmax_scale: float):
+        q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
+        schedule = _tile_schedule(cu_seqlens, q.shape[0], _tiles(_head_dim_pad(q.shape[2]))[0])
+        out, lse = _varlen_forward(q, k, v, cu_seqlens, causal, softmax_scale, schedule)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, schedule[0], schedule[1])
+        ctx.bound = schedule[2]
+        ctx.causal = causal
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens, tile_doc, tile_end = ctx.saved_tensors
+        dout = _head_dim_contiguous(dout)
+        dq, dk, dv = _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.causal, ctx.softmax_scale,
+                                      (tile_doc, tile_end, ctx.bound))
+        return dq, dk, dv, None, None, None
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None, *,
+                     deterministic: bool = False):
+    """Attention within each packed document; see the module docstring. Returns [T, Hq, D].
+
+    q, k, v may be strided views (head dim contiguous), e.g. split from one fused qkv output.
+    deterministic=True guarantees bitwise-reproducible outputs and gradients; every path of this
+    implementation already is (the backward uses no atomics), so the flag only states the contract.
+    """
     check_varlen_args(q, k, v, cu_seqlens, max_seqlen)
-    return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    if not use_triton(q):
+        return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+    if not (q.device == k.device == v.device == cu_seqlens.device):
+        raise ValueError("q, k, v and cu_seqlens must be on the same device")
+    count("varlen_attention")
+    return VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), bool(causal), float(softmax_scale))
+
+
+def _aot_signature(kernel, dtype: str) -> dict:
+    """Triton types of a kernel's arguments: tensors of `dtype` except the float32 lse/delta and the
+    int32 schedule, int32 strides and counts, float32 scales."""
+    fp32_ptrs = {"lse_ptr", "delta_ptr"}
+    i32_ptrs = {"cu_ptr", "tile_doc_ptr", "tile_end_ptr"}
+    fp32_vals = {"scale_log2", "softmax_scale"}
+    sig = {}
+    for name in kernel.arg_names:
+        if name.isupper():
+            sig[name] = "constexpr"
+        elif name in fp32_ptrs:
+            sig[name] = "*fp32"
+        elif name in i32_ptrs:
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}"
+        elif name in fp32_vals:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _aot_spec(kernel, block_name, options, **constexprs):
+    block, warps, stages = options
+    return (kernel, _aot_signature(kernel, "bf16"), {**constexprs, block_name: block},
+            {"num_warps": warps, "num_stages": stages})
+
+
+# bf16 variants the GPU runs: head dims 128 and 256 (80 and 96 compile like 128 plus masks), causal, the
+# first config of each autotune list. (Compiled here without the runtime's divisibility-by-16
+# specialization of pointers and strides, so loads are not pipelined and the shared memory shown is the
+# unpipelined figure; with it, every config of the lists fits sm_80 and sm_90.)
+AOT_SPECS = [
+    _aot_spec(_varlen_fwd_kernel, "BLOCK_N", _FWD_OPTIONS[128][0],
+              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
+    _aot_spec(_varlen_fwd_kernel, "BLOCK_N", _FWD_OPTIONS[256][0],
+              HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][0], CAUSAL=True),
+    (_varlen_bwd_preprocess_kernel, _aot_signature(_varlen_bwd_preprocess_kernel, "bf16"),
+     dict(HEAD_DIM=80, HEAD_DIM_PAD=128, BLOCK_T=PREPROCESS_BLOCK_T)),
+    _aot_spec(_varlen_bwd_dkdv_kernel, "BLOCK_M", _DKDV_OPTIONS[128][0],
+              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][1], CAUSAL=True),
+    _aot_spec(_varlen_bwd_dq_kernel, "BLOCK_N", _DQ_OPTIONS[128][0],
+              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
+    _aot_spec(_varlen_bwd_dkdv_kernel, "BLOCK_M", _DKDV_OPTIONS[256][0],
+              HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][1], CAUSAL=True),
+] if HAVE_TRITON else []
