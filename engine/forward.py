@@ -16,6 +16,7 @@ Llama, Mistral, Qwen2 and Qwen3 share this structure; model.SUPPORTED lists what
 from __future__ import annotations
 
 import torch
+
 from lorafuse.kernels import (
     apply_rope,
     fused_linear_cross_entropy,

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lorafuse.kernels import lora_linear
 from safetensors.torch import load_file, save_file
+
+from lorafuse.kernels import lora_linear
 
 from .config import ALL_PROJECTIONS, LoraConfig
 

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 from lorafuse.engine import checkpointing
 from lorafuse.engine.checkpointing import (
     LayerCheckpointer,

@@ -8,9 +8,11 @@ import sys
 
 import pytest
 import yaml
-from engine_utils import write_jsonl
+
 from lorafuse.engine.cli import main
 from lorafuse.engine.demo.tickets import make_example
+
+from engine_utils import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 

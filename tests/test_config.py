@@ -1,6 +1,7 @@
 """Config: YAML + key.sub=value overrides; unknown keys and wrong types name the key."""
 
 import pytest
+
 from lorafuse.engine.config import ConfigError, load_config
 
 

@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
-from engine_utils import write_jsonl
+
 from lorafuse.engine.data import DataError, encode_all, encode_example, read_jsonl, split_examples
+
+from engine_utils import write_jsonl
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
                      {"role": "assistant", "content": "Hello!"}]}

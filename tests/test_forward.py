@@ -4,6 +4,7 @@ documents run one at a time (loss and every LoRA gradient)."""
 import numpy as np
 import pytest
 import torch
+
 from lorafuse.engine.config import LoraConfig
 from lorafuse.engine.data import Document
 from lorafuse.engine.demo.base_model import build_model, tiny_config

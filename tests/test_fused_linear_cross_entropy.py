@@ -14,8 +14,10 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_utils import TOL, assert_close, expect_triton, rel_err
+
 from lorafuse.kernels import fused_linear_cross_entropy
+
+from kernel_utils import TOL, assert_close, expect_triton, rel_err
 
 flce_module = importlib.import_module("lorafuse.kernels.fused_linear_cross_entropy")
 OP = "fused_linear_cross_entropy"

@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
-from engine_utils import write_jsonl
+
 from lorafuse.engine.config import LoraConfig, load_config
 from lorafuse.engine.demo.tickets import make_example
 from lorafuse.engine.lora import inject_lora, load_adapter, lora_modules, merge_lora, save_adapter
 from lorafuse.engine.model import load_model
+
+from engine_utils import write_jsonl
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("reference_kernels")

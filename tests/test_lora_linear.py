@@ -5,8 +5,10 @@ import importlib
 
 import pytest
 import torch
-from kernel_utils import TOL, assert_close, expect_triton, poisoned, rel_err
+
 from lorafuse.kernels import launches
+
+from kernel_utils import TOL, assert_close, expect_triton, poisoned, rel_err
 
 lora_module = importlib.import_module("lorafuse.kernels.lora_linear")
 lora_linear = lora_module.lora_linear

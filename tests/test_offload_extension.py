@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from lorafuse.engine import checkpointing
 
 ROOT = Path(checkpointing.__file__).resolve().parent.parent

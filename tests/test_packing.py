@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from lorafuse.engine.data import Document
 from lorafuse.engine.packing import IGNORE_INDEX, best_fit_decreasing, make_batch, pack
 

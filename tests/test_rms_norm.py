@@ -11,9 +11,11 @@ import importlib
 
 import pytest
 import torch
-from kernel_utils import TOL, assert_close, expect_triton, rel_err
+
 from lorafuse.kernels import launches, rms_norm
 from lorafuse.kernels.rms_norm import rms_norm_reference, rms_norm_residual, rms_norm_residual_reference
+
+from kernel_utils import TOL, assert_close, expect_triton, rel_err
 
 rms_norm_module = importlib.import_module("lorafuse.kernels.rms_norm")
 EPS = 1e-6

@@ -13,12 +13,14 @@ import importlib
 
 import pytest
 import torch
-from kernel_utils import assert_close, expect_triton, rel_err
-from lorafuse.kernels import apply_rope, launches
-from lorafuse.kernels.rope import apply_rope_reference
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from lorafuse.kernels import apply_rope, launches
+from lorafuse.kernels.rope import apply_rope_reference
+
+from kernel_utils import assert_close, expect_triton, rel_err
 
 rope_module = importlib.import_module("lorafuse.kernels.rope")
 

@@ -4,8 +4,10 @@ import importlib
 
 import pytest
 import torch
-from kernel_utils import TOL, assert_close, expect_triton, poisoned, rel_err
+
 from lorafuse.kernels import swiglu
+
+from kernel_utils import TOL, assert_close, expect_triton, poisoned, rel_err
 
 swiglu_module = importlib.import_module("lorafuse.kernels.swiglu")
 swiglu_reference = swiglu_module.swiglu_reference

@@ -4,15 +4,17 @@ validation and early stopping, held-out base vs fine-tuned comparison."""
 import json
 import random
 
-import lorafuse.engine.train as train_module
 import pytest
 import torch
-from engine_utils import write_jsonl
+from safetensors.torch import load_file
+
+import lorafuse.engine.train as train_module
 from lorafuse.engine.config import load_config
 from lorafuse.engine.demo.tickets import make_example
 from lorafuse.engine.metrics import read_metrics
 from lorafuse.engine.train import TrainingStopped, train
-from safetensors.torch import load_file
+
+from engine_utils import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 QUIET = lambda *a: None

@@ -27,8 +27,10 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import SMOKE, measure
+
 from lorafuse.kernels import fused_linear_cross_entropy
+
+from benchutil import SMOKE, measure
 
 flce_module = importlib.import_module("lorafuse.kernels.fused_linear_cross_entropy")
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import SMOKE, measure
+
 from lorafuse.kernels import lora_linear, swiglu
 from lorafuse.kernels.lora_linear import lora_linear_group, lora_mlp
+
+from benchutil import SMOKE, measure
 
 RANK, ALPHA = 16, 32.0
 SCALING = ALPHA / RANK

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from benchutil import SMOKE, measure
+
 from lorafuse.kernels import rms_norm
 from lorafuse.kernels.rms_norm import rms_norm_residual
+
+from benchutil import SMOKE, measure
 
 EPS = 1e-6
 ROWS = 8 if SMOKE else 16384

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from benchutil import SMOKE, measure
+
 from lorafuse.kernels import apply_rope
+
+from benchutil import SMOKE, measure
 
 TOKENS, Q_HEADS, KV_HEADS, HEAD_DIM = (8, 4, 2, 16) if SMOKE else (16384, 32, 8, 128)
 DOC_LEN = 4 if SMOKE else 4096

@@ -62,7 +62,7 @@ def build_base(base_dir: Path, size: dict, log) -> None:
 
 def accuracy_and_answers(model, tokenizer, test_path: Path) -> tuple[float, list[str]]:
     examples, _ = read_jsonl(test_path)
-    predictions = generate_answers(model, tokenizer, examples, max_new_tokens=8)
+    predictions = generate_answers(model, tokenizer, examples, max_new_tokens=16)
     references = [prompt_and_answer(ex, tokenizer)[1] for ex in examples]
     return exact_match(predictions, references), predictions
 
