@@ -1,4 +1,4 @@
-"""The `lorafuse` command: train, eval, data check, merge, demo, bench."""
+"""The `lorafuse` command: train, eval, data check, merge, demo."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ class TrainConfig:
     eval_every: int = 50  # optimizer steps between validation passes (0: only at the end)
     save_every: int = 100  # optimizer steps between adapter checkpoints (0: only at the end)
     early_stopping_patience: int = 0  # validation passes without improvement before stopping (0: never)
-    log_every: int = 1
+    log_every: int = 10  # steps between log lines when there is no progress bar (not a terminal)
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attention: str = "auto"  # auto | triton | reference (per-document SDPA)

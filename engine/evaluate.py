@@ -4,25 +4,29 @@ generated answers (greedy decoding through HF's generate)."""
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 from .data import Example
+from .distributed import DistContext, all_reduce_sum
 from .forward import packed_loss
 from .packing import PackedBatch
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[PackedBatch], device) -> dict:
-    """Mean loss per target token over all batches, and its perplexity."""
+def evaluate_loss(model, batches: list[PackedBatch], device, ctx: DistContext | None = None) -> dict:
+    """Mean loss per target token over all batches, and its perplexity. Data-parallel ranks each
+    take their share of the batches and sum the results."""
+    ctx = ctx or DistContext()
     was_training = model.training
     model.eval()
-    total, targets = torch.zeros((), dtype=torch.float64, device=device), 0
-    for batch in batches:
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in batches[ctx.rank::ctx.world]:
         total += packed_loss(model, batch.to(device), reduction="sum").double()
-        targets += batch.num_target_tokens
     model.train(was_training)
-    loss = total.item() / max(targets, 1)
+    targets = sum(b.num_target_tokens for b in batches)
+    loss = all_reduce_sum(total, ctx).item() / max(targets, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "target_tokens": targets}
 
 
@@ -45,7 +49,8 @@ def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="generate", disable=not progress, leave=False):
+    show_bar = progress and sys.stderr.isatty()
+    for start in tqdm(range(0, len(examples), batch_size), desc="generate", disable=not show_bar, leave=False):
         chunk = examples[start:start + batch_size]
         ids = [tokenizer(prompt_and_answer(ex, tokenizer)[0], add_special_tokens=ex.messages is None)["input_ids"]
                for ex in chunk]

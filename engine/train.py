@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 
 from .config import Config, to_dict
 from .data import encode_all, read_jsonl, split_examples
+from .distributed import all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
 from .evaluate import evaluate_loss
 from .forward import packed_loss
 from .lora import adapters_disabled, inject_lora, load_adapter_weights, lora_parameters, save_adapter
@@ -93,12 +95,14 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def plan_steps(docs, cfg) -> list[tuple[int, list[PackedBatch]]]:
-    """Every optimizer step of the run as (epoch, micro-batches); each epoch is re-packed with its own seed."""
+def plan_steps(docs, cfg, micro_per_step: int | None = None) -> list[tuple[int, list[PackedBatch]]]:
+    """Every optimizer step of the run as (epoch, micro-batches); each epoch is re-packed with its own seed.
+    A step has grad_accum micro-batches (times the number of ranks when data-parallel)."""
+    per_step = micro_per_step or cfg.grad_accum
     steps = []
     for epoch in range(cfg.epochs):
         batches = pack(docs, cfg.max_tokens_per_step, seed=cfg.seed + epoch, shuffle=True)
-        steps += [(epoch, batches[i:i + cfg.grad_accum]) for i in range(0, len(batches), cfg.grad_accum)]
+        steps += [(epoch, batches[i:i + per_step]) for i in range(0, len(batches), per_step)]
     return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps
 
 
@@ -157,11 +161,14 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     t, out = cfg.train, Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(t.seed)
-    device = resolve_device(t.device)
+    ctx, device = init_distributed(resolve_device(t.device))
     dtype = resolve_dtype(t.dtype, device)
+    if not ctx.is_main:
+        log = _quiet  # rank 0 speaks and writes for everyone
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if t.attention == "reference":
         os.environ["LORAFUSE_KERNELS"] = "reference"
 
@@ -187,7 +194,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
 
-    steps = plan_steps(docs["train"], t)
+    steps = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * ctx.world)
     total = len(steps)
     start_step = 0
     if resume and (ckpt := latest_checkpoint(out)) is not None:
@@ -201,14 +208,17 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     # ---- throughput accounting (DESIGN.md: 4 N_frozen + 6 N_lora per token, plus attention)
     flops_token = flops_per_token(model, n_lora)
     peak = peak_matmul_flops(device) if device.type == "cuda" else None
-    metrics = MetricsLog(out / "metrics.jsonl", append=start_step > 0)
+    metrics = MetricsLog(out / "metrics.jsonl", append=start_step > 0) if ctx.is_main else None
     result = TrainResult(output_dir=str(out))
     best, bad_evals = math.inf, 0
-    log(f"[train] {total} steps of up to {t.grad_accum} x {t.max_tokens_per_step} tokens, {t.epochs} epoch(s)")
+    log(f"[train] {total} steps of up to {t.grad_accum} x {t.max_tokens_per_step} tokens"
+        + (f" on each of {ctx.world} ranks" if ctx.active else "") + f", {t.epochs} epoch(s)")
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not t.progress, dynamic_ncols=True)
+    show_bar = t.progress and ctx.is_main and sys.stderr.isatty()  # in a log file, plain lines read better
+    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not show_bar, dynamic_ncols=True,
+               mininterval=0.5)
     model.train()
     step = start_step
     for step in range(start_step, total):
@@ -222,22 +232,27 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        # ---- forward and backward over the step's micro-batches
+        # ---- forward and backward over this rank's share of the step's micro-batches
         loss_sum = torch.zeros((), device=device)
-        for batch in micro:
+        for batch in micro[ctx.rank::ctx.world]:
             batch = batch.to(device)
             loss = packed_loss(model, batch, reduction="sum", checkpointer=checkpointer) / step_targets
             loss.backward()
             loss_sum += loss.detach()
+        all_reduce_grads(params, ctx)
+        all_reduce_sum(loss_sum, ctx)
 
         # ---- clip, check, update
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
         loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the one host sync per step
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             optimizer.zero_grad(set_to_none=True)  # the weights are still those of the last good step
-            good = save_checkpoint(model, cfg, optimizer, step, out)
-            metrics.write({"step": step + 1, "loss": loss_value, "grad_norm": norm_value, "stopped": "non-finite"})
+            good = out / f"checkpoint-{step}"
+            if ctx.is_main:
+                save_checkpoint(model, cfg, optimizer, step, out)
+                metrics.write({"step": step + 1, "loss": loss_value, "grad_norm": norm_value, "stopped": "non-finite"})
             bar.close()
+            shutdown(ctx)
             raise TrainingStopped(f"step {step + 1}: loss {loss_value} / grad norm {norm_value} is not finite; "
                                   f"stopped before applying it. The adapter of the last good step is in {good}")
         optimizer.step()
@@ -251,52 +266,65 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
                   "grad_norm": norm_value, "tokens": step_tokens, "target_tokens": step_targets,
                   "tokens_per_s": step_tokens / dt}
         if device.type == "cuda":
-            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            record["mfu"] = flops_token(micro) / dt / peak
-        metrics.write(record)
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # this rank's
+            record["mfu"] = flops_token(micro) / dt / (peak * ctx.world)
+        if metrics:
+            metrics.write(record)
         result.train_losses.append(loss_value)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (step + 1) % t.log_every == 0 and not t.progress:
+        if ((step + 1) % t.log_every == 0 or step == start_step) and not show_bar:
             log(_format_record(record))
 
         # ---- validate, save, stop early
         last = step + 1 == total
         if val_batches and ((t.eval_every and (step + 1) % t.eval_every == 0) or last):
-            val = evaluate_loss(model, val_batches, device)
+            val = evaluate_loss(model, val_batches, device, ctx)
             model.train()
             result.val_losses.append((step + 1, val["loss"]))
-            metrics.write({"step": step + 1, "val_loss": val["loss"], "val_ppl": val["ppl"]})
-            bar.write(f"[eval] step {step + 1}: validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f})")
+            if metrics:
+                metrics.write({"step": step + 1, "val_loss": val["loss"], "val_ppl": val["ppl"]})
+            log_line = bar.write if ctx.is_main else _quiet
+            log_line(f"[eval] step {step + 1}: validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f})")
             if val["loss"] < best:
                 best, bad_evals = val["loss"], 0
-                save_adapter(model, cfg.lora, out / "best", cfg.model)
+                if ctx.is_main:
+                    save_adapter(model, cfg.lora, out / "best", cfg.model)
             else:
                 bad_evals += 1
                 if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
-                    bar.write(f"[train] early stop at step {step + 1}: no validation improvement in "
-                              f"{bad_evals} evaluations (best {best:.4f}, adapter in {out / 'best'})")
+                    log_line(f"[train] early stop at step {step + 1}: no validation improvement in "
+                             f"{bad_evals} evaluations (best {best:.4f}, adapter in {out / 'best'})")
                     result.stopped_early = True
                     break
-        if t.save_every and (step + 1) % t.save_every == 0 and not last:
+        if t.save_every and (step + 1) % t.save_every == 0 and not last and ctx.is_main:
             save_checkpoint(model, cfg, optimizer, step + 1, out)
     bar.close()
     result.steps = step + 1 if total else 0
     result.best_val_loss = best if math.isfinite(best) else None
 
     # ---- the end: adapter, held-out comparison, plot
-    save_adapter(model, cfg.lora, out, cfg.model)
-    log(f"[train] adapter saved to {out} (adapter_config.json, adapter_model.safetensors)")
+    if ctx.is_main:
+        save_adapter(model, cfg.lora, out, cfg.model)
+        log(f"[train] adapter saved to {out} (adapter_config.json, adapter_model.safetensors)")
     if "test" in docs:
         test_batches = pack(docs["test"], t.max_tokens_per_step)
         with adapters_disabled(model):
-            result.test["base"] = evaluate_loss(model, test_batches, device)
-        result.test["finetuned"] = evaluate_loss(model, test_batches, device)
-        (out / "eval_results.json").write_text(json.dumps(result.test, indent=2))
+            result.test["base"] = evaluate_loss(model, test_batches, device, ctx)
+        result.test["finetuned"] = evaluate_loss(model, test_batches, device, ctx)
         b, f = result.test["base"], result.test["finetuned"]
         log(f"[test] loss base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> fine-tuned {f['loss']:.4f} (ppl {f['ppl']:.2f})")
-    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if ctx.is_main:
+        if result.test:
+            (out / "eval_results.json").write_text(json.dumps(result.test, indent=2))
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    barrier(ctx)
+    shutdown(ctx)
     return result
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def _format_record(r: dict) -> str:
