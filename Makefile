@@ -14,13 +14,13 @@ demo: $(STAMP)
 	.venv/bin/lorafuse demo
 
 test: $(STAMP)
-	PYTHONSAFEPATH=1 $(PY) -m pytest -q
+	PYTHONSAFEPATH=1 $(PY) -m pytest -q --benchmark-disable
 
 test-gpu: $(STAMP)
 	TRITON_INTERPRET=0 PYTHONSAFEPATH=1 $(PY) -m pytest -q -m gpu tests
 
 bench-gpu: $(STAMP)
-	.venv/bin/lorafuse bench
+	TRITON_INTERPRET=0 PYTHONSAFEPATH=1 $(PY) bench/run.py --out bench/results
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -27,7 +27,7 @@ from .tickets import pretraining_text, write_dataset
 
 FULL = {
     "vocab": 1024, "hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 384,
-    "pretrain_steps": 120, "data": {"train": 1200, "validation": 120, "test": 240}, "epochs": 2,
+    "pretrain_steps": 120, "data": {"train": 1200, "validation": 120, "test": 240}, "epochs": 3,
 }
 QUICK = {
     "vocab": 400, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128,
@@ -84,9 +84,9 @@ def run_demo(out: Path, quick: bool = False, log=print) -> dict:
         "output_dir": str(out / "adapter"),
         "data": {"train": str(paths["train"]), "validation": str(paths["validation"]), "test": str(paths["test"])},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "train": {"epochs": size["epochs"], "lr": 2e-3, "warmup_steps": 5, "max_tokens_per_step": 2048,
-                  "max_seq_len": 256, "eval_every": 10 if quick else 20, "save_every": 0, "seed": 0,
-                  "progress": not quick},
+        "train": {"epochs": size["epochs"], "lr": 5e-3, "warmup_steps": 10, "max_tokens_per_step": 1024,
+                  "max_seq_len": 256, "eval_every": 10 if quick else 100, "save_every": 0, "seed": 0,
+                  "log_every": 50},
     }
     config_path = out / "demo_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
