@@ -84,3 +84,15 @@ def test_console_script_help():
     proc = subprocess.run([sys.executable, "-m", "lorafuse.engine.cli", "train", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "key.sub=value" in proc.stdout and "max_tokens_per_step" in proc.stdout
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "fine-tuned" in out
+    summary = json.loads((tmp_path / "demo_results.json").read_text())
+    assert 0.0 <= summary["base"]["accuracy"] <= 1.0 and 0.0 <= summary["finetuned"]["accuracy"] <= 1.0
+    assert summary["finetuned"]["loss"] < summary["base"]["loss"]
+    for name in ("adapter/adapter_model.safetensors", "adapter/loss.png", "data/test.jsonl", "demo_config.yaml",
+                 "base-model/config.json"):
+        assert (tmp_path / name).is_file(), name

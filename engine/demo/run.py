@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -71,7 +72,6 @@ def run_demo(out: Path, quick: bool = False, log=print) -> dict:
     t_start = time.perf_counter()
     size = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     base_dir = out / "base-model"
     build_base(base_dir, size, log)
 
@@ -108,6 +108,9 @@ def run_demo(out: Path, quick: bool = False, log=print) -> dict:
         "finetuned": {"accuracy": tuned_acc, "loss": result.test["finetuned"]["loss"]},
         "train_steps": result.steps,
         "seconds": round(time.perf_counter() - t_start, 1),
+        "command": "lorafuse demo" + (" --quick" if quick else ""),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cpu_threads": torch.get_num_threads(), "machine": platform.machine()},
         "sample_predictions": predictions[:5],
     }
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2))
