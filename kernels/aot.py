@@ -30,11 +30,17 @@ def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, options: 
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @autotune / @heuristics
         fn = fn.fn
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    # A real launch tells the compiler which pointers are 16-byte aligned (torch's allocations are):
+    # claim it for every pointer. Integer arguments (strides) stay unspecialised, so loads whose
+    # vectorisation needs aligned strides compile here as they would for odd strides.
+    names = list(signature)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items() if t.startswith("*")}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options or {})
 
 
 def main() -> int:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
         return 2
