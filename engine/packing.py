@@ -73,13 +73,6 @@ class PackedBatch:
         return PackedBatch(move(self.input_ids), move(self.labels), move(self.position_ids),
                            move(self.cu_seqlens), self.max_seqlen, self.num_target_tokens, self.doc_lengths)
 
-    def pin_memory(self) -> PackedBatch:
-        if not torch.cuda.is_available():
-            return self
-        pin = lambda t: t.pin_memory()
-        return PackedBatch(pin(self.input_ids), pin(self.labels), pin(self.position_ids), pin(self.cu_seqlens),
-                           self.max_seqlen, self.num_target_tokens, self.doc_lengths)
-
 
 def doc_labels(doc: Document) -> np.ndarray:
     labels = np.full(len(doc), IGNORE_INDEX, dtype=np.int64)
