@@ -1,0 +1,335 @@
+"""The end-to-end benchmark (bench/e2e.py), the one-command runner (bench/run.py) and the report
+(bench/report.py), on the CPU with a tiny model: the GPU run must work the first time, and the
+comparison it makes must be fair (same weights, same adapters, same data: the same losses)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+TINY = ["--model", "tiny", "--device", "cpu", "--tokens-per-step", "384", "--doc-median", "40", "--doc-max", "160",
+        "--max-context-start", "64", "--max-context-step", "32", "--max-context-limit", "256"]
+HF_KEYS = ("model", "system", "tokens_per_step", "tokens_per_s", "step_time_s", "peak_mem_gb", "mfu",
+           "step_losses", "oom")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"lorafuse_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+e2e = _load("e2e")
+bench_run = _load("run")
+report = _load("report")
+
+
+@pytest.fixture
+def cpu_bench(monkeypatch):
+    """Reference kernels (the interpreter is far too slow for whole models), no C++ extension build."""
+    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
+    monkeypatch.setenv("LORAFUSE_EXTENSION", "0")
+
+
+# ---------------------------------------------------------------------------------------------
+# e2e.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_steps_are_exact_seeded_and_the_same_for_every_call():
+    mix = e2e.DataMix(median=400, sigma=1.0, max_len=4096)
+    steps = e2e.make_steps(4, 16384, 128256, mix, seed=0)
+    again = e2e.make_steps(4, 16384, 128256, mix, seed=0)
+    assert len(steps) == 4
+    for step, other in zip(steps, again):
+        assert sum(len(d) for d in step) == 16384
+        assert [d.input_ids.tolist() for d in step] == [d.input_ids.tolist() for d in other]
+        assert all(1 <= len(d) <= 4096 and d.trained.all() for d in step)
+    lengths = [len(d) for step in steps for d in step[1:-1]]  # whole documents (ends may be split)
+    assert 200 < np.median(lengths) < 800  # a realistic mix around the median of 400
+    assert e2e.make_steps(1, 16384, 128256, mix, seed=1)[0][0].input_ids.tolist() != steps[0][0].input_ids.tolist()
+
+
+def test_model_configs_have_the_published_sizes():
+    """The configs written in e2e.py build (on the meta device: no memory) the real models' parameter counts."""
+    from transformers import AutoModelForCausalLM
+
+    expected = {"llama-3.1-8b": 8_030_261_248, "qwen2.5-7b": 7_615_616_512, "mistral-7b": 7_248_023_552,
+                "llama-3.2-1b": 1_235_814_400}
+    for name, count in expected.items():
+        config = e2e.model_config(name)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        assert sum(p.numel() for p in model.parameters()) == count, name
+    assert e2e.expected_lora_parameters(e2e.model_config("llama-3.1-8b")) == 41_943_040  # r=16, 7 projections
+    from lorafuse.engine.model import sliding_window_limit
+
+    for name in ("qwen2.5-7b", "mistral-7b"):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(e2e.model_config(name, layers=1))
+        assert sliding_window_limit(model) is None, name
+
+
+def test_every_system_trains_the_same_steps_to_the_same_losses(tmp_path, cpu_bench):
+    out = tmp_path / "e2e.json"
+    results = e2e.main([*TINY, "--warmup", "1", "--steps", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["e2e"] == json.loads(json.dumps(results["e2e"], default=str))
+    rows = {r["case"]: r for r in results["e2e"]}
+    expected = {"stock", "hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"}
+    assert expected <= set(rows), (rows.keys(), results.get("errors"), results["skipped"])
+    if "liger" not in rows:
+        assert any(s["case"] == "liger" for s in results["skipped"])
+    stock = rows["stock"]
+    for case, row in rows.items():
+        assert not row["oom"] and "error" not in row, row
+        assert len(row["step_losses"]) == 3 and all(math.isfinite(x) for x in row["step_losses"]), case
+        # same base weights and same initial adapters: a fair comparison
+        assert row["weights_fingerprint"] == stock["weights_fingerprint"], case
+        assert row["lora_fingerprint"] == stock["lora_fingerprint"], case
+        assert row["n_lora"] == row["n_lora_expected"] == stock["n_lora"], case
+        # the same documents, so the first step's loss (adapters at their init) agrees tightly in float32
+        assert abs(row["step_losses"][0] - stock["step_losses"][0]) <= 1e-4 * abs(stock["step_losses"][0]), case
+        # and the following steps, after identical updates, still agree closely
+        for ours, theirs in zip(row["step_losses"][1:], stock["step_losses"][1:]):
+            assert abs(ours - theirs) <= 1e-3 * abs(theirs), case
+        # CUDA-only figures are absent on the CPU
+        assert row["peak_mem_gb"] is None and row["mfu"] is None
+        assert all(key in row for key in HF_KEYS)
+        # useful tokens: the documents' tokens, never the padding
+        assert row["useful_tokens_per_step"] == [384, 384, 384]
+        assert row["tokens_per_s"] == pytest.approx(384 / row["step_time_s"])
+    assert stock["padding_fraction"] > 0
+    assert all(p > 384 for p in stock["processed_tokens_per_step"])
+    for case in ("hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"):
+        assert rows[case]["padding_fraction"] == 0 and rows[case]["processed_tokens_per_step"] == [384] * 3
+    assert rows["lorafuse-none"]["micro_batches_per_step"] == [1, 1, 1]
+    contexts = {r["case"]: r for r in results["max_context"]}
+    assert set(contexts) == {"stock", "lorafuse-recompute", "lorafuse-offload"}
+    for row in contexts.values():  # nothing runs out of memory on the CPU: the search stops at its limit
+        assert row["largest_tokens"] == 256 and row["limited_by"] == "limit"
+        assert [p["tokens"] for p in row["probes"]] == [64, 128, 256]
+
+
+def test_stock_padding_is_counted_apart_from_useful_tokens(cpu_bench):
+    settings = e2e.Settings(model="tiny", device=torch.device("cpu"), dtype=torch.float32, stock_batch_size=2)
+    runner = e2e.HFRunner(settings, "stock")
+    docs = [e2e.single_document(n, 256, seed=0) for n in (5, 3, 8)]
+    prep = runner.prepare(docs)
+    assert prep.useful_tokens == 16
+    assert prep.processed_tokens == 2 * 5 + 1 * 8  # each micro-batch padded to its longest document
+    assert prep.targets == 4 + 2 + 7
+    first = prep.micro[0]
+    assert first["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    assert first["labels"][1, 3:].tolist() == [-100, -100]  # no loss on padding
+    packed = e2e.HFRunner(settings, "hf_packed").prepare(docs)
+    assert packed.processed_tokens == packed.useful_tokens == 16
+    assert packed.micro[0]["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
+    assert packed.micro[0]["labels"][0, 5].item() == -100  # the second document's start is no target
+
+
+class _FakeRunner:
+    """Runs out of memory above `fits` tokens (the search logic without a GPU)."""
+
+    cuda, device, case = False, torch.device("cpu"), "fake"
+
+    def __init__(self, fits: int):
+        self.fits, self.failures = fits, 0
+
+    def prepare(self, docs):
+        n = sum(len(d) for d in docs)
+        return e2e.Prepared([n], n - len(docs), n, n)
+
+    def step(self, prep):
+        if prep.useful_tokens > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.tensor(1.0)
+
+    def flops(self, batches):
+        return float(sum(b.num_tokens for b in batches))
+
+    def after_failure(self):
+        self.failures += 1
+
+
+def test_max_context_search_doubles_then_bisects_and_respects_the_deadline():
+    partial = []
+    found = e2e.max_context_search(_FakeRunner(1500), 256, start=256, granularity=64, limit=1 << 20,
+                                   deadline=float("inf"), seed=0, log=lambda *_: None, progress=partial.append)
+    assert found["largest_tokens"] == 1472 and found["first_failure"] == 1536 and found["limited_by"] == "memory"
+    assert [p["tokens"] for p in found["probes"]][:4] == [256, 512, 1024, 2048]
+    assert partial[-1]["largest_tokens"] == 1472 and len(partial) == len(found["probes"])
+    late = e2e.max_context_search(_FakeRunner(1500), 256, start=256, granularity=64, limit=1 << 20, deadline=0.0,
+                                  seed=0, log=lambda *_: None)
+    assert late["largest_tokens"] == 0 and late["limited_by"] == "time" and not late["probes"]
+
+
+def test_out_of_memory_is_a_result_not_a_crash():
+    steps = [[e2e.single_document(n, 256, seed=0)] for n in (100, 300, 100)]
+    runner = _FakeRunner(200)
+    runner.flops = lambda batches: 1.0
+    row = e2e.measure_case(runner, steps, warmup=1, peak_flops=None, log=lambda *_: None)
+    assert row["oom"] is True and row["oom_at_step"] == 2 and row["step_losses"] == [1.0]
+    assert runner.failures == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# run.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_writes_results_with_the_required_keys(tmp_path, cpu_bench):
+    """The one command's e2e and kernels stages (the GPU tests are not run here), on the CPU."""
+    path = bench_run.main(["--only", "e2e", "kernels", "--quick", "--models", "tiny", "--tokens-per-step", "384",
+                           "--kernel-files", str(BENCH / "kernels" / "bench_rope.py"), "--e2e-args",
+                           " ".join(TINY[2:4] + TINY[6:]), "--out", str(tmp_path), "--logs", str(tmp_path / "logs"),
+                           "--no-verbose"])
+    results = json.loads(path.read_text())
+    assert path == tmp_path / f"{bench_run.gpu_slug(results['gpu'])}-{results['date']}-quick.json"
+    for key in ("gpu", "torch", "triton", "transformers", "peft", "command", "date", "peak_bf16_tflops",
+                "copy_bandwidth_gbs", "tests", "kernels", "e2e", "max_context", "stages"):
+        assert key in results, key
+    assert results["torch"] == torch.__version__ and results["command"].startswith("python bench/run.py --only")
+    assert results["stages"]["env"]["status"] == "ok"
+    assert results["stages"]["e2e"]["status"] == "ok", results["stages"]["e2e"]
+    cases = {r["case"]: r for r in results["e2e"]}
+    assert set(cases) == {"stock", "hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"}
+    for row in results["e2e"]:
+        assert all(key in row for key in HF_KEYS) and len(row["step_losses"]) == 4  # --quick: 1 + 3 steps
+    assert {r["case"] for r in results["max_context"]} == {"stock", "lorafuse-recompute", "lorafuse-offload"}
+    kernels = results["kernels"]
+    assert {k["system"] for k in kernels} == {"copy", "lorafuse", "hf"} and all(k["op"] == "rope" for k in kernels)
+    assert results["stages"]["kernels"]["files"]["bench_rope.py"]["passed"] == 3
+    assert path.with_suffix(".md").is_file() and Path(f"{path.with_suffix('')}-e2e.png").is_file()
+
+
+def test_test_counts_from_junit_and_from_verbose_output(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase classname="tests.test_a" name="test_ok"/>'
+                     '<testcase classname="tests.test_a" name="test_bad"><failure message="x"/></testcase>'
+                     '<testcase classname="tests.test_b" name="test_skip"><skipped/></testcase>'
+                     "</testsuite></testsuites>")
+    counts = bench_run.parse_junit(junit)
+    assert (counts["passed"], counts["failed"], counts["skipped"], counts["total"]) == (1, 1, 1, 3)
+    assert counts["failed_ids"] == ["tests.test_a::test_bad"]
+    text = ("tests/test_a.py::test_ok PASSED [ 33%]\ntests/test_a.py::test_bad[x] FAILED [ 66%]\n"
+            "tests/test_b.py::test_skip SKIPPED (needs a GPU) [100%]\n")
+    counts = bench_run.parse_verbose_output(text)
+    assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 1, 1)
+    assert bench_run.parse_junit(tmp_path / "missing.xml") is None
+    assert bench_run.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert bench_run.gpu_slug("NVIDIA H200") == "h200" and bench_run.gpu_slug(None) == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# report.py
+# ---------------------------------------------------------------------------------------------
+
+
+def _row(case, tokens_per_s, peak, mfu, losses, **extra):
+    system = "lorafuse" if case.startswith("lorafuse") else case
+    return {"model": "llama-3.1-8b", "system": system, "case": case, "tokens_per_step": 16384,
+            "tokens_per_s": tokens_per_s, "step_time_s": 16384 / tokens_per_s if tokens_per_s else None,
+            "peak_mem_gb": peak, "mfu": mfu, "step_losses": losses, "oom": False, **extra}
+
+
+def synthetic_results() -> dict:
+    losses = [11.9, 11.85, 11.8]
+    kernel = lambda op, system, ms, **kw: {"op": op, "system": system, "shape": "16384x4096", "median_ms": ms,
+                                           "tflops": None, "gb_per_s": 1000 / ms, "peak_mem_gb": 1.0,
+                                           "info": {"dtype": "bfloat16", **kw}}
+    return {
+        "schema": 1, "gpu": "NVIDIA H100 80GB HBM3", "date": "2025-01-31", "started_at": "2025-01-31T10:00:00+00:00",
+        "torch": "2.11.0", "triton": "3.6.0", "transformers": "5.1.0", "peft": "0.18.0", "cuda": "13.0",
+        "command": "python bench/run.py", "peak_bf16_tflops": 780.0,
+        "copy_bandwidth_gbs": {"h2d_pinned": 50.1, "d2h_pinned": 51.2, "d2d": 2900.0},
+        "tests": {"passed": 20, "failed": 1, "errors": 0, "skipped": 0, "failed_ids": ["tests/test_x.py::test_y"],
+                  "status": "failed (rc 1)", "seconds": 80.0},
+        "e2e": [_row("stock", 1000.0, 60.0, 0.2, losses),
+                _row("lorafuse-none", 3500.0, 20.0, 0.55, [x + 1e-3 for x in losses]),
+                _row("lorafuse-recompute", 3000.0, 18.0, 0.5, losses),
+                _row("lorafuse-offload", 2800.0, 15.0, 0.45, losses),
+                _row("liger", None, None, None, [], oom=True, oom_at_step=1),
+                _row("hf_packed", None, None, None, [], error="no result: timed out")],
+        "max_context": [{"model": "llama-3.1-8b", "system": "stock", "case": "stock", "largest_tokens": 20480,
+                         "first_failure": 21504, "limited_by": "memory"},
+                        {"model": "llama-3.1-8b", "system": "lorafuse", "case": "lorafuse-recompute",
+                         "largest_tokens": 131072, "first_failure": None, "limited_by": "time"}],
+        "kernels": [kernel("rms_norm", "lorafuse", 0.5), kernel("rms_norm", "torch", 1.0),
+                    kernel("rope", "lorafuse", 0.2), kernel("rope", "hf", 0.7), kernel("rope", "copy", 0.1)],
+        "stages": {"env": {"status": "ok", "seconds": 20.0}, "e2e": {"status": "ok", "seconds": 300.0}},
+    }
+
+
+def test_report_writes_tables_and_plots(tmp_path):
+    path = tmp_path / "h100-80gb-hbm3-2025-01-31.json"
+    path.write_text(json.dumps(synthetic_results()))
+    written = report.main([str(path)])
+    md = written["md"].read_text()
+    assert "| lorafuse-none | 3,500 | 3.50× |" in md
+    assert "| stock | 1,000 | 1.00× |" in md and "OOM (step 1)" in md and "error: no result: timed out" in md
+    assert "33%" in md  # lorafuse-none's peak memory relative to stock (20 / 60) in the goals table
+    assert "≥ 131,072" in md and "≥ 6.4×" in md  # a time-limited search is a lower bound
+    assert "**rms_norm**" in md and "2.00×" in md and "3.50×" in md
+    assert "1 failed" in md and "`python bench/run.py`" in md and "NVIDIA H100 80GB HBM3" in md
+    for png in (written["e2e_png"], written["kernels_png"]):
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written["e2e_png"].name == "h100-80gb-hbm3-2025-01-31-e2e.png"
+
+
+def test_readme_section_is_replaced_between_the_markers_and_idempotent(tmp_path):
+    results_dir = tmp_path / "bench" / "results"
+    results_dir.mkdir(parents=True)
+    older = synthetic_results() | {"started_at": "2024-12-01T00:00:00+00:00", "gpu": "NVIDIA A100"}
+    (results_dir / "a100-2024-12-01.json").write_text(json.dumps(older))
+    (results_dir / "h100-80gb-hbm3-2025-01-31.json").write_text(json.dumps(synthetic_results()))
+    readme = tmp_path / "README.md"
+    readme.write_text("# lorafuse\n\nintro\n\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\nfooter\n")
+    written = report.main([str(results_dir), "--readme", str(readme)])  # a folder: its newest results
+    assert written["readme_changed"] is True
+    text = readme.read_text()
+    assert text.startswith("# lorafuse\n\nintro\n\n<!-- bench:start -->\n")
+    assert text.endswith("<!-- bench:end -->\n\nfooter\n")
+    assert "old table" not in text and "NVIDIA H100 80GB HBM3" in text and "A100" not in text
+    assert "| lorafuse-none | 3,500 | 3.50× |" in text
+    assert "(bench/results/h100-80gb-hbm3-2025-01-31-e2e.png)" in text
+    assert "```\npython bench/run.py\n```" in text
+    assert report.main([str(results_dir), "--readme", str(readme)])["readme_changed"] is False
+    assert readme.read_text() == text
+    bare = tmp_path / "BARE.md"
+    bare.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        report.main([str(results_dir / "h100-80gb-hbm3-2025-01-31.json"), "--readme", str(bare)])
+
+
+def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, cpu_bench, monkeypatch):
+    real_set_mode = e2e.LorafuseRunner.set_mode
+
+    def set_mode(self, mode):
+        if mode == "offload":
+            raise RuntimeError("no arena today")
+        real_set_mode(self, mode)
+
+    def build_stock(self, settings, case):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    monkeypatch.setattr(e2e.LorafuseRunner, "set_mode", set_mode)
+    monkeypatch.setattr(e2e.HFRunner, "__init__", build_stock)
+    results = e2e.main([*TINY, "--warmup", "0", "--steps", "1", "--systems", "stock", "lorafuse-recompute",
+                        "lorafuse-offload", "--out", str(tmp_path / "e2e.json")])
+    rows = {r["case"]: r for r in results["e2e"]}
+    assert rows["stock"]["oom"] is True and "building" in rows["stock"]["note"]
+    assert rows["lorafuse-offload"]["error"].startswith("RuntimeError: no arena today")
+    assert rows["lorafuse-recompute"]["tokens_per_s"] > 0 and len(rows["lorafuse-recompute"]["step_losses"]) == 1
+    contexts = {r["case"]: r for r in results["max_context"]}
+    assert contexts["lorafuse-recompute"]["largest_tokens"] == 256
+    assert contexts["lorafuse-offload"]["limited_by"] == "error"
+    for row in results["e2e"]:
+        assert all(key in row for key in HF_KEYS)
