@@ -20,7 +20,7 @@ test-gpu: $(STAMP)
 	TRITON_INTERPRET=0 PYTHONSAFEPATH=1 $(PY) -m pytest -q -m gpu tests
 
 bench-gpu: $(STAMP)
-	TRITON_INTERPRET=0 PYTHONSAFEPATH=1 $(PY) bench/run.py --out bench/results
+	TRITON_INTERPRET=0 PYTHONSAFEPATH=1 $(PY) bench/run.py --out bench/results --readme README.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
