@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafuse.engine import checkpointing
 from lorafuse.engine.checkpointing import (
     LayerCheckpointer,
     estimate_peak_bytes,
@@ -29,24 +28,6 @@ from lorafuse.engine.checkpointing import (
 )
 
 BACKENDS = ["extension", "torch"]
-
-
-@pytest.fixture(scope="session")
-def extension(tmp_path_factory):
-    """Builds the extension once per session into a temporary cache (shared with
-    test_offload_extension.py through the same directory) and loads it."""
-    cache = tmp_path_factory.getbasetemp() / "lorafuse-cache"
-    previous = os.environ.get("LORAFUSE_CACHE")
-    os.environ["LORAFUSE_CACHE"] = str(cache)
-    try:
-        library = checkpointing.build_extension()
-        assert checkpointing.load_extension(), checkpointing.extension_status()
-        yield library
-    finally:
-        if previous is None:
-            os.environ.pop("LORAFUSE_CACHE", None)
-        else:
-            os.environ["LORAFUSE_CACHE"] = previous
 
 
 @pytest.fixture(params=BACKENDS)

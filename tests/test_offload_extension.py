@@ -26,23 +26,6 @@ ALIGN = 256
 BACKENDS = ["extension", "torch"]
 
 
-@pytest.fixture(scope="session")
-def extension(tmp_path_factory):
-    """Builds the extension once per session into a temporary cache and loads it."""
-    cache = tmp_path_factory.getbasetemp() / "lorafuse-cache"
-    previous = os.environ.get("LORAFUSE_CACHE")
-    os.environ["LORAFUSE_CACHE"] = str(cache)
-    try:
-        library = checkpointing.build_extension()
-        assert checkpointing.load_extension(), checkpointing.extension_status()
-        yield library
-    finally:
-        if previous is None:
-            os.environ.pop("LORAFUSE_CACHE", None)
-        else:
-            os.environ["LORAFUSE_CACHE"] = previous
-
-
 def make_arena(backend, request, device_index=-1, max_bytes=0, min_chunk_bytes=0):
     if backend == "extension":
         request.getfixturevalue("extension")
