@@ -217,7 +217,7 @@ def build_extension(cache_dir: str | os.PathLike | None = None, *, force: bool =
 
 
 _extension_lock = threading.Lock()
-_extension: dict[str, Any] = {"path": None, "error": None, "warned_cpu_only": False}
+_extension: dict[str, Any] = {"path": None, "error": None, "warned_cpu_only": False, "disabled_said": False}
 
 
 def _registered() -> bool:
@@ -226,6 +226,10 @@ def _registered() -> bool:
         return True
     except (RuntimeError, AttributeError):
         return False
+
+
+def _disabled_by_env() -> bool:
+    return os.environ.get("LORAFUSE_EXTENSION", "1").strip().lower() in ("0", "off", "false", "no")
 
 
 def load_extension() -> bool:
@@ -237,14 +241,19 @@ def load_extension() -> bool:
     with _extension_lock:
         if _extension["path"] is not None:
             return True
+        if _disabled_by_env():
+            # Not remembered as a failure: the setting is read again at the next call.
+            if not _extension["disabled_said"]:
+                _extension["disabled_said"] = True
+                logger.warning("lorafuse: C++ offload extension disabled by LORAFUSE_EXTENSION; "
+                               "offload uses the pure-PyTorch path")
+            return False
         if _extension["error"] is not None:
             return False
         if _registered():
             _extension["path"] = "(loaded before)"
             return True
         try:
-            if os.environ.get("LORAFUSE_EXTENSION", "1").strip().lower() in ("0", "off", "false", "no"):
-                raise ExtensionBuildError("disabled by LORAFUSE_EXTENSION")
             library = build_extension()
             torch.ops.load_library(str(library))
             if not _registered():
@@ -265,6 +274,8 @@ def extension_status() -> str:
         return f"extension loaded from {_extension['path']} ({'CUDA' if with_cuda else 'CPU-only'} build)"
     if _extension["error"] is not None:
         return f"extension unavailable: {_extension['error']}"
+    if _disabled_by_env():
+        return "extension disabled by LORAFUSE_EXTENSION"
     return "extension not loaded yet"
 
 
