@@ -63,7 +63,8 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines when there is no progress bar (not a terminal)
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    attention: str = "auto"  # auto | triton | reference (per-document SDPA)
+    attention: str = "auto"  # auto (= triton) | triton | flash_attn | torch_varlen | sdpa (per-document reference)
+    kernels: str = "auto"  # auto | reference: every op's PyTorch reference instead of Triton (debugging)
     checkpointing: str = "none"  # none | recompute | offload (per decoder layer; offload spares the last layer)
     memory_budget_gb: float = 0.0  # > 0: pick keep / recompute / offload per layer to fit this much GPU memory
     progress: bool = True  # tqdm progress bar
@@ -83,7 +84,8 @@ _CHOICES = {
     "data.overlong": ("truncate", "drop"),
     "data.train_on": ("assistant", "all"),
     "train.dtype": ("auto", "bfloat16", "float16", "float32"),
-    "train.attention": ("auto", "triton", "reference"),
+    "train.attention": ("auto", "triton", "flash_attn", "torch_varlen", "sdpa"),
+    "train.kernels": ("auto", "reference"),
     "train.checkpointing": ("none", "recompute", "offload"),
 }
 

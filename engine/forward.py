@@ -24,9 +24,9 @@ from lorafuse.kernels import (
     lora_mlp,
     rms_norm,
     swiglu,
-    varlen_attention,
 )
 
+from .attention import triton_attention
 from .lora import LoraLinear
 from .model import model_spec
 from .packing import IGNORE_INDEX, PackedBatch
@@ -58,6 +58,7 @@ def project(block, x: torch.Tensor, names: tuple) -> tuple:
 
 
 def attention_block(layer, x: torch.Tensor, batch: PackedBatch, rope: tuple, spec: dict) -> torch.Tensor:
+    """The attention half of a decoder layer; spec["attend"] is the attention implementation."""
     attn = layer.self_attn
     tokens, head_dim = x.shape[0], spec["head_dim"]
     q, k, v = project(attn, x, ("q_proj", "k_proj", "v_proj"))
@@ -69,7 +70,7 @@ def attention_block(layer, x: torch.Tensor, batch: PackedBatch, rope: tuple, spe
         k = rms_norm(k, attn.k_norm.weight, spec["eps"])
     inv_freq, attention_scaling = rope
     q, k = apply_rope(q, k, batch.position_ids, inv_freq, attention_scaling)
-    out = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=True, softmax_scale=attn.scaling)
+    out = spec["attend"](q, k, v, batch.cu_seqlens, batch.max_seqlen, attn.scaling)
     return attn.o_proj(out.reshape(tokens, -1))
 
 
@@ -95,6 +96,7 @@ def packed_hidden_states(model, batch: PackedBatch, checkpointer=None) -> torch.
     (checkpointing.py) each decoder layer runs under its mode: keep, recompute or offload."""
     inner = model.model
     spec = model_spec(model)
+    spec["attend"] = getattr(model, "lorafuse_attention", None) or triton_attention
     rope = (inner.rotary_emb.inv_freq, float(inner.rotary_emb.attention_scaling))
     hidden = inner.embed_tokens(batch.input_ids)
     for i, layer in enumerate(inner.layers):

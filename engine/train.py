@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from .attention import attention_function
 from .config import Config, to_dict
 from .data import encode_all, read_jsonl, split_examples
 from .distributed import all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
@@ -169,7 +170,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if t.attention == "reference":
+    if t.kernels == "reference":
         os.environ["LORAFUSE_KERNELS"] = "reference"
 
     # ---- data
@@ -182,6 +183,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     if window is not None and t.max_seq_len > window:
         raise ValueError(f"{cfg.model}: the model uses sliding-window attention ({window} tokens), which lorafuse "
                          f"does not implement; set train.max_seq_len <= {window}")
+    model.lorafuse_attention = attention_function(t.attention, device.type)
     stack_projections(model)
     inject_lora(model, cfg.lora)
     if cfg.lora.init_adapter:

@@ -103,3 +103,18 @@ def test_stacked_projections_give_the_same_loss_and_gradients(tiny_model_dir):
     assert abs(loss_a.item() - loss_b.item()) <= 1e-6 * abs(loss_a.item())
     for a, b in zip(grads_a, grads_b):
         assert (a - b).norm() <= 1e-5 * a.norm() + 1e-12
+
+
+def test_attention_choices(tiny_model_dir):
+    from lorafuse.engine.attention import attention_function
+
+    model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+    batch = make_batch(random_docs([9, 14], model.config.vocab_size, seed=7))
+    losses = []
+    for name in ("auto", "sdpa"):
+        model.lorafuse_attention = attention_function(name, "cpu")
+        losses.append(packed_loss(model, batch).item())
+    assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0])
+    for name in ("flash_attn", "torch_varlen"):
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            attention_function(name, "cpu")
