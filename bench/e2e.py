@@ -575,6 +575,15 @@ def _is_fatal(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(e in text for e in _STICKY_CUDA_ERRORS)
 
 
+def oom_kind_or_raise(error: BaseException) -> str | None:
+    """The OOM kind of a failed step ('oom' or 'host'), None for another recoverable error; a sticky
+    CUDA error is raised again as CudaBroken (nothing else can run in this process)."""
+    kind = _is_oom(error)
+    if kind is None and _is_fatal(error):
+        raise CudaBroken(f"{type(error).__name__}: {error}") from error
+    return kind
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -623,10 +632,8 @@ def measure_case(runner: Runner, steps: list[list], warmup: int, peak_flops: flo
     except Exception as error:  # noqa: BLE001 - OOM is a result; anything else is recorded, then re-raised if fatal
         failure = error
     if failure is not None:
-        kind = _is_oom(failure)
+        kind = oom_kind_or_raise(failure)
         if kind is None:
-            if _is_fatal(failure):
-                raise CudaBroken(f"{type(failure).__name__}: {failure}") from failure
             row["error"] = f"{type(failure).__name__}: {failure}"
             row["traceback"] = traceback.format_exception(failure)[-6:]
         else:
@@ -697,10 +704,8 @@ def max_context_search(runner: Runner, vocab_size: int, *, start: int, granulari
         except Exception as error:  # noqa: BLE001
             failure = error
         if failure is not None:
-            kind = _is_oom(failure)
+            kind = oom_kind_or_raise(failure)
             if kind is None:
-                if _is_fatal(failure):
-                    raise CudaBroken(f"{type(failure).__name__}: {failure}") from failure
                 probe["status"] = f"error: {type(failure).__name__}: {str(failure)[:300]}"
             else:
                 probe["status"] = "oom" if kind == "oom" else "host_limit"
