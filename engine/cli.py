@@ -92,8 +92,8 @@ def cmd_merge(args) -> int:
     from .model import load_model, load_tokenizer, read_config
 
     # "auto" keeps the dtype the base model was saved in.
-    name = args.dtype if args.dtype != "auto" else read_config(args.model).get("torch_dtype") or read_config(
-        args.model).get("dtype", "float32")
+    saved = read_config(args.model)
+    name = args.dtype if args.dtype != "auto" else saved.get("dtype") or saved.get("torch_dtype") or "float32"
     model = load_model(args.model, getattr(torch, name), torch.device("cpu"))
     load_adapter(model, args.adapter)
     n = merge_lora(model)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .lora import LoraLinear
+
 
 class MetricsLog:
     """One JSON object per line; flushed on every write so a crash loses nothing."""
@@ -32,7 +34,7 @@ def flops_per_token(model, n_lora: int):
     token for the matmuls (no weight gradients for the frozen base; recomputation not counted), plus causal
     attention per document: forward 2 L^2 D per query head and layer, backward twice that."""
     n_matmul = sum(m.weight.numel() for m in model.modules()
-                   if isinstance(m, torch.nn.Linear) or type(m).__name__ == "LoraLinear")
+                   if isinstance(m, (torch.nn.Linear, LoraLinear)))
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     attn_per_len2 = 6 * c.num_attention_heads * head_dim * c.num_hidden_layers

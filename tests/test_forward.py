@@ -118,3 +118,17 @@ def test_attention_choices(tiny_model_dir):
     for name in ("flash_attn", "torch_varlen"):
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             attention_function(name, "cpu")
+
+
+def test_model_flops_count_frozen_and_lora_matmuls_and_causal_attention(tiny_model_dir):
+    from lorafuse.engine.metrics import flops_per_token
+
+    model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+    c = model.config
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    inject_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    n_lora = sum(p.numel() for p in lora_parameters(model))
+    batch = make_batch(random_docs([3, 5], c.vocab_size))
+    head_dim = c.hidden_size // c.num_attention_heads
+    expected = (4 * n_matmul + 6 * n_lora) * 8 + 6 * c.num_attention_heads * head_dim * c.num_hidden_layers * (9 + 25)
+    assert flops_per_token(model, n_lora)([batch]) == expected
