@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import numpy
 import torch
 
 launches: Counter = Counter()
@@ -24,7 +25,7 @@ def _interpret_env() -> bool:
 
 
 try:  # triton ships for Linux only; elsewhere every op runs its reference
-    import triton  # noqa: F401
+    import triton
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - Linux CI always has it
@@ -32,6 +33,26 @@ except ImportError:  # pragma: no cover - Linux CI always has it
 
 # Triton decides at @triton.jit time whether a kernel is interpreted: remember what it decided.
 INTERPRETED = HAVE_TRITON and _interpret_env()
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run our kernels with these versions, or None.
+
+    Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses
+    (triton-lang/triton#9171, fixed in 3.7): every kernel with a loop bound would fail with a
+    TypeError deep in the interpreter, so we say what to change instead."""
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter does not work with numpy {numpy_version} "
+                "(triton-lang/triton#9171); install numpy<2.4 or triton>=3.7")
+    return None
+
+
+INTERPRETER_PROBLEM = interpreter_problem(triton.__version__, numpy.__version__) if INTERPRETED else None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -49,6 +70,8 @@ def use_triton(x: torch.Tensor) -> bool:
         if not INTERPRETED:
             raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; set it before importing "
                                "lorafuse or triton so the kernels are built for the interpreter")
+        if INTERPRETER_PROBLEM:
+            raise RuntimeError(INTERPRETER_PROBLEM)
         return True
     if mode == "triton":
         raise RuntimeError(f"LORAFUSE_KERNELS=triton on {x.device.type} tensors needs CUDA, or TRITON_INTERPRET=1 "
