@@ -1,6 +1,8 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
 PY := .venv/bin/python
 STAMP := .venv/.lorafuse-installed
+# On a lent machine: make bench-gpu BENCH_ARGS="--out $$OUT/results --logs $$OUT/logs"
+BENCH_ARGS ?= --out bench/results --readme README.md
 
 .PHONY: setup demo test test-gpu bench-gpu lint clean
 
@@ -20,7 +22,7 @@ test-gpu: $(STAMP)
 	TRITON_INTERPRET=0 PYTHONSAFEPATH=1 $(PY) -m pytest -q -m gpu tests
 
 bench-gpu: $(STAMP)
-	TRITON_INTERPRET=0 PYTHONSAFEPATH=1 $(PY) bench/run.py --out bench/results --readme README.md
+	TRITON_INTERPRET=0 PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 $(PY) bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -9,7 +9,17 @@ VENV=${VENV:-.venv}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV (it sees the system's packages, so an installed torch is kept)"
-  "$PYTHON" -m venv --system-site-packages "$VENV"
+  # From inside another virtual environment (a GPU image's, a user's own), --system-site-packages
+  # reaches only the base interpreter: a .pth file lets the new one see the outer one's packages,
+  # and no pip or setuptools of its own shadows the outer ones.
+  outer=$("$PYTHON" -c 'import site, sys; print("\n".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')
+  if [ -n "$outer" ]; then
+    "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
+    echo "[setup] $VENV also sees the packages of $("$PYTHON" -c 'import sys; print(sys.prefix)')"
+    echo "$outer" >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_outer_env.pth"
+  else
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  fi
 fi
 PY="$VENV/bin/python"
 
@@ -38,5 +48,29 @@ else
   fi
 fi
 
-"$PY" -m pip install -q -e ".[dev]"
+# Everything lorafuse needs already installed (a GPU image without network, say): install lorafuse
+# alone, offline. Otherwise the usual install, which fetches what is missing.
+if "$PY" - <<'PYEOF' 2>/dev/null
+import sys, tomllib
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+wanted = project["dependencies"] + [r for r in project["optional-dependencies"]["dev"] if not r.startswith("ruff")]
+for line in wanted:
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate():
+        continue
+    try:
+        found = version(req.name)
+    except PackageNotFoundError:
+        sys.exit(1)
+    if not req.specifier.contains(found, prereleases=True):
+        sys.exit(1)
+PYEOF
+then
+  echo "[setup] every dependency is installed: installing lorafuse alone, offline"
+  "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e .
+else
+  "$PY" -m pip install -q -e ".[dev]"
+fi
 "$PY" -c 'import torch, lorafuse; print(f"[setup] lorafuse {lorafuse.__version__} with torch {torch.__version__}")'
