@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import random
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,10 +69,16 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    def _map(self, fn) -> PackedBatch:
+        return dataclasses.replace(self, input_ids=fn(self.input_ids), labels=fn(self.labels),
+                                   position_ids=fn(self.position_ids), cu_seqlens=fn(self.cu_seqlens))
+
     def to(self, device) -> PackedBatch:
-        move = lambda t: t.to(device, non_blocking=True)
-        return PackedBatch(move(self.input_ids), move(self.labels), move(self.position_ids),
-                           move(self.cu_seqlens), self.max_seqlen, self.num_target_tokens, self.doc_lengths)
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> PackedBatch:
+        """Page-locked host copies: a later .to("cuda") then copies without blocking the host."""
+        return self._map(torch.Tensor.pin_memory)
 
 
 def doc_labels(doc: Document) -> np.ndarray:

@@ -60,3 +60,33 @@ def test_labels_are_the_next_trained_token():
     assert b.labels.tolist() == [IGNORE_INDEX, 12, 13, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     assert b.position_ids.tolist() == [0, 1, 2, 3, 4, 0]
     assert b.num_target_tokens == 2
+
+
+def test_pin_memory_pins_every_tensor_and_keeps_the_host_counts(monkeypatch):
+    batch = make_batch(random_docs(4, np.random.default_rng(3)))
+    pinned_ptrs = []
+
+    def fake_pin(t):  # pinning needs a GPU; what matters here is which tensors are pinned
+        copy = t.clone()
+        pinned_ptrs.append(copy.data_ptr())
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    pinned = batch.pin_memory()
+    tensors = [pinned.input_ids, pinned.labels, pinned.position_ids, pinned.cu_seqlens]
+    assert sorted(t.data_ptr() for t in tensors) == sorted(pinned_ptrs)
+    for name in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+        assert torch.equal(getattr(pinned, name), getattr(batch, name))
+        assert getattr(pinned, name).dtype == getattr(batch, name).dtype
+    assert (pinned.max_seqlen, pinned.num_target_tokens, pinned.doc_lengths) == \
+        (batch.max_seqlen, batch.num_target_tokens, batch.doc_lengths)
+
+
+@pytest.mark.gpu
+def test_pinned_batch_moves_to_the_gpu_unchanged():
+    batch = make_batch(random_docs(4, np.random.default_rng(4)))
+    pinned = batch.pin_memory()
+    assert pinned.input_ids.is_pinned() and pinned.cu_seqlens.is_pinned()
+    moved = pinned.to("cuda")
+    torch.cuda.synchronize()
+    assert moved.input_ids.is_cuda and torch.equal(moved.labels.cpu(), batch.labels)
