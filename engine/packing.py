@@ -13,8 +13,8 @@ Everything is computed on the host, so the model never needs a device sync to re
 from __future__ import annotations
 
 import bisect
-import random
 import dataclasses
+import random
 from dataclasses import dataclass
 
 import numpy as np
