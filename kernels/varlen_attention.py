@@ -152,6 +152,9 @@ if HAVE_TRITON:
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr,
     ):
+        # the unmasked pass stops at the tile's first row (a multiple of TILE): a key block straddling
+        # that line would skip the causal mask (a failed assert makes the autotuner drop the config)
+        tl.static_assert(TILE % BLOCK_N == 0, "the key block must divide the query tile")
         # heads vary fastest so the query heads of one GQA group run side by side on the same K/V
         pid = tl.program_id(0)
         head = pid % n_heads
@@ -263,6 +266,9 @@ if HAVE_TRITON:
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr,
         CAUSAL: tl.constexpr,
     ):
+        # the diagonal pass covers [start_n, start_n + TILE) and the unmasked pass starts right after it:
+        # a query block that straddled that line would be counted twice
+        tl.static_assert(TILE % BLOCK_M == 0, "the query block must divide the key tile")
         pid = tl.program_id(0)
         kv_head = pid % n_kv_heads
         # causal: the first key tiles of a document see the most queries, so natural order is heaviest first
@@ -365,6 +371,8 @@ if HAVE_TRITON:
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr,
     ):
+        # as in the forward: the unmasked pass must end exactly at the tile's first row
+        tl.static_assert(TILE % BLOCK_N == 0, "the key block must divide the query tile")
         pid = tl.program_id(0)
         head = pid % n_heads
         doc, start_m, seq_start, seq_len = _locate_tile(tile_doc_ptr, tile_end_ptr, cu_ptr, pid // n_heads,
@@ -421,7 +429,7 @@ if HAVE_TRITON:
                     256: [(32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 3)]}
     _DKDV_OPTIONS = {64: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
                      128: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
-                     256: [(32, 8, 2), (64, 8, 2), (16, 8, 3)]}
+                     256: [(32, 8, 2), (32, 4, 2), (16, 8, 3)]}
     _DQ_OPTIONS = {64: [(32, 8, 2), (64, 8, 2), (32, 8, 3), (64, 8, 3)],
                    128: [(32, 8, 2), (32, 8, 3), (64, 8, 2), (64, 8, 3)],
                    256: [(32, 8, 2), (16, 8, 2), (64, 8, 1)]}
