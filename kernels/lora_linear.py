@@ -218,6 +218,9 @@ if HAVE_TRITON:
         _skinny_config(128, 64, 4, 4),
         _skinny_config(64, 64, 5, 4),
         _skinny_config(32, 128, 4, 4),
+        # the one that always fits: float32 at 256 rank columns needs 290-580 KB of shared memory in the
+        # configs above (sm_90 has 227), and with every config out of resources the autotuner fails
+        _skinny_config(32, 32, 3, 4),
     ]
 
     _tuned_main = triton.autotune(configs=MAIN_CONFIGS, key=_KEY)(_lowrank_mm)
@@ -269,6 +272,8 @@ if HAVE_TRITON:
             # float32 (IEEE dots): only the smaller tiles fit in shared memory
             spec("*fp32", segs=2, lowrank=True, bias=True, scale=False, swiglu=False, dot_precision="ieee",
                  config=small),
+            spec("*fp32", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, dot_precision="ieee",
+                 config=SKINNY_CONFIGS[-1], block_n=256),
         ]
 
     AOT_SPECS = _aot_specs()
