@@ -13,9 +13,10 @@ Peers in one process:
   liger             Liger-Kernel's LigerFusedLinearCrossEntropyLoss (skipped when not installed)
 
 extra_info: median_ms (do_bench), tflops of the useful GEMMs (2 N V H per GEMM: logits, dH, dW when the
-head trains), peak_alloc_gb (torch.cuda.max_memory_allocated over one step after a reset: inputs
+head trains), peak_mem_gb (torch.cuda.max_memory_allocated over one step after a reset: inputs
 included) and peak_above_inputs_gb (that peak less what was allocated before the step: the op's own
-memory, gradients included). A peer that runs out of memory is recorded as skipped (oom).
+memory, gradients included), both from benchutil.measure. A peer that runs out of memory is recorded
+as skipped (oom).
 Without a GPU: tiny sizes through the interpreter, lorafuse's two paths and eager only, once each.
 """
 
@@ -34,9 +35,12 @@ from benchutil import SMOKE, measure
 
 flce_module = importlib.import_module("lorafuse.kernels.fused_linear_cross_entropy")
 
-SYSTEMS = ["lorafuse", "lorafuse_fused", "eager", "compiled_chunked", "liger"]
+# Cheapest to start first: a file that runs out of its time share keeps the cases it finished, so the
+# headline size (16k) comes first and torch.compile's warm-up last.
+SYSTEMS = ["lorafuse", "eager", "liger", "lorafuse_fused", "compiled_chunked"]
 SHAPES = [(517, 64)] if SMOKE else [(128256, 4096), (151936, 3584)]  # (vocab, hidden)
-TOKENS = [96] if SMOKE else [8192, 16384, 32768]
+TOKENS = [96] if SMOKE else [16384, 8192, 32768]
+FUSED_MAX_TOKENS = 8192  # the fused path adds dH with N*H*V/BLOCK_V float32 atomics: seconds per call beyond
 HEADS = ["frozen", "trained"]
 IGNORE = -100
 
@@ -103,16 +107,6 @@ def _loss_fn(system: str, vocab: int, monkeypatch):
     raise ValueError(system)
 
 
-def _peak_memory(step) -> tuple[float, float]:
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return peak / 2**30, (peak - before) / 2**30
-
-
 @pytest.mark.parametrize("system", SYSTEMS)
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("tokens", TOKENS)
@@ -121,8 +115,10 @@ def test_linear_cross_entropy_fwd_bwd(benchmark, monkeypatch, system, head, toke
                                       device, dtype):
     if SMOKE and system in ("compiled_chunked", "liger"):
         pytest.skip(f"{system} is only timed on a GPU (smoke mode runs lorafuse and eager once)")
-    if head == "trained" and tokens != TOKENS[len(TOKENS) // 2]:
-        pytest.skip("the trained head is measured at the middle token count only")
+    if head == "trained" and tokens != TOKENS[0]:
+        pytest.skip(f"the trained head is measured at {TOKENS[0]} tokens only")
+    if system == "lorafuse_fused" and tokens > FUSED_MAX_TOKENS:
+        pytest.skip(f"lorafuse_fused (opt-in, atomics-bound) is timed up to {FUSED_MAX_TOKENS} tokens only")
     loss_fn = _loss_fn(system, vocab, monkeypatch)
     gc.collect()
     if not SMOKE:
@@ -142,13 +138,5 @@ def test_linear_cross_entropy_fwd_bwd(benchmark, monkeypatch, system, head, toke
     info = dict(system=system, shape=f"N{tokens}-V{vocab}-H{hidden_size}",
                 dtype=str(dtype).removeprefix("torch."), op="fused_linear_cross_entropy", direction="fwd+bwd",
                 head=head, tokens=tokens, vocab=vocab, hidden=hidden_size)
-    if not SMOKE:
-        try:
-            step()  # compile / autotune outside the timing and the memory figure
-            info["peak_alloc_gb"], info["peak_above_inputs_gb"] = _peak_memory(step)
-        except torch.OutOfMemoryError:
-            gc.collect()
-            torch.cuda.empty_cache()
-            pytest.skip(f"{system} ran out of GPU memory at N={tokens}, V={vocab} (oom)")
     gemms = 3 if train_head else 2
     measure(benchmark, step, flops=2.0 * tokens * vocab * hidden_size * gemms, **info)
