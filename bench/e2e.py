@@ -72,6 +72,9 @@ import numpy as np
 import torch
 
 GIB = 2**30
+# Pinned host memory the offload arena may take: half of what is free, so the page cache, the loader and
+# the host side of a VM keep room (a pinned page cannot be swapped or reclaimed).
+HOST_SHARE = 0.5
 IGNORE_INDEX = -100
 LORA_R, LORA_ALPHA = 16, 32.0
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -889,7 +892,7 @@ def run(args, log=print) -> dict:
     settings = Settings(model=args.model, device=device, dtype=dtype, seed=args.seed, layers=args.layers, lr=args.lr,
                         stock_batch_size=args.stock_batch_size,
                         min_offload_bytes=None if cuda else 0,
-                        host_limit_bytes=int(0.8 * available_host_bytes()) if cuda else 0)
+                        host_limit_bytes=int(HOST_SHARE * available_host_bytes()) if cuda else 0)
     cases = [c for c in args.systems if c in CASES]
     for case in list(cases):
         why = case_available(case)
