@@ -6,12 +6,21 @@ models use the `reference_kernels` fixture: the interpreter is far too slow for 
 and the kernels have their own tests.
 
 Tests marked `gpu` need compiled kernels on a CUDA GPU: they run with TRITON_INTERPRET=0
-(`make test-gpu`) and are skipped without a GPU or with the interpreter on.
+(`make test-gpu`) and are skipped without a GPU or with the interpreter on. With the interpreter on,
+the GPUs are hidden, so `make test` on a GPU machine is the same CPU suite as in CI (engine tests
+use device: auto and CPU tolerances).
 """
 
 import os
 
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off")
+
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if _interpreter_on():
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for devices
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,11 +30,11 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interpreted = _interpreter_on()
     if torch.cuda.is_available() and not interpreted:
         return
-    reason = "needs a CUDA GPU" if not torch.cuda.is_available() else \
-        "needs compiled kernels: run with TRITON_INTERPRET=0 (make test-gpu)"
+    reason = "needs compiled kernels on a CUDA GPU: make test-gpu (TRITON_INTERPRET=0)" if interpreted else \
+        "needs a CUDA GPU"
     skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
