@@ -253,7 +253,8 @@ def environment_lines(results: dict) -> list[str]:
              ("commit", (git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else "")),
              ("duration", _num(results.get("duration_s"), ".0f") + " s")]
     lines = [f"- {k}: {v}" for k, v in items if v is not None]
-    lines += ["", f"Command: `{results.get('command', '?')}`"]
+    commands = results.get("commands") or [results.get("command", "?")]
+    lines += [""] + [f"Command: `{c}`" for c in commands]
     stages = results.get("stages") or {}
     if stages:
         lines += ["", "Stages: " + "; ".join(f"{name} {s.get('status', '?')} ({_num(s.get('seconds'), '.0f')} s)"
@@ -396,7 +397,8 @@ def readme_section(results: dict, json_path: Path, readme: Path) -> str:
     if kernels_png.is_file():
         lines += [f"![kernels]({rel(kernels_png)})", ""]
     lines += ["Reproduce on one GPU (about 10 minutes; writes `bench/results/<gpu>-<date>.json`, the tables and "
-              "the plots):", "", "```", results.get("command", "python bench/run.py"), "```"]
+              "the plots):", "", "```", *(results.get("commands") or [results.get("command", "python bench/run.py")]),
+              "```"]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -486,9 +486,11 @@ def stage_e2e(results: dict, args, budget: float, work: Path) -> dict:
     return {"status": "ok" if statuses <= {"ok"} else ", ".join(sorted(statuses)), "runs": runs}
 
 
+PEER_CASES = ("liger",)  # peers that need their own process (hf_packed runs with stock, on the same model)
+
+
 def available_peers(results: dict) -> list[str]:
-    """Peers that need their own process (hf_packed runs with stock, on the same model)."""
-    return ["liger"] if results.get("liger_kernel") else []
+    return [peer for peer in PEER_CASES if peer == "liger" and results.get("liger_kernel")]
 
 
 def stage_peers(results: dict, args, budget: float, work: Path) -> dict:
@@ -553,6 +555,28 @@ def write_results(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def carry_over(previous: dict, results: dict, selected: list[str]) -> None:
+    """--merge: what an earlier run into the same file measured in the stages not run now stays, so a
+    run split over several calls (each under a time limit) still makes one results file."""
+    rerun = set(selected)
+    if "tests" not in rerun:
+        results["tests"] = previous.get("tests")
+    if "kernels" not in rerun:
+        results["kernels"] = previous.get("kernels", [])
+    if "checkpointing" not in rerun and "checkpointing" in previous:
+        results["checkpointing"] = previous["checkpointing"]
+    if "e2e" not in rerun:
+        results["max_context"] = previous.get("max_context", [])
+        if "e2e_config" in previous:
+            results["e2e_config"] = previous["e2e_config"]
+    kept = [row for row in previous.get("e2e", [])
+            if ("peers" if row.get("case") in PEER_CASES else "e2e") not in rerun]
+    results["e2e"] = kept + results["e2e"]
+    results["stages"] = {**{k: v for k, v in previous.get("stages", {}).items() if k not in rerun},
+                         **results["stages"]}
+    results["commands"] = previous.get("commands", [previous.get("command")]) + [results["command"]]
+
+
 def _git() -> dict:
     out = {}
     with contextlib.suppress(Exception):
@@ -602,6 +626,8 @@ def parse_args(argv=None):
     parser.add_argument("--readme", default=None, help="also refresh this README's results section")
     parser.add_argument("--logs", default=None,
                         help="keep every stage's log and raw output in this folder (default: a temporary one)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep what an earlier run into the same results file measured in the stages not run now")
     parser.add_argument("--no-report", action="store_true")
     parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True,
                         help="echo every stage's output")
@@ -659,6 +685,8 @@ def main(argv=None) -> Path | None:
         results["stages"][stage]["budget_s"] = budget
         results["duration_s"] = time.monotonic() - started
         path = results_path(results, args)
+        if stage == "env" and args.merge and path.is_file():
+            carry_over(json.loads(path.read_text(encoding="utf-8")), results, selected)
         write_results(results, path)
         print(f"===== [{stage}] {results['stages'][stage]['status']} "
               f"({time.monotonic() - stage_started:.0f} s); results in {path}", flush=True)

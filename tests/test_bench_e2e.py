@@ -209,6 +209,32 @@ def test_run_writes_results_with_the_required_keys(tmp_path, cpu_bench):
     assert results["stages"]["kernels"]["files"]["bench_rope.py"]["passed"] == 3
     assert path.with_suffix(".md").is_file() and Path(f"{path.with_suffix('')}-e2e.png").is_file()
 
+    # a second call (a time-limited machine) re-runs the kernels stage into the same file with --merge
+    again = bench_run.main(["--only", "kernels", "--quick", "--merge", "--kernel-files",
+                            str(BENCH / "kernels" / "bench_rms_norm.py"), "--out", str(tmp_path), "--logs",
+                            str(tmp_path / "logs2"), "--no-verbose"])
+    merged = json.loads(again.read_text())
+    assert again == path
+    assert merged["e2e"] == results["e2e"] and merged["max_context"] == results["max_context"]
+    assert merged["stages"]["e2e"] == results["stages"]["e2e"]
+    assert merged["kernels"] and all(k["op"].startswith("rms_norm") for k in merged["kernels"])
+    assert merged["commands"] == [results["command"], merged["command"]] and "--merge" in merged["command"]
+    assert all(f"`{c}`" in path.with_suffix(".md").read_text() for c in merged["commands"])
+
+
+def test_merge_keeps_the_stages_not_run_again():
+    previous = {"command": "python bench/run.py --only e2e", "tests": {"passed": 3}, "kernels": [{"op": "old"}],
+                "e2e": [{"case": "stock", "v": 1}, {"case": "liger", "v": 1}], "max_context": [{"case": "stock"}],
+                "stages": {"env": {"status": "old"}, "e2e": {"status": "ok"}, "peers": {"status": "ok"}}}
+    results = {"command": "python bench/run.py --only peers --merge", "tests": None, "kernels": [],
+               "e2e": [], "max_context": [], "stages": {"env": {"status": "ok"}}}
+    bench_run.carry_over(previous, results, ["env", "peers"])
+    assert results["tests"] == {"passed": 3} and results["kernels"] == [{"op": "old"}]
+    assert results["e2e"] == [{"case": "stock", "v": 1}]  # the liger row goes: peers run again
+    assert results["max_context"] == [{"case": "stock"}]
+    assert results["stages"] == {"env": {"status": "ok"}, "e2e": {"status": "ok"}}
+    assert results["commands"] == [previous["command"], results["command"]]
+
 
 def test_test_counts_from_junit_and_from_verbose_output(tmp_path):
     junit = tmp_path / "junit.xml"
