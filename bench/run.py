@@ -604,6 +604,17 @@ def new_results(args, argv) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _stage_budget(text: str) -> tuple[str, float]:
+    stage, _, seconds = text.partition("=")
+    if stage not in BUDGETS or stage == "total":
+        raise argparse.ArgumentTypeError(f"{text!r}: a stage with its own budget is one of "
+                                         f"{', '.join(k for k in BUDGETS if k != 'total')}")
+    try:
+        return stage, float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: SECONDS must be a number") from None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -615,6 +626,9 @@ def parse_args(argv=None):
     parser.add_argument("--with-checkpointing", action="store_true",
                         help="also run bench/bench_checkpointing.py (8 layers, no search)")
     parser.add_argument("--time-budget-s", type=float, default=None, help="the whole run (default 570, quick 330)")
+    parser.add_argument("--stage-budget", nargs="+", default=[], metavar="STAGE=SECONDS", type=_stage_budget,
+                        help="a stage's own budget instead of its default, e.g. tests=500 (not e2e/peers: they "
+                             "get what is left)")
     parser.add_argument("--models", nargs="+", default=None,
                         help="e2e models (default llama-3.1-8b; llama-3.2-1b on GPUs under 40 GiB)")
     parser.add_argument("--all-models", action="store_true",
@@ -653,6 +667,7 @@ def main(argv=None) -> Path | None:
         selected.remove("checkpointing")
     if "env" not in selected:
         selected.insert(0, "env")  # the GPU name names the file
+    stage_budgets = dict(args.stage_budget)
     results = new_results(args, given)
     if args.logs:
         work = Path(args.logs)
@@ -671,7 +686,7 @@ def main(argv=None) -> Path | None:
         elif stage == "peers":
             budget = left - reserve
         else:
-            budget = min(BUDGETS[stage][budget_index], left)
+            budget = min(stage_budgets.get(stage, BUDGETS[stage][budget_index]), left)
         if budget < 20:
             results["stages"][stage] = {"status": "skipped: no time left"}
             continue

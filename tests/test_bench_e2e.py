@@ -417,3 +417,14 @@ def test_measure_turns_out_of_memory_into_a_skip(gpu_measure):
 
     with pytest.raises(pytest.skip.Exception, match=r"eager ran out of GPU memory at N32768 \(oom\)"):
         benchutil.measure(FakeBenchmark(), oom, system="eager", shape="N32768")
+
+
+def test_a_stage_budget_can_be_set_and_a_bad_one_is_refused(tmp_path, capsys):
+    path = bench_run.main(["--only", "kernels", "--quick", "--stage-budget", "kernels=123", "--kernel-files",
+                           str(BENCH / "kernels" / "bench_rope.py"), "--out", str(tmp_path), "--no-verbose",
+                           "--no-report"])
+    assert json.loads(path.read_text())["stages"]["kernels"]["budget_s"] == 123
+    for bad in ("e2e=100", "tests=soon"):
+        with pytest.raises(SystemExit):
+            bench_run.parse_args(["--stage-budget", bad])
+        assert "--stage-budget" in capsys.readouterr().err
