@@ -45,9 +45,6 @@ import torch
 
 METHODS = ["none", "recompute", "offload", "plan", "save_on_cpu", "save_on_cpu+recompute"]
 GIB = 2**30
-# Pinned host memory the offload arena may take: half of what is free, so the page cache, the loader and
-# the host side of a VM keep room (a pinned page cannot be swapped or reclaimed).
-HOST_SHARE = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +142,7 @@ class Runner:
         self.layers, self.rotary = build_layers(config, device, dtype, args.lora_rank)
         self.n_layers = config.num_hidden_layers
         self.cuda = device.type == "cuda"
-        self.host_limit = int(HOST_SHARE * available_host_bytes())
+        self.host_limit = checkpointing.default_host_limit()
         # An offload mode from the start: the arena (and the extension's build on first use) is set up
         # here, not inside a timed step.
         self.checkpointer = checkpointing.LayerCheckpointer(
@@ -290,17 +287,6 @@ class Runner:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-
-
-def available_host_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # ---------------------------------------------------------------------------------------------

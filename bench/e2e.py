@@ -72,9 +72,6 @@ import numpy as np
 import torch
 
 GIB = 2**30
-# Pinned host memory the offload arena may take: half of what is free, so the page cache, the loader and
-# the host side of a VM keep room (a pinned page cannot be swapped or reclaimed).
-HOST_SHARE = 0.5
 IGNORE_INDEX = -100
 LORA_R, LORA_ALPHA = 16, 32.0
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -796,14 +793,6 @@ def measured_peak_flops(device: torch.device, warm_s: float = 1.0) -> float:
     return peak
 
 
-def available_host_bytes() -> int:
-    with contextlib.suppress(OSError), open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def case_available(case: str) -> str | None:
     """None if the case can run here, else why not."""
     if case == "liger":
@@ -887,12 +876,14 @@ def run(args, log=print) -> dict:
         peak = measured_peak_flops(device)
         results["peak_bf16_tflops"] = peak / 1e12
     _save(results, args.out)
+    from lorafuse.engine.checkpointing import default_host_limit
+
     config = model_config(args.model, args.layers)
     steps = make_steps(args.warmup + args.steps, args.tokens_per_step, config.vocab_size, args.mix, args.seed)
     settings = Settings(model=args.model, device=device, dtype=dtype, seed=args.seed, layers=args.layers, lr=args.lr,
                         stock_batch_size=args.stock_batch_size,
                         min_offload_bytes=None if cuda else 0,
-                        host_limit_bytes=int(HOST_SHARE * available_host_bytes()) if cuda else 0)
+                        host_limit_bytes=default_host_limit() if cuda else 0)
     cases = [c for c in args.systems if c in CASES]
     for case in list(cases):
         why = case_available(case)

@@ -64,6 +64,22 @@ logger = logging.getLogger(__name__)
 
 MODES = ("none", "recompute", "offload")
 DEFAULT_MIN_OFFLOAD_BYTES = 1 << 20  # a smaller layer input is not worth a copy and a buffer
+# Pinned host memory an offload arena takes at most by default: half of what is free, so the page cache,
+# the data loader and a VM's host side keep room (a pinned page cannot be swapped or reclaimed).
+HOST_SHARE = 0.5
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo, else the physical memory."""
+    with contextlib.suppress(OSError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_host_limit() -> int:
+    return int(HOST_SHARE * available_host_bytes())
 DEFAULT_MIN_CHUNK_BYTES = 64 << 20  # overflow chunks of the first step: few host allocations
 _ALIGN = 256  # block starts in the arena (the C++ arena uses the same)
 _LIB_NAME = "liblorafuse_C.so"

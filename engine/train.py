@@ -113,7 +113,13 @@ def make_checkpointer(model, cfg: Config, dtype: torch.dtype, device: torch.devi
     t = cfg.train
     if t.checkpointing == "none" and t.memory_budget_gb <= 0:
         return None
-    from .checkpointing import LayerCheckpointer, layer_modes, llama_layer_bytes_per_token, plan_checkpointing
+    from .checkpointing import (
+        LayerCheckpointer,
+        default_host_limit,
+        layer_modes,
+        llama_layer_bytes_per_token,
+        plan_checkpointing,
+    )
 
     c = model.config
     n_layers = c.num_hidden_layers
@@ -133,9 +139,11 @@ def make_checkpointer(model, cfg: Config, dtype: torch.dtype, device: torch.devi
             f"offload {counts['offload']} of {n_layers} layers")
     else:
         modes = layer_modes(t.checkpointing, n_layers)
-    checkpointer = LayerCheckpointer(device, modes)
+    host_limit = default_host_limit()
+    checkpointer = LayerCheckpointer(device, modes, max_host_bytes=host_limit)
     if "offload" in modes:
-        log(f"[memory] offload backend: {checkpointer.backend}")
+        log(f"[memory] offload backend: {checkpointer.backend}, pinned host memory up to {host_limit / 2**30:.1f} GiB "
+            "(half of the free host memory)")
     return checkpointer
 
 

@@ -112,3 +112,19 @@ def test_validation_split_carved_from_train(tiny_model_dir, ticket_files, tmp_pa
     result = train(cfg, log=logs.append)
     assert any("validation: 10 examples carved out" in line for line in logs)
     assert result.val_losses
+
+
+@pytest.mark.parametrize("setting", ["offload", "recompute"])
+def test_checkpointer_modes_and_a_bounded_host_arena(tiny_model_dir, ticket_files, tmp_path, setting):
+    from lorafuse.engine.checkpointing import available_host_bytes
+    from lorafuse.engine.model import load_model
+
+    cfg = make_cfg(tiny_model_dir, ticket_files, tmp_path / "out", checkpointing=setting)
+    model = load_model(cfg.model, dtype=torch.float32, device=torch.device("cpu"))
+    lines = []
+    ckpt = train_module.make_checkpointer(model, cfg, torch.float32, torch.device("cpu"), lines.append)
+    n_layers = model.config.num_hidden_layers
+    # offload: every layer but the last, whose input backward needs first
+    assert ckpt.modes == ([setting] * (n_layers - 1) + ["recompute"])
+    assert 0 < ckpt._max_host_bytes <= 0.5 * available_host_bytes() * 1.05  # never an unbounded pinned arena
+    assert any("pinned host memory up to" in line for line in lines) == (setting == "offload"), lines
