@@ -238,6 +238,11 @@ def tests_lines(results: dict) -> list[str]:
     return out
 
 
+def commands(results: dict) -> list[str]:
+    """Every run.py call that wrote this file (several with --merge), oldest first."""
+    return [c["command"] for c in results.get("calls") or []] or [results.get("command", "python bench/run.py")]
+
+
 def environment_lines(results: dict) -> list[str]:
     bw = results.get("copy_bandwidth_gbs") or {}
     bw_text = ", ".join(f"{k} {v:.0f} GB/s" for k, v in bw.items()) if isinstance(bw, dict) else _num(bw, ".0f")
@@ -253,8 +258,7 @@ def environment_lines(results: dict) -> list[str]:
              ("commit", (git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else "")),
              ("duration", _num(results.get("duration_s"), ".0f") + " s")]
     lines = [f"- {k}: {v}" for k, v in items if v is not None]
-    commands = results.get("commands") or [results.get("command", "?")]
-    lines += [""] + [f"Command: `{c}`" for c in commands]
+    lines += [""] + [f"Command: `{c}`" for c in commands(results)]
     stages = results.get("stages") or {}
     if stages:
         lines += ["", "Stages: " + "; ".join(f"{name} {s.get('status', '?')} ({_num(s.get('seconds'), '.0f')} s)"
@@ -397,7 +401,7 @@ def readme_section(results: dict, json_path: Path, readme: Path) -> str:
     if kernels_png.is_file():
         lines += [f"![kernels]({rel(kernels_png)})", ""]
     lines += ["Reproduce on one GPU (about 10 minutes; writes `bench/results/<gpu>-<date>.json`, the tables and "
-              "the plots):", "", "```", *(results.get("commands") or [results.get("command", "python bench/run.py")]),
+              "the plots):", "", "```", *commands(results),
               "```"]
     return "\n".join(lines).rstrip() + "\n"
 

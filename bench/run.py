@@ -34,6 +34,7 @@ import collections
 import contextlib
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -361,8 +362,12 @@ def kernel_case(line: dict) -> dict:
     return row
 
 
+def kernel_files(args) -> list[Path]:
+    return [Path(f) for f in args.kernel_files or []] or sorted((BENCH / "kernels").glob("bench_*.py"))
+
+
 def stage_kernels(results: dict, args, budget: float, work: Path) -> dict:
-    files = [Path(f) for f in args.kernel_files or []] or sorted((BENCH / "kernels").glob("bench_*.py"))
+    files = kernel_files(args)
     jsonl = work / "kernels.jsonl"
     jsonl.unlink(missing_ok=True)
     env = _gpu_env()
@@ -393,10 +398,10 @@ def stage_kernels(results: dict, args, budget: float, work: Path) -> dict:
         for raw in jsonl.read_text(encoding="utf-8").splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 lines.append(json.loads(raw))
-    results["kernels"] = [kernel_case(line) for line in lines if line.get("ok", True)]
+    results["kernels"] += [kernel_case(line) for line in lines if line.get("ok", True)]  # (--merge kept others)
     statuses = {e["status"] for e in per_file.values()}
     status = "ok" if statuses <= {"ok"} else ", ".join(sorted(statuses))
-    return {"status": status, "files": per_file, "cases": len(results["kernels"])}
+    return {"status": status, "files": per_file, "cases": len(lines)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,12 +429,13 @@ def _e2e_process(results: dict, args, model: str, cases: list[str], max_context:
     for case in cases:
         if case not in done and case not in skipped:
             results["e2e"].append(_missing_row(args, model, case, f"no result: {why}"))
+    stage = "peers" if tag in PEER_CASES else "e2e"  # what --merge keeps or replaces
     for skip in data.get("skipped", []):
-        results.setdefault("e2e_skipped", []).append({"model": model, **skip})
+        results.setdefault("e2e_skipped", []).append({"model": model, "stage": stage, **skip})
     for error in data.get("errors", []):
-        results.setdefault("e2e_errors", []).append({"model": model, **error})
+        results.setdefault("e2e_errors", []).append({"model": model, "stage": stage, **error})
     if data.get("command"):
-        results.setdefault("e2e_commands", []).append(data["command"])
+        results.setdefault("e2e_commands", []).append({"stage": stage, "command": data["command"]})
     if data.get("config") and "e2e_config" not in results:
         results["e2e_config"] = {k: v for k, v in data["config"].items() if k != "model"}
     entry = {"status": _status(res), "seconds": res["seconds"]}
@@ -486,11 +492,12 @@ def stage_e2e(results: dict, args, budget: float, work: Path) -> dict:
     return {"status": "ok" if statuses <= {"ok"} else ", ".join(sorted(statuses)), "runs": runs}
 
 
-PEER_CASES = ("liger",)  # peers that need their own process (hf_packed runs with stock, on the same model)
+PEER_CASES = ("liger",)
 
 
 def available_peers(results: dict) -> list[str]:
-    return [peer for peer in PEER_CASES if peer == "liger" and results.get("liger_kernel")]
+    """Peers that need their own process (hf_packed runs with stock, on the same model)."""
+    return ["liger"] if results.get("liger_kernel") else []
 
 
 def stage_peers(results: dict, args, budget: float, work: Path) -> dict:
@@ -555,14 +562,17 @@ def write_results(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def carry_over(previous: dict, results: dict, selected: list[str]) -> None:
+def carry_over(previous: dict, results: dict, selected: list[str], kernel_files: list[str]) -> None:
     """--merge: what an earlier run into the same file measured in the stages not run now stays, so a
-    run split over several calls (each under a time limit) still makes one results file."""
+    run split over several calls (each under a time limit) still makes one results file. `calls` lists
+    every call's command, commit and stages."""
     rerun = set(selected)
     if "tests" not in rerun:
         results["tests"] = previous.get("tests")
     if "kernels" not in rerun:
         results["kernels"] = previous.get("kernels", [])
+    else:  # rows of the kernel files not run this time stay
+        results["kernels"] = [row for row in previous.get("kernels", []) if row.get("file") not in kernel_files]
     if "checkpointing" not in rerun and "checkpointing" in previous:
         results["checkpointing"] = previous["checkpointing"]
     if "e2e" not in rerun:
@@ -572,9 +582,19 @@ def carry_over(previous: dict, results: dict, selected: list[str]) -> None:
     kept = [row for row in previous.get("e2e", [])
             if ("peers" if row.get("case") in PEER_CASES else "e2e") not in rerun]
     results["e2e"] = kept + results["e2e"]
+    for key in ("e2e_skipped", "e2e_errors", "e2e_commands"):
+        kept = [item for item in previous.get(key, []) if item.get("stage", "e2e") not in rerun]
+        if kept or key in results:
+            results[key] = kept + results.get(key, [])
     results["stages"] = {**{k: v for k, v in previous.get("stages", {}).items() if k not in rerun},
                          **results["stages"]}
-    results["commands"] = previous.get("commands", [previous.get("command")]) + [results["command"]]
+    results["calls"] = previous.get("calls") or [_call(previous, list(previous.get("stages", {})))]
+    results["calls"].append(_call(results, selected))
+
+
+def _call(results: dict, stages: list[str]) -> dict:
+    return {"command": results.get("command"), "git": results.get("git"), "started_at": results.get("started_at"),
+            "stages": list(stages)}
 
 
 def _git() -> dict:
@@ -610,9 +630,12 @@ def _stage_budget(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: a stage with its own budget is one of "
                                          f"{', '.join(k for k in BUDGETS if k != 'total')}")
     try:
-        return stage, float(seconds)
+        value = float(seconds)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: SECONDS must be a number") from None
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: SECONDS must be a number above 0")
+    return stage, value
 
 
 def parse_args(argv=None):
@@ -701,7 +724,8 @@ def main(argv=None) -> Path | None:
         results["duration_s"] = time.monotonic() - started
         path = results_path(results, args)
         if stage == "env" and args.merge and path.is_file():
-            carry_over(json.loads(path.read_text(encoding="utf-8")), results, selected)
+            carry_over(json.loads(path.read_text(encoding="utf-8")), results, selected,
+                       [f.name for f in kernel_files(args)])
         write_results(results, path)
         print(f"===== [{stage}] {results['stages'][stage]['status']} "
               f"({time.monotonic() - stage_started:.0f} s); results in {path}", flush=True)

@@ -12,6 +12,7 @@ the reference.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 
 import numpy
@@ -36,8 +37,9 @@ INTERPRETED = HAVE_TRITON and _interpret_env()
 
 
 def _version(text: str) -> tuple[int, int]:
-    major, minor = (text.split(".") + ["0"])[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    """(major, minor) of "3.6.0", "3.6rc1", "3.10.0+git1234"."""
+    found = re.match(r"(\d+)(?:\.(\d+))?", text)
+    return (int(found[1]), int(found[2] or 0)) if found else (0, 0)
 
 
 def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:

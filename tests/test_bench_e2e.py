@@ -217,23 +217,33 @@ def test_run_writes_results_with_the_required_keys(tmp_path, cpu_bench):
     assert again == path
     assert merged["e2e"] == results["e2e"] and merged["max_context"] == results["max_context"]
     assert merged["stages"]["e2e"] == results["stages"]["e2e"]
-    assert merged["kernels"] and all(k["op"].startswith("rms_norm") for k in merged["kernels"])
-    assert merged["commands"] == [results["command"], merged["command"]] and "--merge" in merged["command"]
-    assert all(f"`{c}`" in path.with_suffix(".md").read_text() for c in merged["commands"])
+    # the rope rows of the first call stay beside the new rms_norm rows (another file)
+    assert {k["file"] for k in merged["kernels"]} == {"bench_rope.py", "bench_rms_norm.py"}
+    assert [k for k in merged["kernels"] if k["file"] == "bench_rope.py"] == results["kernels"]
+    assert [c["command"] for c in merged["calls"]] == [results["command"], merged["command"]]
+    assert merged["calls"][1]["stages"] == ["env", "kernels"] and "--merge" in merged["command"]
+    assert all(f"`{c['command']}`" in path.with_suffix(".md").read_text() for c in merged["calls"])
 
 
 def test_merge_keeps_the_stages_not_run_again():
-    previous = {"command": "python bench/run.py --only e2e", "tests": {"passed": 3}, "kernels": [{"op": "old"}],
+    previous = {"command": "python bench/run.py --only e2e", "git": {"commit": "aaa"}, "tests": {"passed": 3},
+                "kernels": [{"op": "rope", "file": "bench_rope.py"}, {"op": "old", "file": "bench_rms_norm.py"}],
                 "e2e": [{"case": "stock", "v": 1}, {"case": "liger", "v": 1}], "max_context": [{"case": "stock"}],
+                "e2e_skipped": [{"case": "hf_packed", "stage": "e2e"}, {"case": "liger", "stage": "peers"}],
+                "e2e_commands": [{"stage": "e2e", "command": "e2e.py stock"}, {"stage": "peers", "command": "x"}],
                 "stages": {"env": {"status": "old"}, "e2e": {"status": "ok"}, "peers": {"status": "ok"}}}
-    results = {"command": "python bench/run.py --only peers --merge", "tests": None, "kernels": [],
-               "e2e": [], "max_context": [], "stages": {"env": {"status": "ok"}}}
-    bench_run.carry_over(previous, results, ["env", "peers"])
-    assert results["tests"] == {"passed": 3} and results["kernels"] == [{"op": "old"}]
+    results = {"command": "python bench/run.py --only peers kernels --merge", "git": {"commit": "bbb"},
+               "tests": None, "kernels": [], "e2e": [], "max_context": [], "stages": {"env": {"status": "ok"}}}
+    bench_run.carry_over(previous, results, ["env", "kernels", "peers"], ["bench_rms_norm.py"])
+    assert results["tests"] == {"passed": 3}
+    assert results["kernels"] == [{"op": "rope", "file": "bench_rope.py"}]  # rms_norm runs again
     assert results["e2e"] == [{"case": "stock", "v": 1}]  # the liger row goes: peers run again
     assert results["max_context"] == [{"case": "stock"}]
+    assert results["e2e_skipped"] == [{"case": "hf_packed", "stage": "e2e"}]
+    assert results["e2e_commands"] == [{"stage": "e2e", "command": "e2e.py stock"}]
     assert results["stages"] == {"env": {"status": "ok"}, "e2e": {"status": "ok"}}
-    assert results["commands"] == [previous["command"], results["command"]]
+    assert [(c["command"], c["git"]["commit"]) for c in results["calls"]] == \
+        [(previous["command"], "aaa"), (results["command"], "bbb")]
 
 
 def test_test_counts_from_junit_and_from_verbose_output(tmp_path):
@@ -424,7 +434,7 @@ def test_a_stage_budget_can_be_set_and_a_bad_one_is_refused(tmp_path, capsys):
                            str(BENCH / "kernels" / "bench_rope.py"), "--out", str(tmp_path), "--no-verbose",
                            "--no-report"])
     assert json.loads(path.read_text())["stages"]["kernels"]["budget_s"] == 123
-    for bad in ("e2e=100", "tests=soon"):
+    for bad in ("e2e=100", "tests=soon", "tests=-5", "tests=nan", "tests=inf"):
         with pytest.raises(SystemExit):
             bench_run.parse_args(["--stage-budget", bad])
         assert "--stage-budget" in capsys.readouterr().err

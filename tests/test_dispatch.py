@@ -38,6 +38,9 @@ def test_an_unknown_mode_is_refused(monkeypatch):
     ("3.9.0", "2.4.6", False),
     ("3.10.0+git1234", "2.4.0rc1", False),
     ("3.6.0+gitabc", "2.4.0rc1", True),
+    ("3.6rc1", "2.4.0", True),
+    ("3.7a2", "2.4", False),
+    ("3", "2.4.0", True),
 ])
 def test_interpreter_version_clash_is_named(triton_version, numpy_version, broken):
     problem = _dispatch.interpreter_problem(triton_version, numpy_version)
