@@ -10,13 +10,21 @@ VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV (it sees the system's packages, so an installed torch is kept)"
   # From inside another virtual environment (a GPU image's, a user's own), --system-site-packages
-  # reaches only the base interpreter: a .pth file lets the new one see the outer one's packages,
-  # and no pip or setuptools of its own shadows the outer ones.
+  # reaches only the base interpreter: a .pth file adds the outer one's site directories (their own
+  # .pth files included), and, where the outer one has pip, no pip or setuptools of the new one's
+  # own shadows the outer ones.
   outer=$("$PYTHON" -c 'import site, sys; print("\n".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')
   if [ -n "$outer" ]; then
-    "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
+    if "$PYTHON" -m pip --version >/dev/null 2>&1; then
+      "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
+    else
+      "$PYTHON" -m venv --system-site-packages "$VENV"
+    fi
     echo "[setup] $VENV also sees the packages of $("$PYTHON" -c 'import sys; print(sys.prefix)')"
-    echo "$outer" >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_outer_env.pth"
+    purelib=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    while IFS= read -r dir; do
+      printf 'import site; site.addsitedir(%s)\n' "$("$PYTHON" -c 'import sys; print(repr(sys.argv[1]))' "$dir")"
+    done <<<"$outer" >"$purelib/_outer_env.pth"
   else
     "$PYTHON" -m venv --system-site-packages "$VENV"
   fi
@@ -50,27 +58,12 @@ fi
 
 # Everything lorafuse needs already installed (a GPU image without network, say): install lorafuse
 # alone, offline. Otherwise the usual install, which fetches what is missing.
-if "$PY" - <<'PYEOF' 2>/dev/null
-import sys, tomllib
-from importlib.metadata import PackageNotFoundError, version
-from packaging.requirements import Requirement
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-wanted = project["dependencies"] + [r for r in project["optional-dependencies"]["dev"] if not r.startswith("ruff")]
-for line in wanted:
-    req = Requirement(line)
-    if req.marker is not None and not req.marker.evaluate():
-        continue
-    try:
-        found = version(req.name)
-    except PackageNotFoundError:
-        sys.exit(1)
-    if not req.specifier.contains(found, prereleases=True):
-        sys.exit(1)
-PYEOF
-then
+if missing=$("$PY" scripts/missing_requirements.py 2>&1); then
   echo "[setup] every dependency is installed: installing lorafuse alone, offline"
   "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e .
+  "$PY" -m ruff --version >/dev/null 2>&1 || echo "[setup] ruff is not installed: make lint needs it (pip install ruff)"
 else
+  echo "[setup] installing with pip; missing: $(echo "$missing" | paste -sd ',' - | sed 's/,/, /g')"
   "$PY" -m pip install -q -e ".[dev]"
 fi
 "$PY" -c 'import torch, lorafuse; print(f"[setup] lorafuse {lorafuse.__version__} with torch {torch.__version__}")'
