@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
 PY := .venv/bin/python
 STAMP := .venv/.lorafuse-installed
-# On a lent machine: make bench-gpu BENCH_ARGS="--out $$OUT/results --logs $$OUT/logs"
+# Options for bench/run.py; setting BENCH_ARGS replaces these (bench/README.md: a run split over calls)
 BENCH_ARGS ?= --out bench/results --readme README.md
 
 .PHONY: setup demo test test-gpu bench-gpu lint clean

@@ -3,7 +3,8 @@
     python bench/run.py                  # ~10 minutes on one H100/H200 (make bench-gpu)
     python bench/run.py --quick          # ~5 minutes: fewer steps, shorter searches
     python bench/run.py --only e2e --models llama-3.1-8b qwen2.5-7b --time-budget-s 1500
-    python bench/run.py --out "$OUT/results" --logs "$OUT/logs"   # on a lent machine: bring everything back
+    python bench/run.py --only e2e --merge --out "$OUT/results"   # one part of a run split over calls
+    python bench/run.py --only tests --stage-budget tests=420        # a stage's own budget
 
 Stages, each in its own subprocess with its own time budget (a failure or a timeout is recorded in the
 results and the next stage runs; a CUDA error in one stage cannot poison the next):
@@ -21,7 +22,8 @@ results and the next stage runs; a CUDA error in one stage cannot poison the nex
 
 Writes bench/results/<gpu>-<YYYY-MM-DD>.json (rewritten after every stage, so a killed run keeps what
 it measured; --quick adds -quick to the name), then bench/report.py makes the markdown table and PNG
-plots next to it (--readme README.md also refreshes the README's results section).
+plots next to it (--readme README.md also refreshes the README's results section). With --merge, a
+results file already there keeps what the stages not run now measured, and `calls` lists every run.
 
 This file is also a pytest plugin (`-p run`, used by the kernels stage): it appends every finished
 benchmark case to $LORAFUSE_BENCH_JSONL, so a file that runs out of time keeps its finished cases.
