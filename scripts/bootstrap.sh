@@ -63,7 +63,7 @@ if missing=$("$PY" scripts/missing_requirements.py 2>&1); then
   "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e .
   "$PY" -m ruff --version >/dev/null 2>&1 || echo "[setup] ruff is not installed: make lint needs it (pip install ruff)"
 else
-  echo "[setup] installing with pip; missing: $(echo "$missing" | paste -sd ',' - | sed 's/,/, /g')"
+  echo "[setup] installing with pip; missing: $(echo "$missing" | paste -sd ';' - | sed 's/;/; /g')"
   "$PY" -m pip install -q -e ".[dev]"
 fi
 "$PY" -c 'import torch, lorafuse; print(f"[setup] lorafuse {lorafuse.__version__} with torch {torch.__version__}")'

@@ -35,10 +35,10 @@ def main() -> int:
         try:
             found = version(req.name)
         except PackageNotFoundError:
-            missing.append(line)
+            missing.append(req.name)
             continue
         if not req.specifier.contains(found, prereleases=True):
-            missing.append(f"{line} (found {found})")
+            missing.append(f"{req.name}{req.specifier} (found {found})")
     print("\n".join(missing))
     return 1 if missing else 0
 
