@@ -114,6 +114,7 @@ def make_checkpointer(model, cfg: Config, dtype: torch.dtype, device: torch.devi
     if t.checkpointing == "none" and t.memory_budget_gb <= 0:
         return None
     from .checkpointing import (
+        HOST_SHARE,
         LayerCheckpointer,
         default_host_limit,
         layer_modes,
@@ -143,7 +144,7 @@ def make_checkpointer(model, cfg: Config, dtype: torch.dtype, device: torch.devi
     checkpointer = LayerCheckpointer(device, modes, max_host_bytes=host_limit)
     if "offload" in modes:
         log(f"[memory] offload backend: {checkpointer.backend}, pinned host memory up to {host_limit / 2**30:.1f} GiB "
-            "(half of the free host memory)")
+            f"({HOST_SHARE:.0%} of the free host memory)")
     return checkpointer
 
 
