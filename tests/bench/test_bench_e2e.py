@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 TINY = ["--model", "tiny", "--device", "cpu", "--tokens-per-step", "384", "--doc-median", "40", "--doc-max", "160",
         "--max-context-start", "64", "--max-context-step", "32", "--max-context-limit", "256"]
 HF_KEYS = ("model", "system", "tokens_per_step", "tokens_per_s", "step_time_s", "peak_mem_gb", "mfu",
