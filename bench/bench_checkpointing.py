@@ -135,19 +135,20 @@ def build_layers(config, device, dtype, lora_rank: int):
 
 class Runner:
     def __init__(self, args, config, device, dtype):
-        from lorafuse.engine import checkpointing
+        from lorafuse.engine import activations
+        from lorafuse.engine.activations.checkpointer import DEFAULT_MIN_OFFLOAD_BYTES
 
-        self.ckpt_module = checkpointing
+        self.ckpt_module = activations
         self.args, self.config, self.device, self.dtype = args, config, device, dtype
         self.layers, self.rotary = build_layers(config, device, dtype, args.lora_rank)
         self.n_layers = config.num_hidden_layers
         self.cuda = device.type == "cuda"
-        self.host_limit = checkpointing.default_host_limit()
+        self.host_limit = activations.default_host_limit()
         # An offload mode from the start: the arena (and the extension's build on first use) is set up
         # here, not inside a timed step.
-        self.checkpointer = checkpointing.LayerCheckpointer(
+        self.checkpointer = activations.LayerCheckpointer(
             device, ["offload"] + ["recompute"] * (self.n_layers - 1), max_host_bytes=self.host_limit,
-            min_offload_bytes=0 if args.smoke else checkpointing.DEFAULT_MIN_OFFLOAD_BYTES)
+            min_offload_bytes=0 if args.smoke else DEFAULT_MIN_OFFLOAD_BYTES)
         self.last_step = {}
         self.input_bytes_per_token = config.hidden_size * torch.empty((), dtype=dtype).element_size()
         self.kept_bytes_per_token = self.measure_kept_bytes_per_token()
@@ -409,7 +410,7 @@ def main(argv=None):
     torch.manual_seed(0)
     config = tiny_config(args.layers) if args.smoke else llama_31_8b_config(args.layers)
     runner = Runner(args, config, device, dtype)
-    from lorafuse.engine import checkpointing
+    from lorafuse.engine.extension import extension_status
 
     rows = []
     for tokens in args.tokens:
@@ -437,7 +438,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "offload_backend": runner.checkpointer.backend,
-        "extension": checkpointing.extension_status(),
+        "extension": extension_status(),
         "config": {"layers": args.layers, "hidden": config.hidden_size,
                    "intermediate": config.intermediate_size, "heads": config.num_attention_heads,
                    "kv_heads": config.num_key_value_heads,

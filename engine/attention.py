@@ -43,7 +43,8 @@ def triton_attention(q, k, v, cu_seqlens, max_seqlen, scale):
     return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=scale)
 
 
-def _sdpa(q, k, v, cu_seqlens, max_seqlen, scale):
+def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, scale):
+    """The reference: one SDPA call per document."""
     return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=scale)
 
 
@@ -52,7 +53,7 @@ def attention_function(name: str, device_type: str):
     if name in ("auto", "triton"):
         return triton_attention
     if name == "sdpa":
-        return _sdpa
+        return sdpa_attention
     if device_type != "cuda":
         raise ValueError(f"train.attention={name} needs a CUDA GPU; use triton or sdpa on {device_type}")
     if name == "flash_attn":

@@ -42,6 +42,7 @@ def cmd_eval(args) -> int:
     from .lora import load_adapter
     from .model import load_model, load_tokenizer, resolve_device, resolve_dtype
     from .packing import pack
+    from .prepare import prepare_model
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -52,7 +53,7 @@ def cmd_eval(args) -> int:
     model = load_model(args.model, dtype, device)
     lora: LoraConfig | None = load_adapter(model, args.adapter) if args.adapter else None
     result = {"model": args.model, "adapter": args.adapter, "data": args.data}
-    result.update(evaluate_loss(model, pack(docs, max(args.max_seq_len, 4096)), device))
+    result.update(evaluate_loss(prepare_model(model, stack_projections=False), pack(docs, max(args.max_seq_len, 4096))))
     print(f"[eval] loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  over {result['target_tokens']} "
           f"target tokens" + (f"  (adapter r={lora.r})" if lora else ""))
     if args.generate:

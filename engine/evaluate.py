@@ -12,18 +12,20 @@ from .data import Example
 from .distributed import DistContext, all_reduce_sum
 from .forward import packed_loss
 from .packing import PackedBatch
+from .prepare import PreparedModel
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[PackedBatch], device, ctx: DistContext | None = None) -> dict:
+def evaluate_loss(prepared: PreparedModel, batches: list[PackedBatch], ctx: DistContext | None = None) -> dict:
     """Mean loss per target token over all batches, and its perplexity. Data-parallel ranks each
     take their share of the batches and sum the results."""
     ctx = ctx or DistContext()
+    model, device = prepared.model, prepared.device
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches[ctx.rank::ctx.world]:
-        total += packed_loss(model, batch.to(device), reduction="sum").double()
+        total += packed_loss(prepared, batch.to(device), reduction="sum").double()
     model.train(was_training)
     targets = sum(b.num_target_tokens for b in batches)
     loss = all_reduce_sum(total, ctx).item() / max(targets, 1)

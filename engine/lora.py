@@ -3,8 +3,12 @@
 A targeted nn.Linear becomes a LoraLinear holding the frozen base weight (and bias) and two
 trainable float32 matrices in PEFT's layout: lora_A [r, in], lora_B [out, r], initialised as
 PEFT does (A kaiming-uniform with a=sqrt(5), B zeros, so training starts from the base model).
-The forward runs lorafuse.kernels.lora_linear; the adapters are cast to the activation dtype per
-call (bf16 on GPU) while their float32 masters are what the optimizer updates.
+The adapters are cast to the activation dtype per call (bf16 on GPU) while their float32 masters
+are what the optimizer updates.
+
+Every LoRA projection runs through `lora_projections` (below): a LoraLinear's own forward (HF's
+forward, generation) as well as the grouped q/k/v and gate/up projections of the packed forward,
+which read their input once when the frozen weights are stacked (prepare.py).
 
 Saved adapters use PEFT's file names and keys
 (`base_model.model.<module path>.lora_A.weight`), so `PeftModel.from_pretrained` loads them.
@@ -23,9 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lorafuse.kernels import lora_linear
-
 from .config import ALL_PROJECTIONS, LoraConfig
+from .ops import TRITON, KernelOps
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,18 +50,54 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return F.linear(x, self.weight, self.bias)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        if self.dropout > 0 and self.training:
-            # Dropout feeds only the low-rank branch, so the fused kernel (one x for both) cannot
-            # be used: plain ops, as PEFT computes it.
-            low_rank = F.linear(F.linear(F.dropout(x, self.dropout, training=True), a), b)
-            return F.linear(x, self.weight, self.bias) + self.scaling * low_rank
-        return lora_linear(x, self.weight, a, b, self.scaling, self.bias)
+        return lora_projections(x, (self,))[0]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The projection path
+
+
+def fusable(proj) -> bool:
+    """Whether the fused kernels can run this projection. LoRA dropout feeds only the low-rank
+    branch, so a kernel that reads one x for both branches cannot compute it."""
+    return not (isinstance(proj, LoraLinear) and proj.enabled and proj.dropout > 0 and proj.training)
+
+
+def adapter_args(proj, x: torch.Tensor) -> tuple:
+    """(lora_a, lora_b, scaling) of a projection in x's dtype; (None, None, 0.0) without an active adapter."""
+    if isinstance(proj, LoraLinear) and proj.enabled:
+        return proj.lora_A.to(x.dtype), proj.lora_B.to(x.dtype), proj.scaling
+    return None, None, 0.0
+
+
+def lora_projections(x: torch.Tensor, projs, stacked=None, ops: KernelOps = TRITON) -> tuple:
+    """The outputs of the projections `projs` (nn.Linear or LoraLinear) of one input x.
+
+    With their frozen weights stacked (`stacked`: a prepare.Stacked of exactly these projections)
+    and every one fusable, one grouped kernel reads x once for all of them; otherwise each runs alone.
+    """
+    if stacked is not None and all(fusable(p) for p in projs):
+        lora_as, lora_bs, scalings = zip(*(adapter_args(p, x) for p in projs))
+        return ops.lora_linear_group(x, stacked.weight, list(lora_as), list(lora_bs), list(scalings),
+                                     [p.out_features for p in projs], bias=stacked.bias)
+    return tuple(_project(p, x, ops) for p in projs)
+
+
+def _project(proj, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+    lora_a, lora_b, scaling = adapter_args(proj, x)
+    if lora_a is None:
+        return F.linear(x, proj.weight, proj.bias)
+    if not fusable(proj):  # plain ops, as PEFT computes it
+        low_rank = F.linear(F.linear(F.dropout(x, proj.dropout, training=True), lora_a), lora_b)
+        return F.linear(x, proj.weight, proj.bias) + scaling * low_rank
+    return ops.lora_linear(x, proj.weight, lora_a, lora_b, scaling, proj.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Injection
 
 
 def _check_targets(model, targets: list[str]) -> None:

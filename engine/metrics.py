@@ -29,24 +29,29 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def flops_per_token(model, n_lora: int):
-    """A function of a step's micro-batches giving its model FLOPs (DESIGN.md): 4 N_frozen + 6 N_lora per
-    token for the matmuls (no weight gradients for the frozen base; recomputation not counted), plus causal
-    attention per document: forward 2 L^2 D per query head and layer, backward twice that."""
-    n_matmul = sum(m.weight.numel() for m in model.modules()
-                   if isinstance(m, (torch.nn.Linear, LoraLinear)))
+def matmul_parameters(model) -> int:
+    """Weights that multiply every token: each nn.Linear's (LoRA's frozen base included; lm_head too)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, LoraLinear)))
+
+
+def training_flops(n_matmul: int, n_lora: int, tokens: int, attention_flops: float = 0.0) -> float:
+    """Model FLOPs of training on `tokens` tokens (DESIGN.md): 4 N_frozen + 6 N_lora per token for the
+    matmuls (no weight gradients for the frozen base; recomputation not counted), plus attention."""
+    return (4 * n_matmul + 6 * n_lora) * tokens + attention_flops
+
+
+def causal_attention_flops(doc_lengths, num_heads: int, head_dim: int, num_layers: int) -> float:
+    """Causal attention over each document of length L: forward 2 L^2 D per query head and layer
+    (scores and the weighted sum, each half of the full L x L), backward twice that."""
+    return 6 * num_heads * head_dim * num_layers * sum(n * n for n in doc_lengths)
+
+
+def model_training_flops(model, n_lora: int, doc_lengths) -> float:
+    """training_flops of `model` (a HF causal LM) over documents of these lengths."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attn_per_len2 = 6 * c.num_attention_heads * head_dim * c.num_hidden_layers
-
-    def flops(micro_batches) -> float:
-        total = 0.0
-        for b in micro_batches:
-            total += (4 * n_matmul + 6 * n_lora) * b.num_tokens
-            total += attn_per_len2 * sum(n * n for n in b.doc_lengths)
-        return total
-
-    return flops
+    attention = causal_attention_flops(doc_lengths, c.num_attention_heads, head_dim, c.num_hidden_layers)
+    return training_flops(matmul_parameters(model), n_lora, sum(doc_lengths), attention)
 
 
 _PEAK_CACHE: dict = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-# model_type -> what differs from Llama in the decoder (forward.py reads these)
+# model_type -> what differs from Llama in the decoder (prepare.DecoderSpec reads these)
 SUPPORTED = {
     "llama": {"qk_norm": False},
     "mistral": {"qk_norm": False},
@@ -89,47 +89,6 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
     model.requires_grad_(False)
     model.eval()  # no HF dropout; LoRA dropout is ours and follows module.training
     return model
-
-
-STACKED_GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
-
-
-def stack_projections(model) -> None:
-    """Keep each layer's q/k/v and gate/up frozen weights in one tensor each, the projections'
-    weights becoming views of it, so the grouped kernels read the layer input once for all of them
-    with no copy per step. Call before inject_lora. The stacked (weight, bias) pair is kept as
-    `lorafuse_stacked` on the attention / MLP module."""
-    for layer in model.model.layers:
-        for block_name, names in STACKED_GROUPS.items():
-            block = getattr(layer, block_name)
-            mods = [getattr(block, n) for n in names]
-            if any(b is None for b in (m.bias for m in mods)) and any(m.bias is not None for m in mods):
-                continue  # some with bias, some without: leave them separate
-            weight = torch.cat([m.weight.detach() for m in mods])
-            bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
-            start = 0
-            for m in mods:
-                end = start + m.out_features
-                m.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
-                if bias is not None:
-                    m.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
-                start = end
-            block.lorafuse_stacked = (weight, bias)
-
-
-def model_spec(model) -> dict:
-    """The numbers the packed forward needs, read from the model's config."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return {
-        "model_type": c.model_type,
-        "qk_norm": SUPPORTED[c.model_type]["qk_norm"],
-        "num_heads": c.num_attention_heads,
-        "num_kv_heads": c.num_key_value_heads,
-        "head_dim": head_dim,
-        "hidden_size": c.hidden_size,
-        "eps": c.rms_norm_eps,
-    }
 
 
 def sliding_window_limit(model) -> int | None:

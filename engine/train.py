@@ -1,16 +1,13 @@
 """The training loop. Read it top to bottom: data, model, optimizer, the step loop, the end.
 
-One optimizer step = `grad_accum` packed micro-batches. Each micro-batch's loss is summed over
-its target tokens and divided by the target tokens of the whole step, so a step's gradient is
-the mean over every trained token in it, however the tokens fell into micro-batches.
+One optimizer step = `grad_accum` packed micro-batches (times the ranks when data-parallel), run by
+step.train_step: the gradient is the mean over every trained token of the step.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,27 +16,25 @@ from pathlib import Path
 import torch
 import yaml
 
-from .attention import attention_function
+from .activations import make_checkpointer
 from .config import Config, to_dict
 from .data import encode_all, read_jsonl, split_examples
-from .distributed import all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
+from .distributed import barrier, init_distributed, shutdown
 from .evaluate import evaluate_loss
-from .forward import packed_loss
 from .lora import adapters_disabled, inject_lora, load_adapter_weights, lora_parameters, save_adapter
-from .metrics import MetricsLog, flops_per_token, peak_matmul_flops, plot_losses
-from .model import (
-    count_parameters,
-    load_model,
-    load_tokenizer,
-    model_spec,
-    resolve_device,
-    resolve_dtype,
-    sliding_window_limit,
-    stack_projections,
+from .metrics import (
+    MetricsLog,
+    causal_attention_flops,
+    matmul_parameters,
+    peak_matmul_flops,
+    plot_losses,
+    training_flops,
 )
+from .model import count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype, sliding_window_limit
 from .packing import PackedBatch, pack
-
-CHECKPOINTS_KEPT = 2
+from .prepare import prepare_model
+from .step import train_step
+from .train_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 class TrainingStopped(RuntimeError):
@@ -107,68 +102,6 @@ def plan_steps(docs, cfg, micro_per_step: int | None = None) -> list[tuple[int, 
     return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps
 
 
-def make_checkpointer(model, cfg: Config, dtype: torch.dtype, device: torch.device, log):
-    """The per-layer activation policy: train.checkpointing for every layer, or, with
-    train.memory_budget_gb, keep / recompute / offload chosen per layer to fit the budget."""
-    t = cfg.train
-    if t.checkpointing == "none" and t.memory_budget_gb <= 0:
-        return None
-    from .checkpointing import (
-        HOST_SHARE,
-        LayerCheckpointer,
-        default_host_limit,
-        layer_modes,
-        llama_layer_bytes_per_token,
-        plan_checkpointing,
-    )
-
-    c = model.config
-    n_layers = c.num_hidden_layers
-    if t.memory_budget_gb > 0:
-        kept = llama_layer_bytes_per_token(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                                           c.num_key_value_heads, head_dim=model_spec(model)["head_dim"],
-                                           dtype=dtype, lora_rank=cfg.lora.r,
-                                           lora_projections=len(cfg.lora.target_modules))
-        item = torch.empty((), dtype=dtype).element_size()
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        lora = sum(p.numel() for p in lora_parameters(model)) * 4 * 4  # fp32 master, grad, two Adam moments
-        loss_workspace = 256 * 2**20 + t.max_tokens_per_step * c.hidden_size * item * 2
-        budget = t.memory_budget_gb * 2**30 - weights - lora - loss_workspace
-        modes = plan_checkpointing(n_layers, kept, c.hidden_size * item, t.max_tokens_per_step, budget)
-        counts = {m: modes.count(m) for m in ("none", "recompute", "offload")}
-        log(f"[memory] budget {t.memory_budget_gb:g} GB: keep {counts['none']}, recompute {counts['recompute']}, "
-            f"offload {counts['offload']} of {n_layers} layers")
-    else:
-        modes = layer_modes(t.checkpointing, n_layers)
-    host_limit = default_host_limit()
-    checkpointer = LayerCheckpointer(device, modes, max_host_bytes=host_limit)
-    if "offload" in modes:
-        log(f"[memory] offload backend: {checkpointer.backend}, pinned host memory up to {host_limit / 2**30:.1f} GiB "
-            f"({HOST_SHARE:.0%} of the free host memory)")
-    return checkpointer
-
-
-def save_checkpoint(model, cfg: Config, optimizer, step: int, out: Path) -> Path:
-    """OUTPUT_DIR/checkpoint-STEP with the adapter, optimizer state and step; written under a
-    temporary name and renamed, so a crash never leaves a broken checkpoint. Keeps the newest few."""
-    final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, cfg.lora, tmp, cfg.model)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
-
-
 def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     t, out = cfg.train, Path(cfg.output_dir)
     torch.manual_seed(t.seed)
@@ -179,8 +112,6 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if t.kernels == "reference":
-        os.environ["LORAFUSE_KERNELS"] = "reference"
 
     # ---- data
     tokenizer = load_tokenizer(cfg.model)
@@ -192,8 +123,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     if window is not None and t.max_seq_len > window:
         raise ValueError(f"{cfg.model}: the model uses sliding-window attention ({window} tokens), which lorafuse "
                          f"does not implement; set train.max_seq_len <= {window}")
-    model.lorafuse_attention = attention_function(t.attention, device.type)
-    stack_projections(model)
+    prepared = prepare_model(model, attention=t.attention, kernels=t.kernels)
     inject_lora(model, cfg.lora)
     if cfg.lora.init_adapter:
         load_adapter_weights(model, cfg.lora.init_adapter)
@@ -209,15 +139,13 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     total = len(steps)
     start_step = 0
     if resume and (ckpt := latest_checkpoint(out)) is not None:
-        load_adapter_weights(model, ckpt)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-        start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        start_step = load_checkpoint(model, optimizer, ckpt, device)
         log(f"[train] resumed from {ckpt} at step {start_step}")
     val_batches = pack(docs["validation"], t.max_tokens_per_step) if "validation" in docs else None
     checkpointer = make_checkpointer(model, cfg, dtype, device, log)
 
     # ---- throughput accounting (DESIGN.md: 4 N_frozen + 6 N_lora per token, plus attention)
-    flops_token = flops_per_token(model, n_lora)
+    n_matmul, spec = matmul_parameters(model), prepared.spec
     peak = peak_matmul_flops(device) if device.type == "cuda" else None
     metrics = MetricsLog(out / "metrics.jsonl", append=start_step > 0) if ctx.is_main else None
     result = TrainResult(output_dir=str(out))
@@ -243,21 +171,11 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        # ---- forward and backward over this rank's share of the step's micro-batches
-        loss_sum = torch.zeros((), device=device)
-        for batch in micro[ctx.rank::ctx.world]:
-            batch = batch.to(device)
-            loss = packed_loss(model, batch, reduction="sum", checkpointer=checkpointer) / step_targets
-            loss.backward()
-            loss_sum += loss.detach()
-        all_reduce_grads(params, ctx)
-        all_reduce_sum(loss_sum, ctx)
-
-        # ---- clip, check, update
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the one host sync per step
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            optimizer.zero_grad(set_to_none=True)  # the weights are still those of the last good step
+        # ---- forward and backward over this rank's share, all-reduce, clip, update if finite
+        done = train_step(prepared, micro, optimizer, params, max_grad_norm=t.max_grad_norm,
+                          checkpointer=checkpointer, ctx=ctx)
+        loss_value, norm_value = done.loss, done.grad_norm
+        if not done.applied:  # the weights are still those of the last good step
             good = out / f"checkpoint-{step}"
             if ctx.is_main:
                 save_checkpoint(model, cfg, optimizer, step, out)
@@ -266,10 +184,6 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
             shutdown(ctx)
             raise TrainingStopped(f"step {step + 1}: loss {loss_value} / grad norm {norm_value} is not finite; "
                                   f"stopped before applying it. The adapter of the last good step is in {good}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if checkpointer is not None:
-            checkpointer.end_step()  # the offload arena is reused by the next step
 
         # ---- log
         dt = time.perf_counter() - t0
@@ -278,7 +192,9 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
                   "tokens_per_s": step_tokens / dt}
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # this rank's
-            record["mfu"] = flops_token(micro) / dt / (peak * ctx.world)
+            lengths = [n for b in micro for n in b.doc_lengths]
+            attention = causal_attention_flops(lengths, spec.num_heads, spec.head_dim, len(prepared.layers))
+            record["mfu"] = training_flops(n_matmul, n_lora, step_tokens, attention) / dt / (peak * ctx.world)
         if metrics:
             metrics.write(record)
         result.train_losses.append(loss_value)
@@ -290,7 +206,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
         # ---- validate, save, stop early
         last = step + 1 == total
         if val_batches and ((t.eval_every and (step + 1) % t.eval_every == 0) or last):
-            val = evaluate_loss(model, val_batches, device, ctx)
+            val = evaluate_loss(prepared, val_batches, ctx)
             model.train()
             result.val_losses.append((step + 1, val["loss"]))
             if metrics:
@@ -321,8 +237,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     if "test" in docs:
         test_batches = pack(docs["test"], t.max_tokens_per_step)
         with adapters_disabled(model):
-            result.test["base"] = evaluate_loss(model, test_batches, device, ctx)
-        result.test["finetuned"] = evaluate_loss(model, test_batches, device, ctx)
+            result.test["base"] = evaluate_loss(prepared, test_batches, ctx)
+        result.test["finetuned"] = evaluate_loss(prepared, test_batches, ctx)
         b, f = result.test["base"], result.test["finetuned"]
         log(f"[test] loss base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> fine-tuned {f['loss']:.4f} (ppl {f['ppl']:.2f})")
     if ctx.is_main:

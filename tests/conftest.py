@@ -78,14 +78,14 @@ def tiny_tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def extension(tmp_path_factory):
     """The offload extension (csrc/), built once per session into a temporary cache, and loaded."""
-    from lorafuse.engine import checkpointing
+    from lorafuse.engine import extension
 
     cache = tmp_path_factory.getbasetemp() / "lorafuse-cache"
     previous = os.environ.get("LORAFUSE_CACHE")
     os.environ["LORAFUSE_CACHE"] = str(cache)
     try:
-        library = checkpointing.build_extension()
-        assert checkpointing.load_extension(), checkpointing.extension_status()
+        library = extension.build_extension()
+        assert extension.load_extension(), extension.extension_status()
         yield library
     finally:
         if previous is None:

@@ -70,14 +70,16 @@ def pretrain(model_dir: str | Path, texts: list[str], tokenizer, steps: int, tok
     """Full-parameter next-token training of the model in model_dir on texts (packed, our forward),
     saved back in place. Returns the loss of each step."""
     from ..data import Document
-    from ..forward import packed_loss
     from ..model import load_model
     from ..packing import pack
+    from ..prepare import prepare_model
+    from ..step import train_step
 
     torch.manual_seed(seed)
     model = load_model(model_dir, torch.float32, torch.device("cpu"))
     model.requires_grad_(True)
     model.train()
+    prepared = prepare_model(model, stack_projections=False)  # every weight trains: no stacked copies
     docs = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: seq_len - 2]
@@ -94,12 +96,7 @@ def pretrain(model_dir: str | Path, texts: list[str], tokenizer, steps: int, tok
             scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in opt.param_groups:
                 group["lr"] = lr * max(scale, 0.05)
-            loss = packed_loss(model, batch, reduction="sum") / batch.num_target_tokens
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(train_step(prepared, [batch], opt, params, max_grad_norm=1.0).loss)
             step += 1
             if step % max(1, steps // 6) == 0 or step == steps:
                 log(f"  pre-train step {step}/{steps}  loss {losses[-1]:.3f}  ({time.perf_counter() - t0:.0f}s)")

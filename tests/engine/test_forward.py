@@ -12,6 +12,7 @@ from lorafuse.engine.forward import packed_loss
 from lorafuse.engine.lora import inject_lora, lora_modules, lora_parameters
 from lorafuse.engine.model import load_model
 from lorafuse.engine.packing import make_batch
+from lorafuse.engine.prepare import prepare_model
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 
@@ -41,7 +42,7 @@ def test_packed_forward_equals_hf_forward(tmp_path, model_type):
     for m in lora_modules(model).values():  # non-zero B so the adapters matter
         torch.nn.init.normal_(m.lora_B, std=0.05)
     docs = random_docs([7, 1, 23, 12], 300)
-    ours = packed_loss(model, make_batch(docs), reduction="sum")
+    ours = packed_loss(prepare_model(model), make_batch(docs), reduction="sum")
     ref = sum(hf_loss_sum(model, d) for d in docs)
     assert abs(ours.item() - ref.item()) / ref.item() < 1e-5
 
@@ -53,11 +54,12 @@ def test_packed_equals_one_document_at_a_time(tiny_model_dir):
         torch.nn.init.normal_(m.lora_B, std=0.05)
     params = lora_parameters(model)
     docs = random_docs([31, 1, 9, 17, 2], model.config.vocab_size, seed=3)
+    prepared = prepare_model(model)
 
-    packed = packed_loss(model, make_batch(docs), reduction="sum")
+    packed = packed_loss(prepared, make_batch(docs), reduction="sum")
     packed_grads = torch.autograd.grad(packed, params)
 
-    single = sum(packed_loss(model, make_batch([d]), reduction="sum") for d in docs)
+    single = sum(packed_loss(prepared, make_batch([d]), reduction="sum") for d in docs)
     single_grads = torch.autograd.grad(single, params)
 
     assert abs(packed.item() - single.item()) <= 1e-5 * abs(single.item())
@@ -68,16 +70,17 @@ def test_packed_equals_one_document_at_a_time(tiny_model_dir):
 
 @pytest.mark.parametrize("mode", ["recompute", "offload"])
 def test_checkpointing_modes_give_the_same_gradients(tiny_model_dir, mode):
-    from lorafuse.engine.checkpointing import LayerCheckpointer, layer_modes
+    from lorafuse.engine.activations import LayerCheckpointer, layer_modes
 
     model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
     inject_lora(model, LoraConfig(r=4, alpha=8))
     params = lora_parameters(model)
     batch = make_batch(random_docs([20, 11], model.config.vocab_size, seed=4))
-    plain = torch.autograd.grad(packed_loss(model, batch), params)
+    prepared = prepare_model(model)
+    plain = torch.autograd.grad(packed_loss(prepared, batch), params)
     checkpointer = LayerCheckpointer(torch.device("cpu"), layer_modes(mode, model.config.num_hidden_layers),
                                      min_offload_bytes=0)
-    checkpointed = torch.autograd.grad(packed_loss(model, batch, checkpointer=checkpointer), params)
+    checkpointed = torch.autograd.grad(packed_loss(prepared, batch, checkpointer=checkpointer), params)
     for a, b in zip(plain, checkpointed):
         assert torch.equal(a, b)
     if mode == "offload":
@@ -85,19 +88,16 @@ def test_checkpointing_modes_give_the_same_gradients(tiny_model_dir, mode):
 
 
 def test_stacked_projections_give_the_same_loss_and_gradients(tiny_model_dir):
-    from lorafuse.engine.model import stack_projections
-
     results = []
     for stacked in (False, True):
         model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
-        if stacked:
-            stack_projections(model)
+        prepared = prepare_model(model, stack_projections=stacked)
         torch.manual_seed(0)
         inject_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
         for m in lora_modules(model).values():
             torch.nn.init.normal_(m.lora_B, std=0.05)
         batch = make_batch(random_docs([13, 8, 1], model.config.vocab_size, seed=6))
-        loss = packed_loss(model, batch)
+        loss = packed_loss(prepared, batch)
         results.append((loss, torch.autograd.grad(loss, lora_parameters(model))))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert abs(loss_a.item() - loss_b.item()) <= 1e-6 * abs(loss_a.item())
@@ -112,8 +112,7 @@ def test_attention_choices(tiny_model_dir):
     batch = make_batch(random_docs([9, 14], model.config.vocab_size, seed=7))
     losses = []
     for name in ("auto", "sdpa"):
-        model.lorafuse_attention = attention_function(name, "cpu")
-        losses.append(packed_loss(model, batch).item())
+        losses.append(packed_loss(prepare_model(model, attention=name, stack_projections=False), batch).item())
     assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0])
     for name in ("flash_attn", "torch_varlen"):
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
@@ -121,7 +120,7 @@ def test_attention_choices(tiny_model_dir):
 
 
 def test_model_flops_count_frozen_and_lora_matmuls_and_causal_attention(tiny_model_dir):
-    from lorafuse.engine.metrics import flops_per_token
+    from lorafuse.engine.metrics import model_training_flops
 
     model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
     c = model.config
@@ -131,4 +130,4 @@ def test_model_flops_count_frozen_and_lora_matmuls_and_causal_attention(tiny_mod
     batch = make_batch(random_docs([3, 5], c.vocab_size))
     head_dim = c.hidden_size // c.num_attention_heads
     expected = (4 * n_matmul + 6 * n_lora) * 8 + 6 * c.num_attention_heads * head_dim * c.num_hidden_layers * (9 + 25)
-    assert flops_per_token(model, n_lora)([batch]) == expected
+    assert model_training_flops(model, n_lora, batch.doc_lengths) == expected

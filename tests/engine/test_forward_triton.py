@@ -9,8 +9,9 @@ from lorafuse.engine.data import Document
 from lorafuse.engine.demo.base_model import build_model, tiny_config
 from lorafuse.engine.forward import packed_loss
 from lorafuse.engine.lora import inject_lora, lora_modules, lora_parameters
-from lorafuse.engine.model import load_model, stack_projections
+from lorafuse.engine.model import load_model
 from lorafuse.engine.packing import make_batch
+from lorafuse.engine.prepare import prepare_model
 from lorafuse.kernels import launches
 
 
@@ -19,7 +20,7 @@ def test_micro_qwen3_through_triton_kernels_matches_reference(tmp_path, monkeypa
     build_model(tiny_config("qwen3", vocab_size=97, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=48,
                             head_dim=16), tmp_path, seed=2)
     model = load_model(tmp_path, torch.float32, torch.device("cpu"))
-    stack_projections(model)
+    prepared = prepare_model(model)
     inject_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"]))
     for m in lora_modules(model).values():
@@ -29,12 +30,12 @@ def test_micro_qwen3_through_triton_kernels_matches_reference(tmp_path, monkeypa
     params = lora_parameters(model)
 
     monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
-    ref_loss = packed_loss(model, batch)
+    ref_loss = packed_loss(prepared, batch)
     ref_grads = torch.autograd.grad(ref_loss, params)
 
     monkeypatch.setenv("LORAFUSE_KERNELS", "auto")
     before = dict(launches)
-    loss = packed_loss(model, batch)
+    loss = packed_loss(prepared, batch)
     grads = torch.autograd.grad(loss, params)
     ran = {op for op, n in launches.items() if n > before.get(op, 0)}
     assert {"lora_linear", "lora_linear_group", "lora_mlp", "rms_norm", "apply_rope", "varlen_attention",

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lorafuse.engine.step as step_module
 import lorafuse.engine.train as train_module
 from lorafuse.engine.config import load_config
 from lorafuse.engine.demo.tickets import make_example
@@ -60,14 +61,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter_then_resume_matches(
     straight = train(make_cfg(tiny_model_dir, files, tmp_path / "straight", max_steps=6), log=QUIET)
     assert straight.steps == 6
 
-    real_loss, calls = train_module.packed_loss, {"n": 0}
+    real_loss, calls = step_module.packed_loss, {"n": 0}
 
     def loss_that_goes_nan_at_step_4(model, batch, **kw):
         calls["n"] += 1
         loss = real_loss(model, batch, **kw)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(train_module, "packed_loss", loss_that_goes_nan_at_step_4)
+    monkeypatch.setattr(step_module, "packed_loss", loss_that_goes_nan_at_step_4)
     out = tmp_path / "crashed"
     with pytest.raises(TrainingStopped, match=r"step 4: loss nan .* last good step is in .*checkpoint-3"):
         train(make_cfg(tiny_model_dir, files, out, max_steps=6), log=QUIET)
@@ -76,7 +77,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter_then_resume_matches(
     assert all(torch.isfinite(t).all() for t in kept.values())
     assert read_metrics(out / "metrics.jsonl")[-1]["stopped"] == "non-finite"
 
-    monkeypatch.setattr(train_module, "packed_loss", real_loss)
+    monkeypatch.setattr(step_module, "packed_loss", real_loss)
     resumed = train(make_cfg(tiny_model_dir, files, out, max_steps=6), resume=True, log=QUIET)
     assert resumed.steps == 6
     a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
@@ -116,13 +117,13 @@ def test_validation_split_carved_from_train(tiny_model_dir, ticket_files, tmp_pa
 
 @pytest.mark.parametrize("setting", ["offload", "recompute"])
 def test_checkpointer_modes_and_a_bounded_host_arena(tiny_model_dir, ticket_files, tmp_path, setting):
-    from lorafuse.engine.checkpointing import available_host_bytes
+    from lorafuse.engine.activations import available_host_bytes, make_checkpointer
     from lorafuse.engine.model import load_model
 
     cfg = make_cfg(tiny_model_dir, ticket_files, tmp_path / "out", checkpointing=setting)
     model = load_model(cfg.model, dtype=torch.float32, device=torch.device("cpu"))
     lines = []
-    ckpt = train_module.make_checkpointer(model, cfg, torch.float32, torch.device("cpu"), lines.append)
+    ckpt = make_checkpointer(model, cfg, torch.float32, torch.device("cpu"), lines.append)
     n_layers = model.config.num_hidden_layers
     # offload: every layer but the last, whose input backward needs first
     assert ckpt.modes == ([setting] * (n_layers - 1) + ["recompute"])

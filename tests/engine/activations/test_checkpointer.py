@@ -1,4 +1,4 @@
-"""LayerCheckpointer (none / recompute / offload per decoder layer) and the memory-budget policy.
+"""LayerCheckpointer (none / recompute / offload per decoder layer).
 
 A stack of tiny Llama-like blocks (RMSNorm and SwiGLU as custom autograd Functions, LoRA on frozen
 linears, RoPE, per-document causal attention) trains a few steps under every mode; in float32 on
@@ -9,23 +9,15 @@ the peak memory order none > recompute > offload.
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from tiny_decoder import TinyLlamaBlock, rope_tables
 
-from lorafuse.engine.checkpointing import (
-    LayerCheckpointer,
-    estimate_peak_bytes,
-    layer_modes,
-    llama_layer_bytes_per_token,
-    measure_bytes_per_token,
-    plan_checkpointing,
-)
+from lorafuse.engine.activations import LayerCheckpointer
 
 BACKENDS = ["extension", "torch"]
 
@@ -35,104 +27,6 @@ def backend(request):
     if request.param == "extension":
         request.getfixturevalue("extension")
     return request.param
-
-
-# ---------------------------------------------------------------------------------------------
-# A tiny Llama-like decoder layer
-# ---------------------------------------------------------------------------------------------
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """Saves its input and rstd with save_for_backward, and eps as a plain ctx attribute."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.eps = eps
-        return (x.float() * rstd).to(x.dtype) * weight
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        x32, g32 = x.float(), grad.float()
-        normed = x32 * rstd
-        grad_weight = (g32 * normed).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        gn = g32 * weight.float()
-        grad_x = rstd * (gn - normed * (gn * normed).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_weight, None
-
-
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        return grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig
-
-
-class LoRALinear(torch.nn.Module):
-    def __init__(self, d_in, d_out, rank):
-        super().__init__()
-        self.base = torch.nn.Linear(d_in, d_out, bias=False)
-        self.base.weight.requires_grad_(False)
-        self.lora_a = torch.nn.Parameter(torch.randn(rank, d_in) / d_in**0.5)
-        self.lora_b = torch.nn.Parameter(torch.randn(d_out, rank) * 0.1)
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_a.t()) @ self.lora_b.t() * 2.0
-
-
-def rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-class TinyLlamaBlock(torch.nn.Module):
-    def __init__(self, hidden=24, intermediate=40, heads=4, kv_heads=2, rank=3):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
-        self.input_norm = torch.nn.Parameter(1 + 0.1 * torch.randn(hidden))  # trainable: a base-weight grad
-        self.post_norm = torch.nn.Parameter(1 + 0.1 * torch.randn(hidden), requires_grad=False)
-        self.q = LoRALinear(hidden, heads * self.head_dim, rank)
-        self.k = LoRALinear(hidden, kv_heads * self.head_dim, rank)
-        self.v = LoRALinear(hidden, kv_heads * self.head_dim, rank)
-        self.o = LoRALinear(heads * self.head_dim, hidden, rank)
-        self.gate = LoRALinear(hidden, intermediate, rank)
-        self.up = LoRALinear(hidden, intermediate, rank)
-        self.down = LoRALinear(intermediate, hidden, rank)
-
-    def forward(self, hidden, cos, sin, doc_len: int):
-        tokens = hidden.shape[0]
-        x = RMSNormFunction.apply(hidden, self.input_norm, 1e-6)
-        q = rope(self.q(x).view(tokens, self.heads, self.head_dim), cos, sin)
-        k = rope(self.k(x).view(tokens, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v(x).view(tokens, self.kv_heads, self.head_dim)
-        docs = tokens // doc_len  # documents of doc_len tokens back to back: a batch of causal attentions
-
-        def per_doc(t):
-            return t.view(docs, doc_len, t.shape[1], self.head_dim).transpose(1, 2)
-
-        attn = F.scaled_dot_product_attention(per_doc(q), per_doc(k), per_doc(v), is_causal=True,
-                                              enable_gqa=True)
-        attn = attn.transpose(1, 2).reshape(tokens, self.heads * self.head_dim)
-        hidden = hidden + self.o(attn)
-        x = RMSNormFunction.apply(hidden, self.post_norm, 1e-6)
-        return hidden + self.down(SwiGLUFunction.apply(self.gate(x), self.up(x)))
-
-
-def rope_tables(tokens, doc_len, head_dim, dtype=torch.float32, device="cpu"):
-    positions = torch.arange(tokens, device=device) % doc_len
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
-    angles = positions[:, None].double() * inv_freq[None, :]
-    angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [T, 1, D]: broadcast over heads
-    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def make_stack(n_layers=4, seed=1, **sizes):
@@ -272,7 +166,7 @@ def test_falls_back_to_pytorch_with_one_log_line(tmp_path):
                                             'message(FATAL_ERROR "broken on purpose")\n')
     script = (
         "import torch\n"
-        "from lorafuse.engine.checkpointing import LayerCheckpointer\n"
+        "from lorafuse.engine.activations import LayerCheckpointer\n"
         "a = LayerCheckpointer('cpu', ['offload', 'none'], min_offload_bytes=0)\n"
         "b = LayerCheckpointer('cpu', ['offload', 'none'], min_offload_bytes=0)\n"
         "x = torch.randn(5, 3, requires_grad=True)\n"
@@ -291,89 +185,6 @@ def test_falls_back_to_pytorch_with_one_log_line(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "extension unavailable (cmake failed" in lines[0] and "pure-PyTorch" in lines[0], lines[0]
 
-
-# ---------------------------------------------------------------------------------------------
-# Memory-budget policy
-# ---------------------------------------------------------------------------------------------
-
-
-def test_layer_modes_from_the_config_value():
-    assert layer_modes("none", 3) == ["none"] * 3
-    assert layer_modes("recompute", 2) == ["recompute"] * 2
-    assert layer_modes("offload", 4) == ["offload"] * 3 + ["recompute"]
-    assert layer_modes("offload", 1) == ["recompute"] and layer_modes("offload", 0) == []
-    with pytest.raises(ValueError, match="must be one of"):
-        layer_modes("keep", 2)
-
-
-def test_peak_model_by_hand():
-    # kept 10 bytes/token, input 1 byte/token, 1 token
-    assert estimate_peak_bytes(["none"] * 4, 10, 1, 1) == 40
-    assert estimate_peak_bytes(["recompute"] * 4, 10, 1, 1) == 3 + 11
-    assert estimate_peak_bytes(["offload", "offload", "recompute", "none"], 10, 1, 1) == 12
-    assert estimate_peak_bytes(["offload"] * 3 + ["recompute"], 10, 1, 1) == 12  # K + 2I
-    assert estimate_peak_bytes(["recompute", "none", "none", "none"], 10, 1, 2) == 62
-
-
-@pytest.mark.parametrize(("budget", "expected"), [
-    (1e9, ["none"] * 4),
-    (40, ["none"] * 4),
-    (39, ["recompute", "none", "none", "none"]),
-    (30, ["recompute", "recompute", "none", "none"]),
-    (21, ["offload", "offload", "none", "none"]),
-    (12, ["offload", "offload", "recompute", "none"]),
-])
-def test_plan_keeps_then_recomputes_then_offloads(budget, expected):
-    modes = plan_checkpointing(4, 10, 1, 1, budget, min_offload_bytes=0)
-    assert modes == expected
-    assert estimate_peak_bytes(modes, 10, 1, 1) <= budget
-
-
-def test_plan_when_nothing_fits(caplog):
-    with caplog.at_level(logging.WARNING):
-        modes = plan_checkpointing(4, 10, 1, 1, 5, min_offload_bytes=0)
-    assert modes[-1] != "offload" and estimate_peak_bytes(modes, 10, 1, 1) == 12  # the smallest peak
-    assert "more than the budget" in caplog.text
-    # Inputs under min_offload_bytes are never offloaded. Keeping the top layer costs less than
-    # recomputing it (its input need not be held beside its activations).
-    modes = plan_checkpointing(4, 10, 1, 1, 5, min_offload_bytes=2)
-    assert modes == ["recompute"] * 3 + ["none"] and estimate_peak_bytes(modes, 10, 1, 1) == 13
-    assert plan_checkpointing(0, 10, 1, 1, 5) == []
-
-
-def test_plan_for_llama_8b_at_32k_tokens():
-    kept = llama_layer_bytes_per_token(4096, 14336, 32, 8, dtype=torch.bfloat16, lora_rank=16)
-    assert kept == 2 * (4 * 4096 + 2 * 4096 + 2 * 1024 + 3 * 14336 + 7 * 16) + 4 * (2 + 32)
-    layer_input = 4096 * 2
-    tokens = 32768
-    gib = 2**30
-    for budget_gib in (200, 60, 20, 8, 5):
-        modes = plan_checkpointing(32, kept, layer_input, tokens, budget_gib * gib)
-        assert len(modes) == 32 and modes[-1] != "offload"
-        assert estimate_peak_bytes(modes, kept, layer_input, tokens) <= budget_gib * gib
-        order = {"offload": 0, "recompute": 1, "none": 2}
-        assert [order[m] for m in modes] == sorted(order[m] for m in modes)  # offload | recompute | keep
-    assert plan_checkpointing(32, kept, layer_input, tokens, 200 * gib) == ["none"] * 32
-    tight = plan_checkpointing(32, kept, layer_input, tokens, 5 * gib)
-    assert tight.count("offload") >= 20  # recompute alone needs 32 inputs (8 GiB) + a layer
-
-
-def test_measured_bytes_per_token():
-    hidden_size = 10
-    weight = torch.randn(hidden_size, hidden_size, requires_grad=True)
-
-    def fn(h, w):
-        return (h @ w).sin()  # saves h and w (matmul), and h @ w (sin): 2 activations per token
-
-    per_token = measure_bytes_per_token(fn, lambda n: (torch.randn(n, hidden_size), weight), tokens=(16, 48))
-    assert per_token == 2 * hidden_size * 4
-    block = TinyLlamaBlock()
-
-    def make_inputs(n):
-        cos, sin = rope_tables(n, n, 6)
-        return torch.randn(n, 24), cos, sin, n
-
-    assert measure_bytes_per_token(block, make_inputs, tokens=(8, 16)) > 0
 
 
 # ---------------------------------------------------------------------------------------------

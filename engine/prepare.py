@@ -1,0 +1,108 @@
+"""From a loaded HF model to what our training forward runs: one explicit step, made once.
+
+    prepared = prepare_model(model, attention="auto", kernels="auto")
+    loss = packed_loss(prepared, batch)          # forward.py reads everything from `prepared`
+
+A PreparedModel holds the model's decoder numbers (DecoderSpec), the attention function, the
+kernel ops, and per layer its module and stacked frozen weights. Nothing is planted on the HF
+modules and no process-wide setting is written, so every input of a forward is in its arguments.
+
+Stacking: each layer's q/k/v and gate/up frozen weights are copied once into one tensor each and
+the projections' weights become views of it, so the grouped kernels read the layer input once for
+all of them with no copy per step. It works before or after LoRA injection (a LoraLinear keeps its
+base weight as `weight`, like nn.Linear). The stacked weights are not parameters: a model whose
+projections train in full (the demo's pre-training) is prepared with stack_projections=False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .attention import attention_function, sdpa_attention
+from .model import SUPPORTED, ModelError
+from .ops import KernelOps, kernel_ops
+
+STACKED_GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The numbers of a Llama-family decoder that the packed forward needs."""
+
+    model_type: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    eps: float
+    qk_norm: bool  # Qwen3: RMSNorm of q and k per head
+
+    @classmethod
+    def from_config(cls, config) -> DecoderSpec:
+        if config.model_type not in SUPPORTED:
+            raise ModelError(f"model_type {config.model_type!r} is not supported; lorafuse trains "
+                             f"{', '.join(sorted(SUPPORTED))}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(model_type=config.model_type, num_heads=config.num_attention_heads,
+                   num_kv_heads=config.num_key_value_heads, head_dim=head_dim, hidden_size=config.hidden_size,
+                   eps=config.rms_norm_eps, qk_norm=SUPPORTED[config.model_type]["qk_norm"])
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """Frozen weights of several projections of one input, stacked by rows: [sum of out, in]."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PreparedLayer:
+    module: torch.nn.Module  # the HF decoder layer: its norms and projections hold the weights
+    qkv: Stacked | None  # None: q, k and v run one by one
+    gate_up: Stacked | None
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    model: torch.nn.Module
+    spec: DecoderSpec
+    layers: tuple[PreparedLayer, ...]
+    attention: Callable  # (q, k, v, cu_seqlens, max_seqlen, scale) -> out; attention.py
+    ops: KernelOps
+    device: torch.device
+
+
+def prepare_model(model, *, attention: str = "auto", kernels: str = "auto",
+                  stack_projections: bool = True) -> PreparedModel:
+    """The PreparedModel of a loaded model (attention: train.attention, kernels: train.kernels)."""
+    spec = DecoderSpec.from_config(model.config)
+    device = next(model.parameters()).device
+    ops = kernel_ops(kernels)
+    attend = attention_function(attention, device.type)
+    if ops.name == "reference" and attention in ("auto", "triton"):
+        attend = sdpa_attention  # the reference of our attention kernel
+    layers = tuple(PreparedLayer(layer, *(_stack(getattr(layer, block), names) if stack_projections else None
+                                          for block, names in STACKED_GROUPS.items()))
+                   for layer in model.model.layers)
+    return PreparedModel(model=model, spec=spec, layers=layers, attention=attend, ops=ops, device=device)
+
+
+def _stack(block, names: tuple[str, ...]) -> Stacked | None:
+    """Stack the frozen weights of block's projections `names`; None when some have a bias and some not."""
+    mods = [getattr(block, n) for n in names]
+    if any(m.bias is None for m in mods) and any(m.bias is not None for m in mods):
+        return None
+    weight = torch.cat([m.weight.detach() for m in mods])
+    bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+    start = 0
+    for m in mods:
+        end = start + m.out_features
+        m.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
+        if bias is not None:
+            m.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return Stacked(weight, bias)

@@ -1,0 +1,53 @@
+"""One optimizer step over packed micro-batches: the training loop, the demo's pre-training and the
+end-to-end benchmark all run this.
+
+A step is a list of micro-batches (all ranks' together). Each micro-batch's loss is summed over its
+target tokens and divided by the target tokens of the whole step, so the gradient is the mean over
+every trained token in it, however the tokens fell into micro-batches or ranks. Rank r runs
+micro-batches r, r+W, ...; one all-reduce sums the gradients. The update is applied only when the
+loss and the gradient norm are finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .distributed import DistContext, all_reduce_grads, all_reduce_sum
+from .forward import packed_loss
+from .packing import PackedBatch
+from .prepare import PreparedModel
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean per target token over the whole step
+    grad_norm: float  # before clipping
+    applied: bool  # False: the loss or the gradient norm was not finite and the weights were left as they were
+
+
+def train_step(prepared: PreparedModel, micro_batches: list[PackedBatch], optimizer, params: list[torch.Tensor], *,
+               max_grad_norm: float = 0.0, checkpointer=None, ctx: DistContext | None = None) -> StepResult:
+    """Forward and backward over this rank's share of micro_batches, all-reduce, clip (max_grad_norm > 0),
+    and the optimizer update when everything is finite. The gradients are cleared either way."""
+    ctx = ctx or DistContext()
+    device = prepared.device
+    step_targets = sum(b.num_target_tokens for b in micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches[ctx.rank::ctx.world]:
+        loss = packed_loss(prepared, batch.to(device), reduction="sum", checkpointer=checkpointer) / step_targets
+        loss.backward()
+        loss_sum += loss.detach()
+    all_reduce_grads(params, ctx)
+    all_reduce_sum(loss_sum, ctx)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the one host sync per step
+    applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if checkpointer is not None:
+        checkpointer.end_step()  # the offload arena is reused by the next step
+    return StepResult(loss_value, norm_value, applied)
