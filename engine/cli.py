@@ -31,19 +31,43 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
     return 0
+
+
+def resume_command(args) -> str:
+    """The command that continues an interrupted `lorafuse train`."""
+    import shlex
+
+    return shlex.join(["lorafuse", "train", args.config, *args.overrides, "--resume"])
+
+
+def _writable_file(path: str) -> None:
+    """Fail now, not after the work, when a result file cannot be written."""
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(21, "is a directory", str(target))
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(2, "its directory does not exist", str(parent))
+    if not os.access(target if target.exists() else parent, os.W_OK):
+        raise PermissionError(13, "not writable", str(target))
 
 
 def cmd_eval(args) -> int:
     from .config import LoraConfig
     from .data import encode_all, read_jsonl
     from .evaluate import evaluate_loss, exact_match, generate_answers, prompt_and_answer
-    from .lora import load_adapter
-    from .model import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from .lora import load_adapter, read_adapter_config
+    from .model import check_supported, load_model, load_tokenizer, resolve_device, resolve_dtype
     from .packing import pack
     from .prepare import prepare_model
 
+    check_supported(args.model)  # the model, the adapter and the result file are checked before the data
+    if args.adapter:
+        read_adapter_config(args.adapter)
+    if args.json:
+        _writable_file(args.json)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.model)
@@ -72,7 +96,8 @@ def cmd_data_check(args) -> int:
     examples, report = read_jsonl(args.file, "skip")
     forms = ", ".join(f"{n} {form}" for form, n in report.forms.items())
     print(f"{args.file}: {report.lines} lines, {report.examples} valid examples ({forms}), "
-          f"{len(report.errors)} invalid, {report.blank} blank")
+          f"{len(report.errors)} invalid, {report.blank} blank"
+          + (", starts with a UTF-8 byte order mark (ignored)" if report.bom else ""))
     for err in report.errors[:50]:
         print(f"  {err}")
     if len(report.errors) > 50:
@@ -87,19 +112,43 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    import shutil
+    import tempfile
+
     import torch
 
-    from .lora import load_adapter, merge_lora
-    from .model import load_model, load_tokenizer, read_config
+    from .lora import load_adapter, merge_lora, read_adapter_config
+    from .model import ModelError, check_supported, load_model, load_tokenizer
 
+    saved = check_supported(args.model)
+    read_adapter_config(args.adapter)
+    out, base = Path(args.out).resolve(), Path(args.model).resolve()
+    if not args.overwrite:
+        if out == base or base in out.parents:
+            raise ModelError(f"--out {args.out} is the base model directory or inside it; merging there would "
+                             "overwrite the base model (pass --overwrite if that is what you want)")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ModelError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
     # "auto" keeps the dtype the base model was saved in.
-    saved = read_config(args.model)
     name = args.dtype if args.dtype != "auto" else saved.get("dtype") or saved.get("torch_dtype") or "float32"
     model = load_model(args.model, getattr(torch, name), torch.device("cpu"))
     load_adapter(model, args.adapter)
     n = merge_lora(model)
-    model.save_pretrained(args.out, safe_serialization=True)
-    load_tokenizer(args.model).save_pretrained(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside --out and renamed into place: a crash leaves the old directory or the new one, whole.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(args.model).save_pretrained(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged {n} adapted projections into {args.out}")
     return 0
 
@@ -112,49 +161,70 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DEFAULT_MAX_SEQ_LEN, describe_keys
+
+    dtypes = ["auto", "bfloat16", "float16", "float32"]
     p = argparse.ArgumentParser(prog="lorafuse", description="LoRA fine-tuning on fused Triton kernels.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="LORAFUSE_DEBUG=1 shows the traceback behind an error message.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune with LoRA from a YAML config",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a local HF model with LoRA.\n\nA config looks like:\n\n" + EXAMPLE_CONFIG
-                       + "\nEvery key of engine/config.py can be set, in the file or as key.sub=value arguments.")
+                       + "\nEvery key, in the file or as a key.sub=value argument (default, then meaning):\n\n"
+                       + "\n".join(describe_keys()))
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in output_dir (a lower train.lr may be given)")
+    t.add_argument("--force", action="store_true",
+                   help="with --resume: accept a checkpoint whose model, data or settings differ from this config")
+    t.add_argument("--overwrite", action="store_true", help="replace the files of another run in output_dir")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="loss/perplexity (and exact-match accuracy) of a model or model+adapter")
+    e = sub.add_parser("eval", help="loss/perplexity (and exact-match accuracy) of a model or model+adapter",
+                       description="Loss and perplexity on the target tokens of a JSONL file (as training counts "
+                                   "them); with --generate also greedy answers and their exact match.")
     e.add_argument("--model", required=True, help="local HF model directory")
     e.add_argument("--adapter", help="adapter directory (PEFT format); omit to evaluate the base model")
     e.add_argument("--data", required=True, help="JSONL file (chat or prompt/completion)")
     e.add_argument("--generate", action="store_true", help="also generate answers greedily and score exact match")
-    e.add_argument("--max-seq-len", type=int, default=2048)
-    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help=f"longer examples are truncated (default {DEFAULT_MAX_SEQ_LEN}, as in training)")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per answer (default 32)")
     e.add_argument("--skip-invalid", action="store_true", help="skip invalid lines instead of refusing the file")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    e.add_argument("--device", default="auto", help="auto (a GPU if there is one) | cpu | cuda | cuda:N")
+    e.add_argument("--dtype", default="auto", choices=dtypes, help="auto: bfloat16 on GPU, float32 on CPU")
     e.add_argument("--json", help="also write the results to this JSON file")
     e.set_defaults(fn=cmd_eval)
 
-    d = sub.add_parser("data", help="data tools")
+    d = sub.add_parser("data", help="data tools", description="Data tools: `lorafuse data check FILE`.")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    dc = dsub.add_parser("check", help="validate a JSONL file; with --model also count tokens")
-    dc.add_argument("file")
+    dc = dsub.add_parser("check", help="validate a JSONL file; with --model also count tokens",
+                         description="Validate every line of a JSONL file (exit code 1 if any is invalid); with "
+                                     "--model also tokenize it and count what max-seq-len would cut or drop.")
+    dc.add_argument("file", help="JSONL file (chat or prompt/completion)")
     dc.add_argument("--model", help="model directory whose tokenizer (and chat template) to use")
-    dc.add_argument("--max-seq-len", type=int, default=1024)
-    dc.add_argument("--overlong", default="truncate", choices=["truncate", "drop"])
+    dc.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                    help=f"the limit to count against (default {DEFAULT_MAX_SEQ_LEN}, as in training)")
+    dc.add_argument("--overlong", default="truncate", choices=["truncate", "drop"],
+                    help="what training would do with longer examples (data.overlong)")
     dc.set_defaults(fn=cmd_data_check)
 
-    m = sub.add_parser("merge", help="merge an adapter into its base model and save the result")
-    m.add_argument("--model", required=True)
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--out", required=True)
-    m.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    m = sub.add_parser("merge", help="merge an adapter into its base model and save the result",
+                       description="Fold an adapter into its base model's weights (W + s B A) and save a plain HF "
+                                   "model directory with the tokenizer.")
+    m.add_argument("--model", required=True, help="the base model directory the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    m.add_argument("--out", required=True, help="directory for the merged model (new or empty)")
+    m.add_argument("--dtype", default="auto", choices=dtypes, help="auto: the dtype the base model was saved in")
+    m.add_argument("--overwrite", action="store_true",
+                   help="allow --out to exist, or to be (or lie inside) the base model directory")
     m.set_defaults(fn=cmd_merge)
 
-    demo = sub.add_parser("demo", help="build a small model locally, fine-tune it on support tickets, compare")
+    demo = sub.add_parser("demo", help="build a small model locally, fine-tune it on support tickets, compare",
+                          description="The whole product on a laptop-sized problem, nothing downloaded.")
     demo.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     demo.set_defaults(fn=cmd_demo)
@@ -167,19 +237,36 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .model import ModelError
-    from .train import TrainingStopped
+    from .train import TrainingInterrupted, TrainingStopped
+    from .train_checkpoints import RunMismatch
 
     try:
         return args.fn(args)
     except TrainingStopped as e:
+        _debug_raise()
         print(f"lorafuse: stopped: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, ModelError, ValueError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:
+        print(f"lorafuse: {e}; continue with: {resume_command(args)}", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, ModelError, RunMismatch, ValueError) as e:
+        _debug_raise()
         print(f"lorafuse: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        _debug_raise()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lorafuse: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorafuse: interrupted", file=sys.stderr)
         return 130
+
+
+def _debug_raise() -> None:
+    """LORAFUSE_DEBUG=1: the traceback instead of the one-line message."""
+    if os.environ.get("LORAFUSE_DEBUG", "").strip() not in ("", "0"):
+        raise
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from pathlib import Path
 import yaml
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_MAX_SEQ_LEN = 1024  # train, eval and data check share it
 
 
 class ConfigError(ValueError):
@@ -23,42 +27,41 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    train: str = ""  # JSONL, chat ({"messages": [...]}) or prompt/completion form
-    validation: str | None = None
-    test: str | None = None
-    # When validation/test files are not given, carve these fractions out of train (seeded).
-    validation_fraction: float = 0.0
-    test_fraction: float = 0.0
+    train: str = ""  # JSONL file to train on: chat ({"messages": [...]}) or prompt/completion lines
+    validation: str | None = None  # JSONL file for the validation loss (early stopping, best/)
+    test: str | None = None  # JSONL file for the held-out base vs fine-tuned comparison at the end
+    validation_fraction: float = 0.0  # without a validation file: this fraction of train, carved out (seeded)
+    test_fraction: float = 0.0  # without a test file: this fraction of train, carved out (seeded)
     on_error: str = "stop"  # stop: refuse a file with any bad line | skip: drop bad lines, count them
-    overlong: str = "truncate"  # truncate | drop  (examples longer than train.max_seq_len)
+    overlong: str = "truncate"  # truncate | drop: examples longer than train.max_seq_len
     train_on: str = "assistant"  # assistant: loss on assistant tokens only | all: every token
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    r: int = 16  # rank of each adapter
+    alpha: float = 32.0  # scaling alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0  # dropout on the adapter's input (> 0 runs unfused PyTorch ops for the adapters)
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))  # projections with adapters
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     init_adapter: str | None = None  # start from this adapter (PEFT format, same r and targets), not a fresh init
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 1  # passes over the training data
     max_steps: int = 0  # > 0 stops after this many optimizer steps
-    lr: float = 2.0e-4
+    lr: float = 2.0e-4  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 10  # linear warmup steps before the cosine decay
+    weight_decay: float = 0.0  # AdamW weight decay of the LoRA weights
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables clipping)
     max_tokens_per_step: int = 4096  # token budget of one packed micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_seq_len: int = 1024
-    seed: int = 0
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN  # longer examples are truncated or dropped (data.overlong)
+    seed: int = 0  # seeds the adapters' init, the splits and the packing order
     eval_every: int = 50  # optimizer steps between validation passes (0: only at the end)
-    save_every: int = 100  # optimizer steps between adapter checkpoints (0: only at the end)
+    save_every: int = 100  # optimizer steps between checkpoints to resume from (0: only at the end)
     early_stopping_patience: int = 0  # validation passes without improvement before stopping (0: never)
     log_every: int = 10  # steps between log lines when there is no progress bar (not a terminal)
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
@@ -72,8 +75,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    model: str = ""  # local HuggingFace model directory
-    output_dir: str = "runs/lorafuse"
+    model: str = ""  # local HuggingFace model directory (config.json, *.safetensors, tokenizer files)
+    output_dir: str = "runs/lorafuse"  # adapter, checkpoints, metrics.jsonl, loss.png
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -139,6 +142,8 @@ def _fill(obj, values: dict, prefix: str) -> None:
             raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}")
         if isinstance(value, int) and tp is float:
             value = float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{path}' must be a finite number, got {value}")
         setattr(obj, key, value)
 
 
@@ -183,10 +188,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     """Build a Config from a YAML file (or `base` dict) and `key.sub=value` overrides."""
     values: dict = dict(base or {})
     if path is not None:
+        if Path(path).is_dir():
+            raise ConfigError(f"{path} is a directory; expected a YAML config file")
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if loaded is None:
@@ -209,3 +218,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def describe_keys() -> list[str]:
+    """Every config key with its default and what it does (from the comments above), for --help."""
+    lines = []
+    for section, cls in (("", Config), ("data.", DataConfig), ("lora.", LoraConfig), ("train.", TrainConfig)):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # no source shipped: keys and defaults only
+            source = ""
+        comments = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", source, re.MULTILINE))
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                continue
+            shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+            lines.append(f"  {section}{f.name} = {shown}".ljust(36) + f"  {comments.get(f.name, '')}".rstrip())
+    return lines

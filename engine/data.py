@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 ROLES = ("system", "user", "assistant")
+BOM = b"\xef\xbb\xbf"
 MAX_ERRORS_SHOWN = 20
 
 
@@ -55,6 +56,7 @@ class ReadReport:
     examples: int = 0
     forms: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)  # "FILE:LINE: field: problem"
+    bom: bool = False  # the file starts with a UTF-8 byte order mark (accepted)
 
 
 def _check_line(obj, where: str) -> tuple[Example | None, str | None]:
@@ -111,6 +113,8 @@ def read_jsonl(path: str | Path, on_error: str = "stop") -> tuple[list[Example],
         for lineno, raw in enumerate(fh, start=1):
             report.lines += 1
             where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(BOM):  # written by some editors; not part of the first line
+                raw, report.bom = raw[len(BOM):], True
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import ALL_PROJECTIONS, LoraConfig
+from .faults import crash_point
 from .ops import TRITON, KernelOps
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -186,23 +187,37 @@ def save_adapter(model, cfg: LoraConfig, out_dir: str | Path, base_model_path: s
     save_file(adapter_state_dict(model), str(weights_tmp), metadata={"format": "pt"})
     config_tmp = out_dir / (ADAPTER_CONFIG + ".tmp")
     config_tmp.write_text(json.dumps(adapter_config(cfg, base_model_path), indent=2))
+    crash_point("adapter")
     os.replace(weights_tmp, out_dir / ADAPTER_WEIGHTS)
     os.replace(config_tmp, out_dir / ADAPTER_CONFIG)
 
 
 def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
+    """The LoRA settings of a PEFT adapter directory; a ValueError naming the file and key otherwise."""
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a PEFT/lorafuse adapter directory")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r} is not LORA")
-    targets = raw.get("target_modules")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    targets = raw["target_modules"]
     if isinstance(targets, str):
         raise ValueError(f"{path}: target_modules given as a regex ({targets!r}); list the module names instead")
-    return LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
-                      target_modules=list(targets), use_rslora=bool(raw.get("use_rslora", False)))
+    try:
+        return LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]),
+                          dropout=float(raw.get("lora_dropout") or 0.0), target_modules=list(targets),
+                          use_rslora=bool(raw.get("use_rslora", False)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: a value has the wrong type ({e})") from None
 
 
 def load_adapter_weights(model, adapter_dir: str | Path) -> None:

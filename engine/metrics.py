@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -11,15 +13,26 @@ from .lora import LoraLinear
 
 
 class MetricsLog:
-    """One JSON object per line; flushed on every write so a crash loses nothing."""
+    """One JSON object per line, strict JSON (a non-finite number is written as null); flushed on every
+    write so a crash loses nothing. keep_lines > 0 continues an existing file after its first keep_lines
+    lines (a resumed run: what the killed run wrote after its checkpoint is dropped, not listed twice)."""
 
-    def __init__(self, path: str | Path, append: bool = False):
+    def __init__(self, path: str | Path, keep_lines: int = 0):
         self.path = Path(path)
-        self.fh = open(self.path, "a" if append else "w", encoding="utf-8")
+        kept = []
+        if keep_lines > 0 and self.path.is_file():
+            kept = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)  # a crash here leaves the old file or the cut one, never an empty one
+        self.fh = open(self.path, "a", encoding="utf-8")
+        self.lines = len(kept)
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.fh.write(json.dumps(clean, allow_nan=False) + "\n")
         self.fh.flush()
+        self.lines += 1
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -79,8 +92,8 @@ def peak_matmul_flops(device: torch.device, n: int = 8192) -> float:
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "LoRA fine-tuning") -> Path | None:
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and "stopped" not in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and "stopped" not in r]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train:
         return None
     import matplotlib

@@ -14,10 +14,10 @@ import torch
 
 # model_type -> what differs from Llama in the decoder (prepare.DecoderSpec reads these)
 SUPPORTED = {
-    "llama": {"qk_norm": False},
-    "mistral": {"qk_norm": False},
-    "qwen2": {"qk_norm": False},
-    "qwen3": {"qk_norm": True},
+    "llama": {"qk_norm": False, "class": "LlamaForCausalLM"},
+    "mistral": {"qk_norm": False, "class": "MistralForCausalLM"},
+    "qwen2": {"qk_norm": False, "class": "Qwen2ForCausalLM"},
+    "qwen3": {"qk_norm": True, "class": "Qwen3ForCausalLM"},
 }
 
 
@@ -26,6 +26,8 @@ class ModelError(ValueError):
 
 
 def read_config(path: str | Path) -> dict:
+    if not str(path).strip():
+        raise ModelError("no model directory given (config key 'model', or --model)")
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"model directory not found: {path}")
@@ -51,7 +53,22 @@ def check_supported(path: str | Path) -> dict:
     if not list(Path(path).glob("*.safetensors")):
         raise ModelError(f"{path}: no *.safetensors weights (lorafuse does not load pickled .bin weights; "
                          "convert them with safetensors first)")
+    stock = SUPPORTED[model_type]["class"]
+    custom = [a for a in raw.get("architectures") or [] if a != stock]
+    if raw.get("auto_map") and custom:
+        raise ModelError(f"{path}: config.json asks for custom code (auto_map, architecture {', '.join(custom)}); "
+                         f"lorafuse trains only its own implementation of {stock} and runs no code from a model "
+                         "directory")
     return raw
+
+
+def custom_code_notes(raw: dict) -> list[str]:
+    """What a checked config's auto_map means for training: its custom code is not used."""
+    if not raw.get("auto_map"):
+        return []
+    stock = SUPPORTED[raw["model_type"]]["class"]
+    return [f"config.json has auto_map (custom code); it is ignored: lorafuse trains its own {stock}, "
+            "which this architecture is"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:

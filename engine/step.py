@@ -5,7 +5,8 @@ A step is a list of micro-batches (all ranks' together). Each micro-batch's loss
 target tokens and divided by the target tokens of the whole step, so the gradient is the mean over
 every trained token in it, however the tokens fell into micro-batches or ranks. Rank r runs
 micro-batches r, r+W, ...; one all-reduce sums the gradients. The update is applied only when the
-loss and the gradient norm are finite.
+weights the step started from, its loss and its gradient norm are all finite; one host sync reads
+the three. With a guard.LastGood, the state the update starts from is kept first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from .distributed import DistContext, all_reduce_grads, all_reduce_sum
 from .forward import packed_loss
+from .guard import LastGood, weights_finite
 from .packing import PackedBatch
 from .prepare import PreparedModel
 
@@ -25,13 +27,16 @@ from .prepare import PreparedModel
 class StepResult:
     loss: float  # mean per target token over the whole step
     grad_norm: float  # before clipping
-    applied: bool  # False: the loss or the gradient norm was not finite and the weights were left as they were
+    weights_finite: bool  # the weights the step started from (False: the previous update broke them)
+    applied: bool  # False: something was not finite and the weights were left as they were
 
 
 def train_step(prepared: PreparedModel, micro_batches: list[PackedBatch], optimizer, params: list[torch.Tensor], *,
-               max_grad_norm: float = 0.0, checkpointer=None, ctx: DistContext | None = None) -> StepResult:
+               max_grad_norm: float = 0.0, checkpointer=None, ctx: DistContext | None = None,
+               last_good: LastGood | None = None, step: int = 0) -> StepResult:
     """Forward and backward over this rank's share of micro_batches, all-reduce, clip (max_grad_norm > 0),
-    and the optimizer update when everything is finite. The gradients are cleared either way."""
+    and the optimizer update when everything is finite (`step`: updates applied so far, for last_good).
+    The gradients are cleared either way."""
     ctx = ctx or DistContext()
     device = prepared.device
     step_targets = sum(b.num_target_tokens for b in micro_batches)
@@ -43,11 +48,14 @@ def train_step(prepared: PreparedModel, micro_batches: list[PackedBatch], optimi
     all_reduce_grads(params, ctx)
     all_reduce_sum(loss_sum, ctx)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the one host sync per step
-    applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+    checks = torch.stack([loss_sum.float(), grad_norm.float(), weights_finite(params).float()])
+    loss_value, norm_value, weights_ok = checks.tolist()  # the one host sync per step
+    applied = bool(weights_ok) and math.isfinite(loss_value) and math.isfinite(norm_value)
     if applied:
+        if last_good is not None:
+            last_good.keep(step)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if checkpointer is not None:
         checkpointer.end_step()  # the offload arena is reused by the next step
-    return StepResult(loss_value, norm_value, applied)
+    return StepResult(loss_value, norm_value, bool(weights_ok), applied)

@@ -14,14 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from .activations import make_checkpointer
-from .config import Config, to_dict
+from .config import Config
 from .data import encode_all, read_jsonl, split_examples
 from .distributed import barrier, init_distributed, shutdown
 from .evaluate import evaluate_loss
-from .lora import adapters_disabled, inject_lora, load_adapter_weights, lora_parameters, save_adapter
+from .faults import crash_point
+from .guard import CollapseWatch, LastGood, finite_after_update
+from .interrupt import stop_signals
+from .lora import (
+    adapters_disabled,
+    inject_lora,
+    load_adapter_weights,
+    lora_parameters,
+    read_adapter_config,
+    save_adapter,
+)
 from .metrics import (
     MetricsLog,
     causal_attention_flops,
@@ -30,15 +39,41 @@ from .metrics import (
     plot_losses,
     training_flops,
 )
-from .model import count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype, sliding_window_limit
+from .model import (
+    check_supported,
+    count_parameters,
+    custom_code_notes,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    sliding_window_limit,
+)
 from .packing import PackedBatch, pack
 from .prepare import prepare_model
 from .step import train_step
-from .train_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .train_checkpoints import (
+    TrainerState,
+    check_output_dir,
+    find_resume_point,
+    load_checkpoint,
+    new_run_id,
+    run_identity,
+    save_checkpoint,
+    start_run_files,
+)
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped early on a non-finite loss; the message says where the last good adapter is."""
+    """Training stopped because it went wrong (non-finite, collapsed); the message says what was kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: the run saved a checkpoint after the step in progress and stopped."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted after step {step}; checkpoint saved in {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -62,6 +97,8 @@ def load_datasets(cfg: Config, tokenizer, log) -> dict[str, list]:
         if getattr(d, split):
             examples[split] = read_jsonl(getattr(d, split), d.on_error)
     for _, report in examples.values():
+        if report.bom:
+            log(f"[data] {report.path}: starts with a UTF-8 byte order mark (ignored)")
         if report.errors:
             log(f"[data] {report.path}: skipped {len(report.errors)} invalid line(s) (data.on_error=skip); "
                 f"first: {report.errors[0]}")
@@ -102,20 +139,26 @@ def plan_steps(docs, cfg, micro_per_step: int | None = None) -> list[tuple[int, 
     return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps
 
 
-def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
+def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = False, force: bool = False) -> TrainResult:
+    """Fine-tune as `cfg` says. resume: continue from the newest checkpoint in output_dir (force: even one
+    of another run); overwrite: replace another run's files in output_dir."""
     t, out = cfg.train, Path(cfg.output_dir)
     torch.manual_seed(t.seed)
     ctx, device = init_distributed(resolve_device(t.device))
     dtype = resolve_dtype(t.dtype, device)
     if not ctx.is_main:
         log = _quiet  # rank 0 speaks and writes for everyone
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    # ---- data
+    # ---- check everything before writing anything: output directory, model, adapter, data
+    check_output_dir(out, resume, overwrite)
+    for note in custom_code_notes(check_supported(cfg.model)):
+        log(f"[model] {note}")
+    if cfg.lora.init_adapter:
+        read_adapter_config(cfg.lora.init_adapter)
     tokenizer = load_tokenizer(cfg.model)
     docs = load_datasets(cfg, tokenizer, log)
+    identity = run_identity(cfg, ctx.world)
+    resume_from = find_resume_point(out, identity, resume, overwrite, force, log)
 
     # ---- model: frozen base, LoRA adapters in float32
     model = load_model(cfg.model, dtype, device)
@@ -135,97 +178,132 @@ def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
 
+    # ---- the run: where it starts, its files
     steps = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * ctx.world)
     total = len(steps)
-    start_step = 0
-    if resume and (ckpt := latest_checkpoint(out)) is not None:
-        start_step = load_checkpoint(model, optimizer, ckpt, device)
-        log(f"[train] resumed from {ckpt} at step {start_step}")
+    state = TrainerState(step=0, run_id=new_run_id(), identity=identity)
+    if resume_from is not None:
+        state = load_checkpoint(model, optimizer, resume_from, device)
+        state.identity = identity  # accepted as this run's (it differs only with --force)
+        log(f"[train] resumed from {resume_from} at step {state.step}")
+    barrier(ctx)  # every rank has checked the directory before rank 0 writes into it
+    if ctx.is_main:
+        start_run_files(out, cfg, state, fresh=resume_from is None)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines) if ctx.is_main else None
     val_batches = pack(docs["validation"], t.max_tokens_per_step) if "validation" in docs else None
     checkpointer = make_checkpointer(model, cfg, dtype, device, log)
+    last_good = LastGood(params, optimizer)
+    collapse = CollapseWatch(model.config.vocab_size)
+
+    def checkpoint_now(step: int) -> Path:
+        state.step, state.metrics_lines = step, metrics.lines if metrics else 0
+        return save_checkpoint(model, cfg, optimizer, state, out) if ctx.is_main else out / f"checkpoint-{step}"
+
+    def stop(kind: str, why: str, keep_last_good: bool = True):
+        """Undo the update that went wrong (back to the last state whose loss was finite), save that, stop."""
+        if not keep_last_good:
+            where = "no adapter was saved (the checkpoints before, if any, are kept)"
+        elif last_good.step is None:
+            where = "nothing was saved: no step of this run had a finite loss before it"
+        else:
+            where = f"the adapter of the last good step is in {checkpoint_now(last_good.restore())}"
+        if metrics:
+            metrics.write({"step": step + 1, "stopped": kind, "reason": why})
+        bar.close()
+        shutdown(ctx)
+        raise TrainingStopped(f"{why}; {where}")
 
     # ---- throughput accounting (DESIGN.md: 4 N_frozen + 6 N_lora per token, plus attention)
     n_matmul, spec = matmul_parameters(model), prepared.spec
     peak = peak_matmul_flops(device) if device.type == "cuda" else None
-    metrics = MetricsLog(out / "metrics.jsonl", append=start_step > 0) if ctx.is_main else None
     result = TrainResult(output_dir=str(out))
-    best, bad_evals = math.inf, 0
+    best = state.best_val_loss if state.best_val_loss is not None else math.inf
     log(f"[train] {total} steps of up to {t.grad_accum} x {t.max_tokens_per_step} tokens"
         + (f" on each of {ctx.world} ranks" if ctx.active else "") + f", {t.epochs} epoch(s)")
 
     from tqdm.auto import tqdm
 
     show_bar = t.progress and ctx.is_main and sys.stderr.isatty()  # in a log file, plain lines read better
-    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not show_bar, dynamic_ncols=True,
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not show_bar, dynamic_ncols=True,
                mininterval=0.5)
     model.train()
-    step = start_step
-    for step in range(start_step, total):
-        t0 = time.perf_counter()
-        lr = lr_at(step, total, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        epoch, micro = steps[step]
-        step_targets = sum(b.num_target_tokens for b in micro)
-        step_tokens = sum(b.num_tokens for b in micro)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    start_step = step = state.step
+    with stop_signals(ctx, device, log) as interrupted:
+        for step in range(start_step, total):
+            t0 = time.perf_counter()
+            lr = lr_at(step, total, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            epoch, micro = steps[step]
+            step_targets = sum(b.num_target_tokens for b in micro)
+            step_tokens = sum(b.num_tokens for b in micro)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
 
-        # ---- forward and backward over this rank's share, all-reduce, clip, update if finite
-        done = train_step(prepared, micro, optimizer, params, max_grad_norm=t.max_grad_norm,
-                          checkpointer=checkpointer, ctx=ctx)
-        loss_value, norm_value = done.loss, done.grad_norm
-        if not done.applied:  # the weights are still those of the last good step
-            good = out / f"checkpoint-{step}"
-            if ctx.is_main:
-                save_checkpoint(model, cfg, optimizer, step, out)
-                metrics.write({"step": step + 1, "loss": loss_value, "grad_norm": norm_value, "stopped": "non-finite"})
-            bar.close()
-            shutdown(ctx)
-            raise TrainingStopped(f"step {step + 1}: loss {loss_value} / grad norm {norm_value} is not finite; "
-                                  f"stopped before applying it. The adapter of the last good step is in {good}")
+            # ---- forward and backward over this rank's share, all-reduce, clip, update if all is finite
+            done = train_step(prepared, micro, optimizer, params, max_grad_norm=t.max_grad_norm,
+                              checkpointer=checkpointer, ctx=ctx, last_good=last_good, step=step)
+            loss_value, norm_value = done.loss, done.grad_norm
+            if not done.applied:
+                what = (f"loss {loss_value} / grad norm {norm_value} is" if done.weights_finite
+                        else "the LoRA weights after the previous update are")
+                stop("non-finite", f"step {step + 1}: {what} not finite; stopped before applying it")
+            if collapse.collapsed(loss_value, norm_value):
+                stop("collapsed", f"step {step + 1}: training collapsed: the loss has been ln(vocab) = "
+                     f"{collapse.uniform_loss:.3f} (a uniform prediction) with no gradient for {collapse.patience} "
+                     "steps; lower train.lr", keep_last_good=False)
+            crash_point("step")
 
-        # ---- log
-        dt = time.perf_counter() - t0
-        record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                  "grad_norm": norm_value, "tokens": step_tokens, "target_tokens": step_targets,
-                  "tokens_per_s": step_tokens / dt}
-        if device.type == "cuda":
-            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # this rank's
-            lengths = [n for b in micro for n in b.doc_lengths]
-            attention = causal_attention_flops(lengths, spec.num_heads, spec.head_dim, len(prepared.layers))
-            record["mfu"] = training_flops(n_matmul, n_lora, step_tokens, attention) / dt / (peak * ctx.world)
-        if metrics:
-            metrics.write(record)
-        result.train_losses.append(loss_value)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if ((step + 1) % t.log_every == 0 or step == start_step) and not show_bar:
-            log(_format_record(record))
-
-        # ---- validate, save, stop early
-        last = step + 1 == total
-        if val_batches and ((t.eval_every and (step + 1) % t.eval_every == 0) or last):
-            val = evaluate_loss(prepared, val_batches, ctx)
-            model.train()
-            result.val_losses.append((step + 1, val["loss"]))
+            # ---- log
+            dt = time.perf_counter() - t0
+            record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
+                      "grad_norm": norm_value, "tokens": step_tokens, "target_tokens": step_targets,
+                      "tokens_per_s": step_tokens / dt}
+            if device.type == "cuda":
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # this rank's
+                lengths = [n for b in micro for n in b.doc_lengths]
+                attention = causal_attention_flops(lengths, spec.num_heads, spec.head_dim, len(prepared.layers))
+                record["mfu"] = training_flops(n_matmul, n_lora, step_tokens, attention) / dt / (peak * ctx.world)
             if metrics:
-                metrics.write({"step": step + 1, "val_loss": val["loss"], "val_ppl": val["ppl"]})
-            log_line = bar.write if ctx.is_main else _quiet
-            log_line(f"[eval] step {step + 1}: validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f})")
-            if val["loss"] < best:
-                best, bad_evals = val["loss"], 0
-                if ctx.is_main:
-                    save_adapter(model, cfg.lora, out / "best", cfg.model)
-            else:
-                bad_evals += 1
-                if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
-                    log_line(f"[train] early stop at step {step + 1}: no validation improvement in "
-                             f"{bad_evals} evaluations (best {best:.4f}, adapter in {out / 'best'})")
-                    result.stopped_early = True
-                    break
-        if t.save_every and (step + 1) % t.save_every == 0 and not last and ctx.is_main:
-            save_checkpoint(model, cfg, optimizer, step + 1, out)
+                metrics.write(record)
+            result.train_losses.append(loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if ((step + 1) % t.log_every == 0 or step == start_step) and not show_bar:
+                log(_format_record(record))
+
+            # ---- validate, save, stop early
+            last = step + 1 == total
+            if last and not finite_after_update(prepared, micro, params):
+                stop("non-finite", f"step {step + 1}: the final update made the adapter evaluate non-finite")
+            if val_batches and ((t.eval_every and (step + 1) % t.eval_every == 0) or last):
+                val = evaluate_loss(prepared, val_batches, ctx)
+                model.train()
+                result.val_losses.append((step + 1, val["loss"]))
+                if metrics:
+                    metrics.write({"step": step + 1, "val_loss": val["loss"], "val_ppl": val["ppl"]})
+                log_line = bar.write if ctx.is_main else _quiet
+                log_line(f"[eval] step {step + 1}: validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f})")
+                if not math.isfinite(val["loss"]):
+                    stop("non-finite", f"step {step + 1}: the validation loss is not finite")
+                if val["loss"] < best:
+                    best, state.best_val_loss, state.bad_evals = val["loss"], val["loss"], 0
+                    if ctx.is_main:
+                        save_adapter(model, cfg.lora, out / "best", cfg.model)
+                else:
+                    state.bad_evals += 1
+                    if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
+                        log_line(f"[train] early stop at step {step + 1}: no validation improvement in "
+                                 f"{state.bad_evals} evaluations (best {best:.4f}, adapter in {out / 'best'})")
+                        result.stopped_early = True
+                        break
+            if interrupted():
+                saved = checkpoint_now(step + 1)
+                bar.close()
+                shutdown(ctx)
+                raise TrainingInterrupted(step + 1, saved)
+            if t.save_every and (step + 1) % t.save_every == 0 and not last:
+                checkpoint_now(step + 1)
     bar.close()
     result.steps = step + 1 if total else 0
     result.best_val_loss = best if math.isfinite(best) else None

@@ -1,54 +1,232 @@
-"""Training checkpoints: OUTPUT_DIR/checkpoint-STEP, to resume a run from (`lorafuse train --resume`).
+"""Training checkpoints and the run they belong to: what `lorafuse train --resume` continues from.
 
-A checkpoint holds the adapter (PEFT format), the optimizer state and the step. Not to be
-confused with activation checkpointing (what backward recomputes), which is engine/activations/.
+OUTPUT_DIR/checkpoint-STEP holds the adapter (PEFT format), the optimizer state, and in
+trainer_state.json the step, the run's identity, the best validation loss, the early-stopping
+count and how many lines of metrics.jsonl the run had written (a resumed run cuts the file there,
+so the steps it redoes are not listed twice). Each is written under a temporary name and renamed,
+so a crash never leaves a broken one.
+
+A run's identity is what decides which steps it trains: the model, the data files (their
+contents), the data and LoRA settings, the packing (token budget, accumulation, sequence length,
+seed) and the number of ranks. A checkpoint of another identity is refused on resume, naming what
+differs. Optimisation settings (learning rate, schedule, clipping, evaluation and saving cadence,
+checkpointing mode) may change on resume: lowering the learning rate after a divergence is the
+point of resuming. OUTPUT_DIR/run.json records the identity of the run that owns the directory.
+
+Not to be confused with activation checkpointing (what backward recomputes): engine/activations/.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
+import yaml
 
 from .config import Config
+from .faults import crash_point
 from .lora import load_adapter_weights, save_adapter
 
 CHECKPOINTS_KEPT = 2
 OPTIMIZER_STATE = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
+RUN_FILE = "run.json"
+# What a run writes into its output directory (anything else there is the user's and left alone).
+RUN_ARTIFACTS = ("run.json", "config.yaml", "metrics.jsonl", "loss.png", "eval_results.json", "adapter_config.json",
+                 "adapter_model.safetensors", "best")
+IDENTITY_TRAIN_KEYS = ("max_tokens_per_step", "grad_accum", "max_seq_len", "seed")
 
 
-def save_checkpoint(model, cfg: Config, optimizer, step: int, out: Path) -> Path:
-    """OUTPUT_DIR/checkpoint-STEP with the adapter, optimizer state and step; written under a
-    temporary name and renamed, so a crash never leaves a broken checkpoint. Keeps the newest few."""
-    final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
+class RunMismatch(ValueError):
+    """A checkpoint or output directory of another run; the message names what differs."""
+
+
+@dataclasses.dataclass
+class TrainerState:
+    step: int
+    run_id: str
+    identity: dict
+    best_val_loss: float | None = None
+    bad_evals: int = 0
+    metrics_lines: int = 0
+
+
+def run_identity(cfg: Config, world: int) -> dict:
+    """What makes two runs train the same steps (module docstring)."""
+    files = {split: getattr(cfg.data, split) for split in ("train", "validation", "test") if getattr(cfg.data, split)}
+    return {"model": str(Path(cfg.model).resolve()),
+            "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in files},
+            "data_files": {split: _sha256(path) for split, path in files.items()},
+            "lora": {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k != "init_adapter"},
+            "train": {k: getattr(cfg.train, k) for k in IDENTITY_TRAIN_KEYS},
+            "ranks": world}
+
+
+def identity_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """'key: stored -> current' for every leaf that differs."""
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def write_run_file(out: Path, run_id: str, identity: dict) -> None:
+    _write_json_atomic(out / RUN_FILE, {"run_id": run_id, "identity": identity})
+
+
+def read_run_file(out: Path) -> dict | None:
+    path = out / RUN_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: treated as another run's
+
+
+def run_artifacts(out: Path) -> list[Path]:
+    """The files and directories of a run in `out` (checkpoints included)."""
+    if not out.is_dir():
+        return []
+    found = [out / name for name in RUN_ARTIFACTS if (out / name).exists()]
+    return found + sorted(out.glob("checkpoint-*")) + sorted(out.glob(".checkpoint-*.tmp"))
+
+
+def clear_run(out: Path) -> None:
+    """Remove a run's files from `out` (--overwrite); other files stay."""
+    for path in run_artifacts(out):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: output_dir can be written, and does not hold another run unless asked."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise RunMismatch(f"output_dir {out}: {existing} is a file, not a directory")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise RunMismatch(f"output_dir {out}: {existing} is not writable")
+    if not (resume or overwrite) and (found := run_artifacts(out)):
+        raise RunMismatch(f"output_dir {out} holds another run ({_names(found)}); choose another output_dir, "
+                          "or pass --overwrite to replace it or --resume to continue it")
+
+
+def find_resume_point(out: Path, identity: dict, resume: bool, overwrite: bool, force: bool, log) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0); refuses another run's checkpoint unless force."""
+    if not resume:
+        return None
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        owner = read_run_file(out)
+        if (found := run_artifacts(out)) and not overwrite and (owner or {}).get("identity") != identity:
+            raise RunMismatch(f"--resume: output_dir {out} has no checkpoint, and its files ({_names(found)}) are "
+                              "another run's; pass --overwrite to replace them")
+        log(f"[train] --resume: no checkpoint in {out}; starting from step 0")
+        return None
+    state = read_trainer_state(checkpoint)
+    if state is None:
+        raise RunMismatch(f"{checkpoint}: no readable {TRAINER_STATE}; not a lorafuse checkpoint")
+    differences = identity_differences(state.identity, identity)
+    if differences and not force:
+        raise RunMismatch(f"{checkpoint} is of another run: {'; '.join(differences)}. Pass --force to resume it "
+                          "anyway, or start a new run in another output_dir")
+    if differences:
+        log(f"[train] --force: resuming {checkpoint} although {'; '.join(differences)}")
+    return checkpoint
+
+
+def start_run_files(out: Path, cfg: Config, state: TrainerState, fresh: bool) -> None:
+    """The run's own files, written once every check has passed: a fresh run first clears the files of
+    the run it replaces (--overwrite, or --resume without a checkpoint)."""
+    if fresh:
+        clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_run_file(out, state.run_id, state.identity)
+
+
+def save_checkpoint(model, cfg: Config, optimizer, state: TrainerState, out: Path) -> Path:
+    """OUTPUT_DIR/checkpoint-STEP; keeps the newest CHECKPOINTS_KEPT of this run (never another run's)."""
+    final = out / f"checkpoint-{state.step}"
+    tmp = out / f".checkpoint-{state.step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, cfg.lora, tmp, cfg.model)
+    crash_point("checkpoint")
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
-    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step}))
+    (tmp / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(state)))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in _checkpoints(out)[:-CHECKPOINTS_KEPT]:
+    ours = [p for p in checkpoints(out) if (s := read_trainer_state(p)) is not None and s.run_id == state.run_id]
+    for old in ours[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def checkpoints(out: Path) -> list[Path]:
+    """checkpoint-STEP directories, oldest first."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    found = _checkpoints(out)
+    found = checkpoints(out)
     return found[-1] if found else None
 
 
-def load_checkpoint(model, optimizer, checkpoint: Path, device: torch.device) -> int:
-    """Restore the adapter and optimizer state of a checkpoint; returns its step."""
+def read_trainer_state(checkpoint: Path) -> TrainerState | None:
+    """The checkpoint's trainer state; None when it is missing or unreadable."""
+    try:
+        raw = json.loads((checkpoint / TRAINER_STATE).read_text())
+        return TrainerState(**{f.name: raw[f.name] for f in dataclasses.fields(TrainerState) if f.name in raw})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_checkpoint(model, optimizer, checkpoint: Path, device: torch.device) -> TrainerState:
+    """Restore the adapter and optimizer state of a checkpoint; returns its trainer state."""
+    state = read_trainer_state(checkpoint)
+    if state is None:
+        raise RunMismatch(f"{checkpoint}: no readable {TRAINER_STATE}; not a lorafuse checkpoint")
     load_adapter_weights(model, checkpoint)
     optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_STATE, map_location=device, weights_only=True))
-    return json.loads((checkpoint / TRAINER_STATE).read_text())["step"]
+    return state
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    """checkpoint-STEP directories, oldest first."""
-    return sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _names(paths: list[Path]) -> str:
+    names = [p.name for p in paths]
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

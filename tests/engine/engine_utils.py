@@ -1,6 +1,12 @@
 """Helpers shared by the engine tests."""
 
 import json
+import random
+
+from lorafuse.engine.config import load_config
+from lorafuse.engine.demo.tickets import make_example
+
+QUIET = lambda *a, **k: None  # noqa: E731 - a log function that says nothing
 
 
 def write_jsonl(path, rows):
@@ -14,3 +20,21 @@ def write_jsonl(path, rows):
             else:
                 fh.write(json.dumps(row).encode() + b"\n")
     return path
+
+
+def write_ticket_files(folder, sizes=(("train", 40), ("validation", 8), ("test", 8)), seed=1):
+    """Support-ticket JSONL files (chat form) per split; returns {split: path}."""
+    rng = random.Random(seed)
+    cats = ["billing", "refund", "privacy", "cancellation"]
+    rows = lambda n: [make_example(cats[i % 4], rng) for i in range(n)]  # noqa: E731
+    return {split: write_jsonl(folder / f"{split}.jsonl", rows(n)) for split, n in sizes}
+
+
+def tiny_train_config(model_dir, files, out, **train_overrides):
+    """A Config for a few quick steps of the tiny model on the ticket files."""
+    base = {"model": str(model_dir), "output_dir": str(out),
+            "data": {k: str(v) for k, v in files.items()},
+            "lora": {"r": 4, "alpha": 8},
+            "train": {"lr": 2e-3, "warmup_steps": 1, "max_tokens_per_step": 640, "max_seq_len": 256,
+                      "eval_every": 0, "save_every": 0, "progress": False, **train_overrides}}
+    return load_config(None, base=base)

@@ -2,7 +2,6 @@
 validation and early stopping, held-out base vs fine-tuned comparison."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -10,33 +9,18 @@ from safetensors.torch import load_file
 
 import lorafuse.engine.step as step_module
 import lorafuse.engine.train as train_module
-from lorafuse.engine.config import load_config
-from lorafuse.engine.demo.tickets import make_example
 from lorafuse.engine.metrics import read_metrics
 from lorafuse.engine.train import TrainingStopped, train
 
-from engine_utils import write_jsonl
+from engine_utils import QUIET, tiny_train_config, write_ticket_files
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
-QUIET = lambda *a: None
+make_cfg = tiny_train_config
 
 
 @pytest.fixture
 def ticket_files(tmp_path):
-    rng = random.Random(1)
-    cats = ["billing", "refund", "privacy", "cancellation"]
-    rows = lambda n: [make_example(cats[i % 4], rng) for i in range(n)]
-    return {split: write_jsonl(tmp_path / f"{split}.jsonl", rows(n))
-            for split, n in [("train", 40), ("validation", 8), ("test", 8)]}
-
-
-def make_cfg(model_dir, files, out, **train_overrides):
-    base = {"model": str(model_dir), "output_dir": str(out),
-            "data": {k: str(v) for k, v in files.items()},
-            "lora": {"r": 4, "alpha": 8},
-            "train": {"lr": 2e-3, "warmup_steps": 1, "max_tokens_per_step": 640, "max_seq_len": 256,
-                      "eval_every": 0, "save_every": 0, "progress": False, **train_overrides}}
-    return load_config(None, base=base)
+    return write_ticket_files(tmp_path)
 
 
 def test_train_writes_adapter_metrics_plot_and_compares_on_test(tiny_model_dir, ticket_files, tmp_path):
@@ -70,10 +54,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter_then_resume_matches(
 
     monkeypatch.setattr(step_module, "packed_loss", loss_that_goes_nan_at_step_4)
     out = tmp_path / "crashed"
-    with pytest.raises(TrainingStopped, match=r"step 4: loss nan .* last good step is in .*checkpoint-3"):
+    with pytest.raises(TrainingStopped, match=r"step 4: loss nan .* last good step is in .*checkpoint-2"):
         train(make_cfg(tiny_model_dir, files, out, max_steps=6), log=QUIET)
     assert not (out / "adapter_model.safetensors").exists()  # nothing NaN was written as the result
-    kept = load_file(str(out / "checkpoint-3" / "adapter_model.safetensors"))
+    kept = load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in kept.values())
     assert read_metrics(out / "metrics.jsonl")[-1]["stopped"] == "non-finite"
 
@@ -103,7 +87,7 @@ def test_periodic_checkpoints_keep_only_the_newest(tiny_model_dir, ticket_files,
           log=QUIET)
     kept = sorted(p.name for p in (tmp_path / "o").glob("checkpoint-*"))
     assert kept == ["checkpoint-4", "checkpoint-6"]
-    assert json.loads((tmp_path / "o" / "checkpoint-6" / "trainer_state.json").read_text()) == {"step": 6}
+    assert json.loads((tmp_path / "o" / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
 
 
 def test_validation_split_carved_from_train(tiny_model_dir, ticket_files, tmp_path):

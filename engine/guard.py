@@ -1,0 +1,85 @@
+"""Keeping the last good state of a run, and noticing when training has gone wrong.
+
+Three ways a run goes bad: a step's loss or gradient norm is not finite (train_step then skips the
+update); an update makes the weights themselves non-finite (the next step finds them so, or the
+end of the run, or a validation loss that is not finite); or training collapses to a model that
+predicts the uniform distribution (loss ln(vocab), no gradient), which stays finite forever.
+
+LastGood holds a copy of the LoRA weights and the optimizer state taken just before each update
+that starts from finite weights, in device memory (the LoRA weights are small), so a bad update
+can be undone and the state saved is one that evaluates finite and resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+
+def weights_finite(params: list[torch.Tensor]) -> torch.Tensor:
+    """A device bool: every element of every tensor is finite (a NaN or inf anywhere makes its norm so)."""
+    if not params:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(torch._foreach_norm([p.detach() for p in params])).isfinite().all()
+
+
+class LastGood:
+    """The LoRA weights and optimizer state of the newest step known to be good."""
+
+    def __init__(self, params: list[torch.Tensor], optimizer):
+        self.params, self.optimizer = params, optimizer
+        self.step: int | None = None  # updates applied when the copy was taken
+        self._weights: list[torch.Tensor] = []
+        self._optimizer_state: dict = {}
+
+    def keep(self, step: int) -> None:
+        """Copy the current state: it is good, and `step` updates have been applied to it."""
+        with torch.no_grad():
+            if not self._weights:
+                self._weights = [torch.empty_like(p) for p in self.params]
+            torch._foreach_copy_(self._weights, [p.detach() for p in self.params])
+        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self.step = step
+
+    def restore(self) -> int:
+        """Put the kept state back; returns its step. Raises if nothing was kept."""
+        if self.step is None:
+            raise RuntimeError("no good state to restore: the run went wrong before its first update")
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in self.params], self._weights)
+        self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
+        for p in self.params:
+            p.grad = None
+        return self.step
+
+
+class CollapseWatch:
+    """Training collapsed when, `patience` steps in a row, the loss sits at ln(vocab) (a uniform
+    prediction) with no gradient left to move it: no later step can recover."""
+
+    def __init__(self, vocab_size: int, patience: int = 5, rel_tol: float = 1e-3, min_grad_norm: float = 1e-6):
+        self.uniform_loss = math.log(vocab_size)
+        self.patience, self.rel_tol, self.min_grad_norm = patience, rel_tol, min_grad_norm
+        self.streak = 0
+
+    def collapsed(self, loss: float, grad_norm: float) -> bool:
+        stuck = abs(loss - self.uniform_loss) <= self.rel_tol * self.uniform_loss and grad_norm < self.min_grad_norm
+        self.streak = self.streak + 1 if stuck else 0
+        return self.streak >= self.patience
+
+
+@torch.no_grad()
+def finite_after_update(prepared, micro_batches, params: list[torch.Tensor]) -> bool:
+    """After the run's last update, which no later step checks: finite weights, and a finite loss on the
+    first micro-batch of the last step (a forward only)."""
+    from .forward import packed_loss
+
+    if not bool(weights_finite(params)):
+        return False
+    was_training = prepared.model.training
+    prepared.model.eval()
+    loss = packed_loss(prepared, micro_batches[0].to(prepared.device), reduction="sum")
+    prepared.model.train(was_training)
+    return bool(torch.isfinite(loss))
