@@ -18,12 +18,9 @@ from collections import Counter
 import numpy
 import torch
 
+from lorafuse._interpreter import interpreter_requested
+
 launches: Counter = Counter()
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off")
-
 
 try:  # triton ships for Linux only; elsewhere every op runs its reference
     import triton
@@ -33,7 +30,7 @@ except ImportError:  # pragma: no cover - Linux CI always has it
     HAVE_TRITON = False
 
 # Triton decides at @triton.jit time whether a kernel is interpreted: remember what it decided.
-INTERPRETED = HAVE_TRITON and _interpret_env()
+INTERPRETED = HAVE_TRITON and interpreter_requested()
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -68,7 +65,7 @@ def use_triton(x: torch.Tensor) -> bool:
         if not HAVE_TRITON:
             raise RuntimeError("CUDA tensors need triton (pip install triton), or set LORAFUSE_KERNELS=reference")
         return True
-    if x.device.type == "cpu" and _interpret_env():
+    if x.device.type == "cpu" and interpreter_requested():
         if not INTERPRETED:
             raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; set it before importing "
                                "lorafuse or triton so the kernels are built for the interpreter")

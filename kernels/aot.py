@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from lorafuse._interpreter import interpreter_requested
+
 ARCHS = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use
 MODULES = ("lora_linear", "fused_linear_cross_entropy", "varlen_attention", "rope", "rms_norm", "swiglu")
@@ -41,7 +43,7 @@ def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, options: 
 
 def main() -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_requested():
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
         return 2
     failures = 0
