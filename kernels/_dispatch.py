@@ -5,22 +5,18 @@
   through Triton's interpreter (how the CPU test suite runs the real kernel code).
 - CPU tensors otherwise, or LORAFUSE_KERNELS=reference: the PyTorch reference.
 
-`launches` counts Triton launches per op, so a test can prove the Triton code ran rather than
-the reference.
+What happens once Triton is chosen lives in _launch.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 
 import numpy
 import torch
 
 from lorafuse._interpreter import interpreter_requested
-
-launches: Counter = Counter()
 
 try:  # triton ships for Linux only; elsewhere every op runs its reference
     import triton
@@ -76,7 +72,3 @@ def use_triton(x: torch.Tensor) -> bool:
         raise RuntimeError(f"LORAFUSE_KERNELS=triton on {x.device.type} tensors needs CUDA, or TRITON_INTERPRET=1 "
                            "set before triton is imported")
     return False
-
-
-def count(op: str) -> None:
-    launches[op] += 1

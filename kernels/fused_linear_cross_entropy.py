@@ -49,7 +49,8 @@ import math
 
 import torch
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
+from ._launch import count
 
 if HAVE_TRITON:
     import triton

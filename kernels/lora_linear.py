@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
+from ._launch import count
 from .swiglu import swiglu_forward_triton, swiglu_reference
 
 # ----------------------------------------------------------------------------- PyTorch references

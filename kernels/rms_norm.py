@@ -39,7 +39,8 @@ import functools
 
 import torch
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
+from ._launch import count
 
 
 def rms_norm_reference(x, weight, eps: float, offset: float = 0.0):

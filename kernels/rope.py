@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
+from ._launch import count
 
 
 def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):

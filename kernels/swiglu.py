@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, count, use_triton
+from ._dispatch import HAVE_TRITON, use_triton
+from ._launch import count
 
 
 def swiglu_reference(gate, up):

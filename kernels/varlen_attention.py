@@ -45,7 +45,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
+from ._launch import count
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None):

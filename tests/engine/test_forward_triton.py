@@ -11,7 +11,7 @@ from lorafuse.engine.forward import packed_loss
 from lorafuse.engine.lora import inject_lora, lora_modules, lora_parameters
 from lorafuse.engine.model import load_model, stack_projections
 from lorafuse.engine.packing import make_batch
-from lorafuse.kernels import launches
+from lorafuse.kernels._launch import launches
 
 
 def test_micro_qwen3_through_triton_kernels_matches_reference(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from lorafuse.kernels import launches
+from lorafuse.kernels._launch import launches
 
 # DESIGN.md: float32 < 1e-4 (tf32 dots < 5e-3); float16 / bfloat16 < 2e-2.
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from lorafuse.kernels import launches
+from lorafuse.kernels._launch import launches
 
 from kernel_utils import TOL, assert_close, expect_triton, poisoned, rel_err
 

@@ -12,7 +12,8 @@ import importlib
 import pytest
 import torch
 
-from lorafuse.kernels import launches, rms_norm
+from lorafuse.kernels import rms_norm
+from lorafuse.kernels._launch import launches
 from lorafuse.kernels.rms_norm import rms_norm_reference, rms_norm_residual, rms_norm_residual_reference
 
 from kernel_utils import TOL, assert_close, expect_triton, rel_err

@@ -17,7 +17,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from lorafuse.kernels import apply_rope, launches
+from lorafuse.kernels import apply_rope
+from lorafuse.kernels._launch import launches
 from lorafuse.kernels.rope import apply_rope_reference
 
 from kernel_utils import assert_close, expect_triton, rel_err

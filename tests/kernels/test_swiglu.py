@@ -68,7 +68,7 @@ def test_swiglu_writes_every_element(monkeypatch):
 
 def test_reference_when_asked(monkeypatch):
     monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
-    from lorafuse.kernels import launches
+    from lorafuse.kernels._launch import launches
 
     before = launches["swiglu"]
     gate, up = torch.randn(5, 7), torch.randn(5, 7)
