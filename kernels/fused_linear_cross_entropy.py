@@ -50,7 +50,7 @@ import math
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count
+from ._launch import count, empty_output
 
 if HAVE_TRITON:
     import triton
@@ -492,11 +492,6 @@ def _addmm_fp32_(acc, a, b):
             acc[r:r + rows].addmm_(a[r:r + rows].float(), b.float())
 
 
-def _empty(shape, dtype, device):
-    """Buffers that a kernel or GEMM fills completely (tests poison them with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _triton_chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
     cap = max(1, LOGITS_CHUNK_BYTES // (vocab * itemsize))
     if cap >= n_rows:
@@ -510,14 +505,14 @@ def _chunked_pass(hidden, weight, labels, bias32, ignore_index, softcap, eps, zw
     """Summed row losses, row lse and the accumulated gradients (times grad_scale), chunk by chunk."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
-    loss_rows = _empty((n_rows,), torch.float32, dev)
-    lse_rows = _empty((n_rows,), torch.float32, dev)
-    grad_h = _empty(hidden.shape, hidden.dtype, dev) if need_h else None
+    loss_rows = empty_output((n_rows,), torch.float32, dev)
+    lse_rows = empty_output((n_rows,), torch.float32, dev)
+    grad_h = empty_output(hidden.shape, hidden.dtype, dev) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
     compute_grad = need_h or need_w or need_b
     step = _triton_chunk_rows(n_rows, vocab, hidden.element_size())
-    logits_buf = _empty((min(step, n_rows), vocab), hidden.dtype, dev)
+    logits_buf = empty_output((min(step, n_rows), vocab), hidden.dtype, dev)
     flags = dict(HAS_BIAS=bias32 is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0.0,
                  COMPUTE_GRAD=compute_grad)
     for start in range(0, n_rows, step):
@@ -556,7 +551,7 @@ def _fused_pass(hidden, weight, labels, bias32, ignore_index, softcap, eps, zw, 
     # splits from the largest row block of the autotune list: a smaller block only raises the parallelism
     row_block = _INTERP_FUSED["BLOCK_N"] if INTERPRETED else 128
     splits = _fused_splits(-(-n_rows // row_block), -(-vocab // 128), dev)
-    parts = _empty((4, splits, n_rows), torch.float32, dev)
+    parts = empty_output((4, splits, n_rows), torch.float32, dev)
     common = dict(HAS_BIAS=bias32 is not None, HAS_SOFTCAP=softcap is not None,
                   DOT_PRECISION=_dot_precision(hidden.dtype))
     # stands in for absent optional buffers; never lse_rows etc.: autotune zeroes the grad buffers it gets

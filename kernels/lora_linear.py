@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count
+from ._launch import count, empty_output
 from .swiglu import swiglu_forward_triton, swiglu_reference
 
 # ----------------------------------------------------------------------------- PyTorch references
@@ -283,11 +283,6 @@ if HAVE_TRITON:
 # ----------------------------------------------------------------------------- launching
 
 
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -404,7 +399,7 @@ def _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out):
     """out = x W^T + bias + U B^T with U = x A^T diag(s); returns U (None without adapters)."""
     u = None
     if a_stack is not None:
-        u = _alloc((x2d.shape[0], a_stack.shape[0]), x2d.dtype, x2d.device)
+        u = empty_output((x2d.shape[0], a_stack.shape[0]), x2d.dtype, x2d.device)
         _mm(u, [(x2d, 0)], a_stack, (a_stack.stride(1), a_stack.stride(0)), scale=scale, skinny=True)
     lowrank = (u, b_stack, (b_stack.stride(1), b_stack.stride(0))) if u is not None else None
     _mm(out, [(x2d, 0)], weight, (weight.stride(1), weight.stride(0)), bias=bias, lowrank=lowrank)
@@ -441,12 +436,12 @@ def _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, scale, need_d
     dx = dw = dbias = None
     das, dbs = [None] * len(plan.splits), [None] * len(plan.splits)
     if need_dx:
-        dx = _alloc((T, K), x2d.dtype, x2d.device)
+        dx = empty_output((T, K), x2d.dtype, x2d.device)
         if not segs:
             dx.zero_()
     v = None
     if segs and a_stack is not None and (need_dx or any(need_ab)):
-        v = _alloc((T, a_stack.shape[0]), x2d.dtype, x2d.device)
+        v = empty_output((T, a_stack.shape[0]), x2d.dtype, x2d.device)
         _mm(v, segs, b_stack, (b_stack.stride(0), b_stack.stride(1)), scale=scale, skinny=True)
     if need_dx and segs:
         lowrank = (v, a_stack, (a_stack.stride(0), a_stack.stride(1))) if v is not None else None
@@ -483,7 +478,7 @@ class LoraGroupFunction(torch.autograd.Function):
         a_stack, b_stack = _stack_adapters(plan, lora_as, lora_bs)
         scale = _scale_vector(plan.ranks, plan.scalings, x.device) if a_stack is not None else None
         n_total = sum(plan.splits)
-        out = _alloc((*x.shape[:-1], n_total), x.dtype, x.device)
+        out = empty_output((*x.shape[:-1], n_total), x.dtype, x.device)
         u = _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out.view(-1, n_total))
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x2d, weight, a_stack, b_stack, u)
@@ -518,11 +513,11 @@ class LoraMLPFunction(torch.autograd.Function):
         T = x2d.shape[0]
         a_gu, b_gu = _stack_adapters(plan_gu, [gate_a, up_a], [gate_b, up_b])
         scale_gu = _scale_vector(plan_gu.ranks, plan_gu.scalings, x.device) if a_gu is not None else None
-        gu = _alloc((T, 2 * inter), x.dtype, x.device)
+        gu = empty_output((T, 2 * inter), x.dtype, x.device)
         u_gu = _lowrank_forward(x2d, gate_up_weight, None, a_gu, b_gu, scale_gu, gu)
-        h = swiglu_forward_triton(gu[:, :inter], gu[:, inter:], out=_alloc((T, inter), x.dtype, x.device))
+        h = swiglu_forward_triton(gu[:, :inter], gu[:, inter:], out=empty_output((T, inter), x.dtype, x.device))
         scale_d = _scale_vector(plan_down.ranks, plan_down.scalings, x.device) if down_a is not None else None
-        out = _alloc((*x.shape[:-1], hidden), x.dtype, x.device)
+        out = empty_output((*x.shape[:-1], hidden), x.dtype, x.device)
         u_d = _lowrank_forward(h, down_weight, None, down_a, down_b, scale_d, out.view(-1, hidden))
         ctx.save_for_backward(x2d, gate_up_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
         ctx.plan_gu, ctx.scales, ctx.x_shape = plan_gu, (scale_gu, scale_d), x.shape
@@ -542,10 +537,10 @@ class LoraMLPFunction(torch.autograd.Function):
         # dH = dY W_d + V_d A_d, with the SwiGLU backward applied on the tile: writes dG, dU (and h).
         v_d = None
         if down_a is not None:
-            v_d = _alloc((T, down_a.shape[0]), dy.dtype, dy.device)
+            v_d = empty_output((T, down_a.shape[0]), dy.dtype, dy.device)
             _mm(v_d, [(dy, 0)], down_b, (down_b.stride(0), down_b.stride(1)), scale=scale_d, skinny=True)
-        dgu = _alloc((T, 2 * inter), dy.dtype, dy.device)
-        h = _alloc((T, inter), dy.dtype, dy.device) if need_h else None
+        dgu = empty_output((T, 2 * inter), dy.dtype, dy.device)
+        h = empty_output((T, inter), dy.dtype, dy.device) if need_h else None
         lowrank = (v_d, down_a, (down_a.stride(0), down_a.stride(1))) if v_d is not None else None
         _mm(dgu[:, :inter], [(dy, 0)], down_weight, (down_weight.stride(0), down_weight.stride(1)),
             lowrank=lowrank, swiglu=(gu[:, :inter], gu[:, inter:], dgu[:, inter:], h))

@@ -40,7 +40,7 @@ import functools
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count
+from ._launch import count, empty_output
 
 
 def rms_norm_reference(x, weight, eps: float, offset: float = 0.0):
@@ -190,11 +190,6 @@ if HAVE_TRITON:
     ]
 
 
-def _empty(shape, dtype, device):
-    """Every buffer a kernel writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -231,9 +226,9 @@ def _as_rows(x):
 def _forward(x3, res3, weight, eps, offset, n_rows, n_inner):
     n_cols = x3.shape[-1]
     block_d = _block_d(n_cols)
-    y = _empty((n_rows, n_cols), x3.dtype, x3.device)
-    rstd = _empty((n_rows,), torch.float32, x3.device)
-    h = _empty((n_rows, n_cols), x3.dtype, x3.device) if res3 is not None else y
+    y = empty_output((n_rows, n_cols), x3.dtype, x3.device)
+    rstd = empty_output((n_rows,), torch.float32, x3.device)
+    h = empty_output((n_rows, n_cols), x3.dtype, x3.device) if res3 is not None else y
     r3 = res3 if res3 is not None else x3
     if n_rows == 0:
         return y, h, rstd
@@ -254,14 +249,14 @@ def _backward(dy, dh, x3, weight, rstd, offset, n_rows, n_inner, need_dx, need_d
     block_d = _block_d(n_cols)
     dy = dy.reshape(n_rows, n_cols).contiguous()
     dh = dh.reshape(n_rows, n_cols).contiguous() if dh is not None else dy
-    dx = _empty((n_rows, n_cols), x3.dtype, x3.device) if need_dx else dy
+    dx = empty_output((n_rows, n_cols), x3.dtype, x3.device) if need_dx else dy
     if n_rows == 0:
         dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_dw else None
         return dx, dw
     if need_dw:
         programs = 4 if INTERPRETED else 2 * _sm_count(x3.device.index if x3.device.index is not None else 0)
         programs = min(programs, n_rows)
-        dw_partial = _empty((programs, n_cols), torch.float32, x3.device)
+        dw_partial = empty_output((programs, n_cols), torch.float32, x3.device)
     else:
         programs, dw_partial = None, rstd
     args = (dy, dh, x3, x3.stride(0), x3.stride(1), weight, rstd, dx, dw_partial,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count
+from ._launch import count, empty_output
 
 
 def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):
@@ -132,11 +132,6 @@ if HAVE_TRITON:
     ]
 
 
-def _empty(shape, dtype, device):
-    """Every buffer the kernel writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool):
     """Rotate q and k (or, with backward, their gradients) in one launch; returns new contiguous tensors."""
     if q.stride(-1) != 1:
@@ -145,8 +140,8 @@ def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool):
         k = k.contiguous()
     n_tokens, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
-    q_out = _empty(q.shape, q.dtype, q.device)
-    k_out = _empty(k.shape, k.dtype, k.device)
+    q_out = empty_output(q.shape, q.dtype, q.device)
+    k_out = empty_output(k.shape, k.dtype, k.device)
     if n_tokens == 0:
         return q_out, k_out
     half = head_dim // 2

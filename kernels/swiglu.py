@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
-from ._launch import count
+from ._launch import count, empty_output
 
 
 def swiglu_reference(gate, up):
@@ -83,11 +83,6 @@ if HAVE_TRITON:
     AOT_SPECS = _aot_specs()
 
 
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """A 2-D [rows, cols] view with unit column stride (a copy only when no such view exists)."""
     t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
@@ -102,7 +97,7 @@ def swiglu_forward_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tenso
     """h = silu(gate) * up through the Triton kernel (no autograd); gate, up 2-D [rows, cols]."""
     g2, u2 = _rows(gate), _rows(up)
     rows, cols = g2.shape
-    h = _alloc((rows, cols), gate.dtype, gate.device) if out is None else out
+    h = empty_output((rows, cols), gate.dtype, gate.device) if out is None else out
     if rows and cols:
         _swiglu_fwd_kernel[_grid(rows, cols)](g2, u2, h, cols, g2.stride(0), u2.stride(0), h.stride(0),
                                               BLOCK=BLOCK)
@@ -113,8 +108,8 @@ def swiglu_backward_triton(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tenso
     """(dgate, dup) for h = silu(gate) * up through the Triton kernel; all 2-D [rows, cols]."""
     d2, g2, u2 = _rows(dh), _rows(gate), _rows(up)
     rows, cols = g2.shape
-    dg = _alloc((rows, cols), gate.dtype, gate.device)
-    du = _alloc((rows, cols), up.dtype, up.device)
+    dg = empty_output((rows, cols), gate.dtype, gate.device)
+    du = empty_output((rows, cols), up.dtype, up.device)
     if rows and cols:
         _swiglu_bwd_kernel[_grid(rows, cols)](d2, g2, u2, dg, du, cols, d2.stride(0), g2.stride(0),
                                               u2.stride(0), dg.stride(0), du.stride(0), BLOCK=BLOCK)

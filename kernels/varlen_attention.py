@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count
+from ._launch import count, empty_output
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None):
@@ -487,8 +487,8 @@ def _varlen_forward(q, k, v, cu_seqlens, causal, softmax_scale, q_schedule):
     group = n_heads // k.shape[1]
     head_dim_pad = _head_dim_pad(head_dim)
     tile_doc, tile_end, bound = q_schedule
-    out = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
+    out = empty_output((n_tokens, n_heads, head_dim), q.dtype, q.device)
+    lse = empty_output((n_heads, n_tokens), torch.float32, q.device)
     if n_tokens == 0:  # CUDA rejects empty grids
         return out, lse
     args = (q, k, v, out, lse, cu_seqlens, tile_doc, tile_end,
@@ -516,14 +516,14 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale,
 
     if n_tokens == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    delta = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
+    delta = empty_output((n_heads, n_tokens), torch.float32, q.device)
     _varlen_bwd_preprocess_kernel[(triton.cdiv(n_tokens, PREPROCESS_BLOCK_T), n_heads)](
         out, dout, delta, n_tokens, n_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_T=PREPROCESS_BLOCK_T)
 
-    dq = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((n_tokens, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((n_tokens, n_kv_heads, head_dim), dtype=v.dtype, device=v.device)
+    dq = empty_output((n_tokens, n_heads, head_dim), q.dtype, q.device)
+    dk = empty_output((n_tokens, n_kv_heads, head_dim), k.dtype, k.device)
+    dv = empty_output((n_tokens, n_kv_heads, head_dim), v.dtype, v.device)
     meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal)
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens, kv_schedule[0], kv_schedule[1],
                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
