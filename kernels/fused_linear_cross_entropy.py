@@ -50,7 +50,7 @@ import math
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, empty_output
+from ._launch import count, empty_output, launch
 
 if HAVE_TRITON:
     import triton
@@ -442,18 +442,9 @@ else:
     _ce_rows = _fused_lse = _fused_grad = None
 
 
-def _rows_kernel(grid_rows, *args, **flags):
-    if INTERPRETED:
-        _ce_rows_kernel[(grid_rows,)](*args, **flags, **_INTERP_ROWS)
-    else:
-        _ce_rows[(grid_rows,)](*args, **flags)
-
-
-def _fused_kernel(jit_kernel, tuned_kernel, grid, *args, **flags):
-    if INTERPRETED:
-        jit_kernel[grid(_INTERP_FUSED)](*args, **flags, **_INTERP_FUSED)
-    else:
-        tuned_kernel[grid](*args, **flags)
+def _rows_kernel(n_rows, *args, **flags):
+    """_ce_rows_kernel over the n_rows rows of a logits chunk, one program per row."""
+    launch(_ce_rows_kernel, _ce_rows, (n_rows,), *args, interpreted=_INTERP_ROWS, **flags)
 
 
 def _scale_(x, factor):
@@ -557,9 +548,9 @@ def _fused_pass(hidden, weight, labels, bias32, ignore_index, softcap, eps, zw, 
     # stands in for absent optional buffers; never lse_rows etc.: autotune zeroes the grad buffers it gets
     unused = torch.zeros(1, **f32)
     bias_arg = bias32 if bias32 is not None else unused
-    _fused_kernel(_fused_lse_kernel, _fused_lse, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
-                  hidden, weight, bias_arg, labels, parts[0], parts[1], parts[2], parts[3], n_rows, vocab,
-                  hidden_size, float(softcap or 0.0), HAS_SMOOTHING=eps > 0.0, **common)
+    launch(_fused_lse_kernel, _fused_lse, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
+           hidden, weight, bias_arg, labels, parts[0], parts[1], parts[2], parts[3], n_rows, vocab, hidden_size,
+           float(softcap or 0.0), interpreted=_INTERP_FUSED, HAS_SMOOTHING=eps > 0.0, **common)
     part_max, part_sumexp, part_target, part_csum = parts
     row_max = part_max.amax(0)
     lse = row_max + torch.log((part_sumexp * torch.exp(part_max - row_max)).sum(0))
@@ -578,9 +569,10 @@ def _fused_pass(hidden, weight, labels, bias32, ignore_index, softcap, eps, zw, 
     if need_h or need_w or need_b:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))
         outs = [g if g is not None else unused for g in (grad_h, grad_w, grad_b)]
-        _fused_kernel(_fused_grad_kernel, _fused_grad, grid, hidden, weight, bias_arg, labels, lse_rows,
-                      grad_scale, *outs, n_rows, vocab, hidden_size, ignore_index, float(softcap or 0.0), eps,
-                      zw, float(FUSED_GRAD_FILTER), NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, **common)
+        launch(_fused_grad_kernel, _fused_grad, grid, hidden, weight, bias_arg, labels, lse_rows, grad_scale,
+               *outs, n_rows, vocab, hidden_size, ignore_index, float(softcap or 0.0), eps, zw,
+               float(FUSED_GRAD_FILTER), interpreted=_INTERP_FUSED, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b,
+               **common)
         if need_h:
             grad_h = grad_h.to(hidden.dtype)
     return loss_rows.sum(), lse_rows, grad_h, grad_w, grad_b

@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, empty_output
+from ._dispatch import HAVE_TRITON, use_triton
+from ._launch import count, empty_output, launch
 from .swiglu import swiglu_forward_triton, swiglu_reference
 
 # ----------------------------------------------------------------------------- PyTorch references
@@ -340,11 +340,8 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, swi
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    if INTERPRETED:
-        fixed = INTERPRETER_SKINNY if skinny else INTERPRETER_MAIN
-        _lowrank_mm[grid({**fixed, **flags})](*args, **flags, **fixed)
-    else:
-        (_tuned_skinny if skinny else _tuned_main)[grid](*args, **flags)
+    launch(_lowrank_mm, _tuned_skinny if skinny else _tuned_main, grid, *args,
+           interpreted=INTERPRETER_SKINNY if skinny else INTERPRETER_MAIN, **flags)
     return out
 
 

@@ -40,7 +40,7 @@ import functools
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, empty_output
+from ._launch import count, empty_output, launch
 
 
 def rms_norm_reference(x, weight, eps: float, offset: float = 0.0):
@@ -234,13 +234,8 @@ def _forward(x3, res3, weight, eps, offset, n_rows, n_inner):
         return y, h, rstd
     args = (x3, x3.stride(0), x3.stride(1), r3, r3.stride(0), r3.stride(1), weight, y, h, rstd,
             n_rows, n_inner, n_cols, eps, offset)
-    if INTERPRETED:
-        rows = _interpreted_rows(block_d)
-        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-            *args, HAS_RESIDUAL=res3 is not None, BLOCK_D=block_d, ROWS=rows)
-    else:
-        _rms_norm_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](
-            *args, HAS_RESIDUAL=res3 is not None, BLOCK_D=block_d)
+    launch(_rms_norm_fwd_kernel, _rms_norm_fwd_tuned, lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),), *args,
+           interpreted={"ROWS": _interpreted_rows(block_d)}, HAS_RESIDUAL=res3 is not None, BLOCK_D=block_d)
     return y, h, rstd
 
 
@@ -261,13 +256,9 @@ def _backward(dy, dh, x3, weight, rstd, offset, n_rows, n_inner, need_dx, need_d
         programs, dw_partial = None, rstd
     args = (dy, dh, x3, x3.stride(0), x3.stride(1), weight, rstd, dx, dw_partial,
             n_rows, n_inner, n_cols, offset)
-    flags = dict(HAS_DH=dh is not dy, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, BLOCK_D=block_d)
-    if INTERPRETED:
-        rows = _interpreted_rows(block_d)
-        _rms_norm_bwd_kernel[(programs or triton.cdiv(n_rows, rows),)](*args, **flags, ROWS=rows)
-    else:
-        grid = (lambda meta: (programs,)) if need_dw else (lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),))
-        _rms_norm_bwd_tuned[grid](*args, **flags)
+    grid = (lambda meta: (programs,)) if need_dw else (lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),))
+    launch(_rms_norm_bwd_kernel, _rms_norm_bwd_tuned, grid, *args, interpreted={"ROWS": _interpreted_rows(block_d)},
+           HAS_DH=dh is not dy, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, BLOCK_D=block_d)
     dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw
 

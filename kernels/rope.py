@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, empty_output
+from ._dispatch import HAVE_TRITON, use_triton
+from ._launch import count, empty_output, launch
 
 
 def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):
@@ -147,12 +147,9 @@ def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool):
     half = head_dim // 2
     args = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), q_out, k_out, position_ids, inv_freq,
             n_tokens, n_q_heads, n_kv_heads, scaling)
-    flags = dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward)
-    if INTERPRETED:
-        block_t = 4
-        _rope_kernel[(triton.cdiv(n_tokens, block_t),)](*args, **flags, BLOCK_T=block_t, BLOCK_H=4)
-    else:
-        _rope_tuned[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),)](*args, **flags)
+    launch(_rope_kernel, _rope_tuned, lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),), *args,
+           interpreted={"BLOCK_T": 4, "BLOCK_H": 4},
+           HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward)
     return q_out, k_out
 
 

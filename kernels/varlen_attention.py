@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, empty_output
+from ._launch import count, empty_output, launch
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None):
@@ -497,10 +497,8 @@ def _varlen_forward(q, k, v, cu_seqlens, causal, softmax_scale, q_schedule):
             n_tokens, cu_seqlens.numel() - 1, n_heads, group, softmax_scale * math.log2(math.e))
     grid = (bound * n_heads,)
     meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, TILE=_tiles(head_dim_pad)[0], CAUSAL=causal)
-    if INTERPRETED:
-        _varlen_fwd_kernel[grid](*args, **meta, BLOCK_N=INTERP_BLOCK)
-    else:
-        _TUNED_FWD[_dim_class(head_dim_pad)][grid](*args, **meta)
+    launch(_varlen_fwd_kernel, _TUNED_FWD[_dim_class(head_dim_pad)], grid, *args,
+           interpreted={"BLOCK_N": INTERP_BLOCK}, **meta)
     return out, lse
 
 
@@ -534,12 +532,11 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale,
                dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
                n_tokens, n_docs, n_heads, group, softmax_scale, scale_log2)
     dkdv_grid, dq_grid = (kv_schedule[2] * n_kv_heads,), (q_schedule[2] * n_heads,)
-    if INTERPRETED:
-        _varlen_bwd_dkdv_kernel[dkdv_grid](*dkdv_args, **meta, TILE=tile_kv, BLOCK_M=INTERP_BLOCK)
-        _varlen_bwd_dq_kernel[dq_grid](*dq_args, **meta, TILE=tile_q, BLOCK_N=INTERP_BLOCK)
-    else:
-        _TUNED_DKDV[_dim_class(head_dim_pad)][dkdv_grid](*dkdv_args, **meta, TILE=tile_kv)
-        _TUNED_DQ[_dim_class(head_dim_pad)][dq_grid](*dq_args, **meta, TILE=tile_q)
+    dim_class = _dim_class(head_dim_pad)
+    launch(_varlen_bwd_dkdv_kernel, _TUNED_DKDV[dim_class], dkdv_grid, *dkdv_args,
+           interpreted={"BLOCK_M": INTERP_BLOCK}, **meta, TILE=tile_kv)
+    launch(_varlen_bwd_dq_kernel, _TUNED_DQ[dim_class], dq_grid, *dq_args,
+           interpreted={"BLOCK_N": INTERP_BLOCK}, **meta, TILE=tile_q)
     return dq, dk, dv
 
 
