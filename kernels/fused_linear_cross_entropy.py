@@ -50,7 +50,7 @@ import math
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, empty_output, launch
+from ._launch import count, dot_precision, empty_output, launch
 
 if HAVE_TRITON:
     import triton
@@ -454,11 +454,6 @@ def _scale_(x, factor):
     return x
 
 
-def _dot_precision(dtype):
-    # float32 inputs get full-precision dots (the chunked path's cuBLAS does not use TF32 either)
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 _ADDMM_OUT_DTYPE: list = [None]  # does torch.addmm(..., out_dtype=float32) run here? learnt on first use
 
 
@@ -544,7 +539,7 @@ def _fused_pass(hidden, weight, labels, bias32, ignore_index, softcap, eps, zw, 
     splits = _fused_splits(-(-n_rows // row_block), -(-vocab // 128), dev)
     parts = empty_output((4, splits, n_rows), torch.float32, dev)
     common = dict(HAS_BIAS=bias32 is not None, HAS_SOFTCAP=softcap is not None,
-                  DOT_PRECISION=_dot_precision(hidden.dtype))
+                  DOT_PRECISION=dot_precision(hidden.dtype))
     # stands in for absent optional buffers; never lse_rows etc.: autotune zeroes the grad buffers it gets
     unused = torch.zeros(1, **f32)
     bias_arg = bias32 if bias32 is not None else unused

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
-from ._launch import count, empty_output, launch
+from ._launch import count, dot_precision, empty_output, launch
 from .swiglu import swiglu_forward_triton, swiglu_reference
 
 # ----------------------------------------------------------------------------- PyTorch references
@@ -287,14 +287,6 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _dot_precision(dtype) -> str:
-    if dtype != torch.float32:
-        return "tf32"  # (ignored for 16-bit inputs)
-    matmul = torch.backends.cuda.matmul
-    tf32 = matmul.allow_tf32 or getattr(matmul, "fp32_precision", None) == "tf32"
-    return "tf32" if tf32 else "ieee"  # as torch's own float32 matmul: no TF32 unless the user allowed it
-
-
 def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, swiglu=None, skinny=False):
     """out[M, N] = scale * (sum_s A_s @ Bop[off_s : off_s + K_s] + E @ F) + bias  (module docstring).
 
@@ -333,7 +325,7 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, swi
     flags = dict(NUM_SEGS=len(segments), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
                  HAS_LOWRANK=lowrank is not None and R > 0, SWIGLU_BWD=swiglu is not None,
                  STORE_H=swiglu is not None and swiglu[3] is not None, BLOCK_R=min(64, max(16, _pow2(R))),
-                 DOT_PRECISION=_dot_precision(out.dtype))
+                 DOT_PRECISION=dot_precision(out.dtype))
     if skinny:
         flags["BLOCK_N"] = min(256, max(16, _pow2(N)))
 
