@@ -1,14 +1,16 @@
-"""How a kernel runs once _dispatch has chosen Triton: its output buffers, its launch, its dot precision, and the
-count of Triton calls per op.
+"""How a kernel runs once _dispatch has chosen Triton: its output buffers, its launch, its dot precision, the
+variants that kernels/aot.py compiles ahead of time, and the count of Triton calls per op.
 
 Every kernel file takes these from here, so a rule changes in one place: tests poison every output buffer by
-setting POISON, the interpreter's fixed configs and the autotuners meet in `launch`, and float32 dots follow
-one rule (`dot_precision`).
+setting POISON, the interpreter's fixed configs and the autotuners meet in `launch`, float32 dots follow one
+rule (`dot_precision`), and an AOT variant is always written as aot_spec(kernel, dtype, constexprs, types=...,
+config=...).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
@@ -65,3 +67,56 @@ def dot_precision(dtype: torch.dtype) -> str:
     matmul = torch.backends.cuda.matmul
     tf32 = matmul.allow_tf32 or getattr(matmul, "fp32_precision", None) == "tf32"
     return "tf32" if tf32 else "ieee"
+
+
+# ----------------------------------------------------------------------------- ahead-of-time variants
+
+
+class AotSpec(NamedTuple):
+    """One variant for kernels/aot.py to compile: the JITFunction, each argument's Triton type ("*bf16",
+    "i32", "fp32", "constexpr", ...) in the kernel's order, the constexpr values, and the launch options
+    (num_warps, num_stages) of an autotune config ({} for Triton's defaults)."""
+
+    kernel: object
+    signature: dict
+    constexprs: dict
+    options: dict
+
+
+def jit_function(kernel):
+    """The @triton.jit function under @triton.autotune / @triton.heuristics wrappers (under the interpreter,
+    which builds the specs at import too, an InterpretedFunction: it has arg_names, nothing to compile)."""
+    from triton.runtime import Autotuner, Heuristics
+
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
+
+
+def aot_spec(kernel, dtype: str, constexprs: dict | None = None, *, types: dict | None = None,
+             config=None) -> AotSpec:
+    """A variant of `kernel` for `dtype` tensors ("bf16", "fp16", "fp32"), its types derived from arg_names.
+
+    An argument is "constexpr" when constexprs gives its value (every tl.constexpr parameter needs one; a
+    unit stride may be given as 1, as a launch specialises it); otherwise its entry in `types`, else a
+    pointer to `dtype` when its name ends in _ptr, else "i32" (strides and sizes: what a launch passes for
+    values below 2^31). A key of `types` may name several arguments, space-separated; names a kernel does
+    not take are skipped, so one table serves a module's kernels. config, a triton.Config of the kernel's
+    autotune list, adds its block sizes to constexprs and gives num_warps and num_stages.
+    """
+    fn = jit_function(kernel)
+    constexprs = {**(constexprs or {}), **(config.kwargs if config is not None else {})}
+    unknown = set(constexprs) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"aot_spec({fn.__name__}): the kernel has no argument {sorted(unknown)}")
+    named = {name: ty for names, ty in (types or {}).items() for name in names.split()}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in named:
+            signature[name] = named[name]
+        else:
+            signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
+    options = {} if config is None else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return AotSpec(fn, signature, constexprs, options)

@@ -50,7 +50,7 @@ import math
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, dot_precision, empty_output, launch
+from ._launch import aot_spec, count, dot_precision, empty_output, launch
 
 if HAVE_TRITON:
     import triton
@@ -691,27 +691,12 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100,
     return (loss, z_loss) if return_z_loss else loss
 
 
-# Ahead-of-time compile checks (python -m lorafuse.kernels.aot): the variants that matter on a GPU.
-_ROWS_SIG = {"logits_ptr": "*bf16", "labels_ptr": "*i64", "bias_ptr": "*fp32", "loss_ptr": "*fp32",
-             "lse_ptr": "*fp32", "grad_scale_ptr": "*fp32", "stride_row": "i32", "V": "i32",
-             "ignore_index": "i32", "softcap": "fp32",
-             "label_smoothing": "fp32", "z_loss_weight": "fp32", "HAS_BIAS": "constexpr",
-             "HAS_SOFTCAP": "constexpr", "HAS_SMOOTHING": "constexpr", "COMPUTE_GRAD": "constexpr",
-             "BLOCK_V": "constexpr"}
-_LSE_SIG = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*fp32", "labels_ptr": "*i64",
-            "part_max_ptr": "*fp32", "part_sumexp_ptr": "*fp32", "part_target_ptr": "*fp32",
-            "part_csum_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "softcap": "fp32",
-            "HAS_BIAS": "constexpr", "HAS_SOFTCAP": "constexpr", "HAS_SMOOTHING": "constexpr",
-            "DOT_PRECISION": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
-            "BLOCK_K": "constexpr"}
-_GRAD_SIG = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*fp32", "labels_ptr": "*i64",
-             "lse_ptr": "*fp32", "grad_scale_ptr": "*fp32", "grad_h_ptr": "*fp32", "grad_w_ptr": "*fp32",
-             "grad_b_ptr": "*fp32",
-             "N": "i32", "V": "i32", "H": "i32", "ignore_index": "i32", "softcap": "fp32",
-             "label_smoothing": "fp32", "z_loss_weight": "fp32", "grad_filter": "fp32",
-             "HAS_BIAS": "constexpr", "HAS_SOFTCAP": "constexpr", "NEED_H": "constexpr",
-             "NEED_W": "constexpr", "NEED_B": "constexpr", "DOT_PRECISION": "constexpr",
-             "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr"}
+# Ahead-of-time compile checks (python -m lorafuse.kernels.aot): the variants that matter on a GPU. Arguments
+# not listed here are the input dtype's tensors (*_ptr) or i32.
+_AOT_TYPES = {"labels_ptr": "*i64",
+              "bias_ptr loss_ptr lse_ptr grad_scale_ptr part_max_ptr part_sumexp_ptr part_target_ptr part_csum_ptr "
+              "grad_h_ptr grad_w_ptr grad_b_ptr factor_ptr": "*fp32",
+              "softcap label_smoothing z_loss_weight grad_filter": "fp32", "n_elements": "i64"}
 
 
 def _rows_flags(bias, cap, smooth, grad, block_v):
@@ -721,19 +706,19 @@ def _rows_flags(bias, cap, smooth, grad, block_v):
 
 AOT_SPECS = [
     # the LoRA hot path: bf16, plain CE with gradient; the autotune list's block sizes
-    (_ce_rows_kernel, _ROWS_SIG, _rows_flags(False, False, False, True, 4096)),
-    (_ce_rows_kernel, _ROWS_SIG, _rows_flags(True, True, True, True, 8192)),
-    (_ce_rows_kernel, {**_ROWS_SIG, "logits_ptr": "*fp32"}, _rows_flags(False, True, False, False, 2048)),
+    aot_spec(_ce_rows_kernel, "bf16", _rows_flags(False, False, False, True, 4096), types=_AOT_TYPES),
+    aot_spec(_ce_rows_kernel, "bf16", _rows_flags(True, True, True, True, 8192), types=_AOT_TYPES),
+    aot_spec(_ce_rows_kernel, "fp32", _rows_flags(False, True, False, False, 2048), types=_AOT_TYPES),
     # fused path, every option on, the largest tiles of its autotune list
-    (_fused_lse_kernel, _LSE_SIG, {"HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_SMOOTHING": True,
-                                   "DOT_PRECISION": "tf32", "BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}),
-    (_fused_grad_kernel, _GRAD_SIG, {"HAS_BIAS": True, "HAS_SOFTCAP": True, "NEED_H": True, "NEED_W": True,
-                                     "NEED_B": True, "DOT_PRECISION": "tf32", "BLOCK_N": 64, "BLOCK_V": 256,
-                                     "BLOCK_K": 64}),
-    (_fused_grad_kernel, {**_GRAD_SIG, "hidden_ptr": "*fp32", "weight_ptr": "*fp32"},
-     {"HAS_BIAS": False, "HAS_SOFTCAP": False, "NEED_H": True, "NEED_W": False, "NEED_B": False,
-      "DOT_PRECISION": "ieee", "BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 32}),
+    aot_spec(_fused_lse_kernel, "bf16", {"HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_SMOOTHING": True,
+                                         "DOT_PRECISION": "tf32", "BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64},
+             types=_AOT_TYPES),
+    aot_spec(_fused_grad_kernel, "bf16", {"HAS_BIAS": True, "HAS_SOFTCAP": True, "NEED_H": True, "NEED_W": True,
+                                          "NEED_B": True, "DOT_PRECISION": "tf32", "BLOCK_N": 64, "BLOCK_V": 256,
+                                          "BLOCK_K": 64}, types=_AOT_TYPES),
+    aot_spec(_fused_grad_kernel, "fp32", {"HAS_BIAS": False, "HAS_SOFTCAP": False, "NEED_H": True, "NEED_W": False,
+                                          "NEED_B": False, "DOT_PRECISION": "ieee", "BLOCK_N": 64, "BLOCK_V": 128,
+                                          "BLOCK_K": 32}, types=_AOT_TYPES),
     # backward's in-place scaling of a 16-bit grad_hidden
-    (_scale_kernel, {"x_ptr": "*bf16", "factor_ptr": "*fp32", "n_elements": "i64", "BLOCK": "constexpr"},
-     {"BLOCK": 4096}),
-]
+    aot_spec(_scale_kernel, "bf16", {"BLOCK": 4096}, types=_AOT_TYPES),
+] if HAVE_TRITON else []

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
-from ._launch import count, dot_precision, empty_output, launch
+from ._launch import aot_spec, count, dot_precision, empty_output, launch
 from .swiglu import swiglu_forward_triton, swiglu_reference
 
 # ----------------------------------------------------------------------------- PyTorch references
@@ -234,46 +234,36 @@ if HAVE_TRITON:
     def _aot_specs():
         """Variants of the autotune lists (tiles, warps, stages) for the kernel's main uses."""
 
-        def spec(dt, *, segs, lowrank, bias, scale, swiglu, dot_precision, config, block_n=None, block_r=16):
-            sig = {name: dt for name in ("a0_ptr", "a1_ptr", "a2_ptr", "b_ptr", "c_ptr", "bias_ptr", "e_ptr",
-                                         "f_ptr", "g_ptr", "u_ptr", "du_ptr", "h_ptr")}
-            sig["scale_ptr"] = "*fp32"
-            ints = ("M N R K0 K1 K2 b_off0 b_off1 b_off2 stride_a0m stride_a1m stride_a2m stride_bk "
-                    "stride_bn stride_cm stride_em stride_er stride_fr stride_fn stride_gm stride_um "
-                    "stride_dum stride_hm M_BUCKET").split()
-            sig.update({name: "i32" for name in ints})
+        def spec(dtype, *, segs, lowrank, bias, scale, swiglu, precision, config, block_n=None, block_r=16):
             # unit strides are constexpr 1 at runtime (Triton specialises them)
             consts = {"stride_a0k": 1, "stride_a1k": 1, "stride_a2k": 1, "stride_cn": 1,
                       "NUM_SEGS": segs, "HAS_BIAS": bias, "HAS_SCALE": scale, "HAS_LOWRANK": lowrank,
-                      "SWIGLU_BWD": swiglu, "STORE_H": swiglu, "EVEN_K": True, "DOT_PRECISION": dot_precision,
-                      "BLOCK_R": block_r, **config.kwargs}
+                      "SWIGLU_BWD": swiglu, "STORE_H": swiglu, "EVEN_K": True, "DOT_PRECISION": precision,
+                      "BLOCK_R": block_r}
             if block_n is not None:
                 consts["BLOCK_N"] = block_n
-            sig.update({name: "constexpr" for name in consts})
-            order = _lowrank_mm_kernel.arg_names
-            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-            return _lowrank_mm_kernel, {name: sig[name] for name in order}, consts, options
+            return aot_spec(_lowrank_mm_kernel, dtype, consts, types={"scale_ptr": "*fp32"}, config=config)
 
         big, tall, square8, square4, _, small = MAIN_CONFIGS
         return [
             # forward y = x W^T + bias + U B^T: the largest tiles, bf16 and fp16
-            spec("*bf16", segs=1, lowrank=True, bias=True, scale=False, swiglu=False, dot_precision="tf32",
+            spec("bf16", segs=1, lowrank=True, bias=True, scale=False, swiglu=False, precision="tf32",
                  config=big),
-            spec("*fp16", segs=1, lowrank=True, bias=False, scale=False, swiglu=False, dot_precision="tf32",
+            spec("fp16", segs=1, lowrank=True, bias=False, scale=False, swiglu=False, precision="tf32",
                  config=tall, block_r=64),
             # dX of q/k/v: three dY segments, rank chunks of 64
-            spec("*bf16", segs=3, lowrank=True, bias=False, scale=False, swiglu=False, dot_precision="tf32",
+            spec("bf16", segs=3, lowrank=True, bias=False, scale=False, swiglu=False, precision="tf32",
                  config=square8, block_r=64),
             # dH of the MLP with the SwiGLU backward in the epilogue
-            spec("*bf16", segs=1, lowrank=True, bias=False, scale=False, swiglu=True, dot_precision="tf32",
+            spec("bf16", segs=1, lowrank=True, bias=False, scale=False, swiglu=True, precision="tf32",
                  config=square4),
             # skinny U = x A^T diag(s) with the widest rank block (3 x r = 192 -> 256 columns)
-            spec("*bf16", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, dot_precision="tf32",
+            spec("bf16", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, precision="tf32",
                  config=SKINNY_CONFIGS[0], block_n=256),
             # float32 (IEEE dots): only the smaller tiles fit in shared memory
-            spec("*fp32", segs=2, lowrank=True, bias=True, scale=False, swiglu=False, dot_precision="ieee",
+            spec("fp32", segs=2, lowrank=True, bias=True, scale=False, swiglu=False, precision="ieee",
                  config=small),
-            spec("*fp32", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, dot_precision="ieee",
+            spec("fp32", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, precision="ieee",
                  config=SKINNY_CONFIGS[-1], block_n=256),
         ]
 

@@ -40,7 +40,7 @@ import functools
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, empty_output, launch
+from ._launch import aot_spec, count, empty_output, launch
 
 
 def rms_norm_reference(x, weight, eps: float, offset: float = 0.0):
@@ -166,19 +166,9 @@ if HAVE_TRITON:
     )(_rms_norm_bwd_kernel)
 
     def _aot(kernel, dtype, block_d, rows, **flags):
-        ptr = f"*{dtype}"
-        if kernel is _rms_norm_fwd_kernel:
-            sig = {"X": ptr, "stride_x_outer": "i32", "stride_x_inner": "i32", "R": ptr,
-                   "stride_r_outer": "i32", "stride_r_inner": "i32", "W": ptr, "Y": ptr, "H": ptr,
-                   "RSTD": "*fp32", "n_rows": "i32", "n_inner": "i32", "n_cols": "i32", "eps": "fp32",
-                   "offset": "fp32"}
-        else:
-            sig = {"DY": ptr, "DH": ptr, "X": ptr, "stride_x_outer": "i32", "stride_x_inner": "i32", "W": ptr,
-                   "RSTD": "*fp32", "DX": ptr, "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_inner": "i32",
-                   "n_cols": "i32", "offset": "fp32"}
-        constexprs = {**flags, "BLOCK_D": block_d, "ROWS": rows}
-        sig.update({name: "constexpr" for name in constexprs})
-        return kernel, sig, constexprs
+        # the tensors here have capital names, not *_ptr ones; rstd and the dW partials are float32
+        types = {"X R W Y H DY DH DX": f"*{dtype}", "RSTD DW_PARTIAL": "*fp32", "eps offset": "fp32"}
+        return aot_spec(kernel, dtype, {**flags, "BLOCK_D": block_d, "ROWS": rows}, types=types)
 
     AOT_SPECS = [
         _aot(_rms_norm_fwd_kernel, "bf16", 8192, 1, HAS_RESIDUAL=False),

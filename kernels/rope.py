@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import HAVE_TRITON, use_triton
-from ._launch import count, empty_output, launch
+from ._launch import aot_spec, count, empty_output, launch
 
 
 def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):
@@ -114,14 +114,11 @@ if HAVE_TRITON:
     )(_rope_kernel)
 
     def _aot(dtype, half, block_t, block_h, backward):
-        ptr = f"*{dtype}"
-        sig = {"Q": ptr, "stride_q_t": "i32", "stride_q_h": "i32", "K": ptr, "stride_k_t": "i32",
-               "stride_k_h": "i32", "Q_OUT": ptr, "K_OUT": ptr, "POS": "*i64", "INV_FREQ": "*fp32",
-               "n_tokens": "i32", "n_q_heads": "i32", "n_kv_heads": "i32", "scaling": "fp32"}
+        # the tensors here have capital names, not *_ptr ones; positions are int64, inv_freq float32
+        types = {"Q K Q_OUT K_OUT": f"*{dtype}", "POS": "*i64", "INV_FREQ": "*fp32", "scaling": "fp32"}
         constexprs = {"HALF": half, "BLOCK_HALF": triton.next_power_of_2(half), "BLOCK_T": block_t,
                       "BLOCK_H": block_h, "BACKWARD": backward}
-        sig.update({name: "constexpr" for name in constexprs})
-        return _rope_kernel, sig, constexprs
+        return aot_spec(_rope_kernel, dtype, constexprs, types=types)
 
     AOT_SPECS = [
         _aot("bf16", 64, 4, 8, False),   # Llama-3 / Qwen head_dim 128

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
-from ._launch import count, empty_output
+from ._launch import aot_spec, count, empty_output
 
 
 def swiglu_reference(gate, up):
@@ -65,22 +65,8 @@ if HAVE_TRITON:
         tl.store(dg_ptr + row * stride_dg + cols, dg.to(dg_ptr.dtype.element_ty), mask=col_mask)
         tl.store(du_ptr + row * stride_du + cols, du.to(du_ptr.dtype.element_ty), mask=col_mask)
 
-    def _aot_specs():
-        specs = []
-        for dt in ("*bf16", "*fp16", "*fp32"):
-            specs.append((_swiglu_fwd_kernel,
-                          {"g_ptr": dt, "u_ptr": dt, "h_ptr": dt, "n_cols": "i32", "stride_g": "i32",
-                           "stride_u": "i32", "stride_h": "i32", "BLOCK": "constexpr"},
-                          {"BLOCK": BLOCK}))
-        for dt in ("*bf16", "*fp32"):
-            specs.append((_swiglu_bwd_kernel,
-                          {"dh_ptr": dt, "g_ptr": dt, "u_ptr": dt, "dg_ptr": dt, "du_ptr": dt,
-                           "n_cols": "i32", "stride_dh": "i32", "stride_g": "i32", "stride_u": "i32",
-                           "stride_dg": "i32", "stride_du": "i32", "BLOCK": "constexpr"},
-                          {"BLOCK": BLOCK}))
-        return specs
-
-    AOT_SPECS = _aot_specs()
+    AOT_SPECS = ([aot_spec(_swiglu_fwd_kernel, dtype, {"BLOCK": BLOCK}) for dtype in ("bf16", "fp16", "fp32")]
+                 + [aot_spec(_swiglu_bwd_kernel, dtype, {"BLOCK": BLOCK}) for dtype in ("bf16", "fp32")])
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, empty_output, launch
+from ._launch import aot_spec, count, empty_output, launch
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None):
@@ -584,50 +584,25 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, 
     return VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), bool(causal), float(softmax_scale))
 
 
-def _aot_signature(kernel, dtype: str) -> dict:
-    """Triton types of a kernel's arguments: tensors of `dtype` except the float32 lse/delta and the
-    int32 schedule, int32 strides and counts, float32 scales."""
-    fp32_ptrs = {"lse_ptr", "delta_ptr"}
-    i32_ptrs = {"cu_ptr", "tile_doc_ptr", "tile_end_ptr"}
-    fp32_vals = {"scale_log2", "softmax_scale"}
-    sig = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            sig[name] = "constexpr"
-        elif name in fp32_ptrs:
-            sig[name] = "*fp32"
-        elif name in i32_ptrs:
-            sig[name] = "*i32"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}"
-        elif name in fp32_vals:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-def _aot_spec(kernel, block_name, options, **constexprs):
-    block, warps, stages = options
-    return (kernel, _aot_signature(kernel, "bf16"), {**constexprs, block_name: block},
-            {"num_warps": warps, "num_stages": stages})
-
+# Arguments not listed here are bf16 tensors (*_ptr) or i32 strides and counts.
+_AOT_TYPES = {"lse_ptr delta_ptr": "*fp32", "cu_ptr tile_doc_ptr tile_end_ptr": "*i32",
+              "scale_log2 softmax_scale": "fp32"}
 
 # bf16 variants the GPU runs: head dims 128 and 256 (80 and 96 compile like 128 plus masks), causal, the
 # first config of each autotune list. (Compiled here without the runtime's divisibility-by-16
 # specialization of pointers and strides, so loads are not pipelined and the shared memory shown is the
 # unpipelined figure; with it, every config of the lists fits sm_80 and sm_90.)
 AOT_SPECS = [
-    _aot_spec(_varlen_fwd_kernel, "BLOCK_N", _FWD_OPTIONS[128][0],
-              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
-    _aot_spec(_varlen_fwd_kernel, "BLOCK_N", _FWD_OPTIONS[256][0],
-              HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][0], CAUSAL=True),
-    (_varlen_bwd_preprocess_kernel, _aot_signature(_varlen_bwd_preprocess_kernel, "bf16"),
-     dict(HEAD_DIM=80, HEAD_DIM_PAD=128, BLOCK_T=PREPROCESS_BLOCK_T)),
-    _aot_spec(_varlen_bwd_dkdv_kernel, "BLOCK_M", _DKDV_OPTIONS[128][0],
-              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][1], CAUSAL=True),
-    _aot_spec(_varlen_bwd_dq_kernel, "BLOCK_N", _DQ_OPTIONS[128][0],
-              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
-    _aot_spec(_varlen_bwd_dkdv_kernel, "BLOCK_M", _DKDV_OPTIONS[256][0],
-              HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][1], CAUSAL=True),
+    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_FWD[128].configs[0]),
+    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][0], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_FWD[256].configs[0]),
+    aot_spec(_varlen_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, HEAD_DIM_PAD=128, BLOCK_T=PREPROCESS_BLOCK_T),
+             types=_AOT_TYPES),
+    aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][1], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_DKDV[128].configs[0]),
+    aot_spec(_varlen_bwd_dq_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_DQ[128].configs[0]),
+    aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][1], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_DKDV[256].configs[0]),
 ] if HAVE_TRITON else []
