@@ -1,20 +1,21 @@
 """What the kernel micro-benchmarks share: the mode they run in and `measure`.
 
-On a CUDA GPU with compiled kernels (TRITON_INTERPRET unset or 0) they time real sizes: `measure`
-takes the median of triton.testing.do_bench (CUDA events, after warm-up) and records it with the
-case's FLOPs and bytes in the benchmark's extra_info, which the benchmark runner collects into
-bench/results/. Otherwise (no GPU, or Triton's interpreter on) they run in smoke mode: tiny sizes,
-each case once, timing off, so the benchmarks never rot.
+On a CUDA GPU with compiled kernels (TRITON_INTERPRET unset or off: "", 0, false or off; one reading,
+lorafuse._interpreter) they time real sizes: `measure` takes the median of triton.testing.do_bench (CUDA
+events, after warm-up) and records it with the case's FLOPs and bytes in the benchmark's extra_info, which
+the benchmark runner collects into bench/results/. Otherwise (no GPU, or Triton's interpreter on) they run
+in smoke mode: tiny sizes, each case once, timing off, so the benchmarks never rot.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from lorafuse._interpreter import interpreter_requested
+
+INTERPRET = interpreter_requested()
 GPU = torch.cuda.is_available() and not INTERPRET
 SMOKE = not GPU
 

@@ -9,7 +9,6 @@ when TRITON_INTERPRET=1 was set before triton was imported, the PyTorch referenc
 # as a top-level `kernels`, the name of a PyPI project that transformers probes for; stay inert
 # under that name so the probe finds nothing and nothing is imported twice.
 if __name__ == "lorafuse.kernels":
-    from ._dispatch import launches
     from .fused_linear_cross_entropy import fused_linear_cross_entropy
     from .lora_linear import lora_linear, lora_linear_group, lora_mlp
     from .rms_norm import rms_norm, rms_norm_residual
@@ -18,4 +17,4 @@ if __name__ == "lorafuse.kernels":
     from .varlen_attention import varlen_attention
 
     __all__ = ["lora_linear", "lora_linear_group", "lora_mlp", "fused_linear_cross_entropy", "varlen_attention",
-               "apply_rope", "rms_norm", "rms_norm_residual", "swiglu", "launches"]
+               "apply_rope", "rms_norm", "rms_norm_residual", "swiglu"]

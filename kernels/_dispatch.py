@@ -5,25 +5,18 @@
   through Triton's interpreter (how the CPU test suite runs the real kernel code).
 - CPU tensors otherwise, or LORAFUSE_KERNELS=reference: the PyTorch reference.
 
-`launches` counts Triton launches per op, so a test can prove the Triton code ran rather than
-the reference.
+What happens once Triton is chosen lives in _launch.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 
 import numpy
 import torch
 
-launches: Counter = Counter()
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off")
-
+from lorafuse._interpreter import interpreter_requested
 
 try:  # triton ships for Linux only; elsewhere every op runs its reference
     import triton
@@ -33,7 +26,7 @@ except ImportError:  # pragma: no cover - Linux CI always has it
     HAVE_TRITON = False
 
 # Triton decides at @triton.jit time whether a kernel is interpreted: remember what it decided.
-INTERPRETED = HAVE_TRITON and _interpret_env()
+INTERPRETED = HAVE_TRITON and interpreter_requested()
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -68,7 +61,7 @@ def use_triton(x: torch.Tensor) -> bool:
         if not HAVE_TRITON:
             raise RuntimeError("CUDA tensors need triton (pip install triton), or set LORAFUSE_KERNELS=reference")
         return True
-    if x.device.type == "cpu" and _interpret_env():
+    if x.device.type == "cpu" and interpreter_requested():
         if not INTERPRETED:
             raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; set it before importing "
                                "lorafuse or triton so the kernels are built for the interpreter")
@@ -79,7 +72,3 @@ def use_triton(x: torch.Tensor) -> bool:
         raise RuntimeError(f"LORAFUSE_KERNELS=triton on {x.device.type} tensors needs CUDA, or TRITON_INTERPRET=1 "
                            "set before triton is imported")
     return False
-
-
-def count(op: str) -> None:
-    launches[op] += 1

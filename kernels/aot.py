@@ -5,10 +5,8 @@ AOT_SPECS for sm_80 (A100) and sm_90 (H100/H200) and prints the shared memory ea
 CPU test suite runs it, so a kernel that the interpreter accepts but the GPU compiler rejects
 (tl.dot shapes, layouts, too much shared memory) fails in CI, not on a rented GPU.
 
-An AOT spec is (kernel, signature, constexprs[, options]): signature maps each argument to a
-Triton type ("*bf16", "*fp32", "i32", "i64", "fp32", or "constexpr"); constexprs gives the
-constexpr values; options the launch options of an autotune config ({"num_warps": 8,
-"num_stages": 3}).
+Each variant is an _launch.AotSpec, written with _launch.aot_spec: the kernel, the Triton type of each
+argument, the constexpr values, and the launch options of an autotune config.
 """
 
 from __future__ import annotations
@@ -18,44 +16,42 @@ import os
 import sys
 import time
 
+from lorafuse._interpreter import interpreter_requested
+
 ARCHS = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use
 MODULES = ("lora_linear", "fused_linear_cross_entropy", "varlen_attention", "rope", "rms_norm", "swiglu")
 
 
-def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, options: dict | None = None):
+def compile_spec(spec, arch: int):
+    """Compile an _launch.AotSpec for sm_<arch>."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    fn = kernel
-    while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @autotune / @heuristics
-        fn = fn.fn
     # A real launch tells the compiler which pointers are 16-byte aligned (torch's allocations are):
     # claim it for every pointer. Integer arguments (strides) stay unspecialised, so loads whose
     # vectorisation needs aligned strides compile here as they would for odd strides.
-    names = list(signature)
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items() if t.startswith("*")}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options or {})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(spec.signature.values()) if ty.startswith("*")}
+    src = triton.compiler.ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
 
 
 def main() -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_requested():
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
         return 2
     failures = 0
     for name in MODULES:
         module = importlib.import_module(f"lorafuse.kernels.{name}")
         for spec in getattr(module, "AOT_SPECS", ()):
-            kernel, signature, constexprs, options = (*spec, {})[:4]
-            label = f"{name}.{getattr(kernel, '__name__', None) or getattr(kernel, 'fn', kernel).__name__}"
-            shown = ",".join([f"{k}={v}" for k, v in constexprs.items() if k.isupper()]
-                             + [f"{k}={v}" for k, v in options.items()])
+            label = f"{name}.{spec.kernel.__name__}"
+            shown = ",".join([f"{k}={v}" for k, v in spec.constexprs.items() if k.isupper()]
+                             + [f"{k}={v}" for k, v in spec.options.items()])
             for arch in ARCHS:
                 t0 = time.perf_counter()
                 try:
-                    compiled = compile_spec(kernel, signature, constexprs, arch, options)
+                    compiled = compile_spec(spec, arch)
                 except Exception as e:  # report every failing variant, not just the first
                     failures += 1
                     print(f"FAIL sm_{arch} {label} [{shown}]: {type(e).__name__}: {str(e).splitlines()[0][:300]}")

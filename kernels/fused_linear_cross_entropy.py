@@ -49,7 +49,8 @@ import math
 
 import torch
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
+from ._launch import aot_spec, count, dot_precision, empty_output, launch
 
 if HAVE_TRITON:
     import triton
@@ -441,18 +442,9 @@ else:
     _ce_rows = _fused_lse = _fused_grad = None
 
 
-def _rows_kernel(grid_rows, *args, **flags):
-    if INTERPRETED:
-        _ce_rows_kernel[(grid_rows,)](*args, **flags, **_INTERP_ROWS)
-    else:
-        _ce_rows[(grid_rows,)](*args, **flags)
-
-
-def _fused_kernel(jit_kernel, tuned_kernel, grid, *args, **flags):
-    if INTERPRETED:
-        jit_kernel[grid(_INTERP_FUSED)](*args, **flags, **_INTERP_FUSED)
-    else:
-        tuned_kernel[grid](*args, **flags)
+def _rows_kernel(n_rows, *args, **flags):
+    """_ce_rows_kernel over the n_rows rows of a logits chunk, one program per row."""
+    launch(_ce_rows_kernel, _ce_rows, (n_rows,), *args, interpreted=_INTERP_ROWS, **flags)
 
 
 def _scale_(x, factor):
@@ -460,11 +452,6 @@ def _scale_(x, factor):
     block, warps = (1024, 4) if INTERPRETED else (4096, 8)
     _scale_kernel[(triton.cdiv(x.numel(), block),)](x, factor, x.numel(), BLOCK=block, num_warps=warps)
     return x
-
-
-def _dot_precision(dtype):
-    # float32 inputs get full-precision dots (the chunked path's cuBLAS does not use TF32 either)
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 _ADDMM_OUT_DTYPE: list = [None]  # does torch.addmm(..., out_dtype=float32) run here? learnt on first use
@@ -491,11 +478,6 @@ def _addmm_fp32_(acc, a, b):
             acc[r:r + rows].addmm_(a[r:r + rows].float(), b.float())
 
 
-def _empty(shape, dtype, device):
-    """Buffers that a kernel or GEMM fills completely (tests poison them with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _triton_chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
     cap = max(1, LOGITS_CHUNK_BYTES // (vocab * itemsize))
     if cap >= n_rows:
@@ -509,14 +491,14 @@ def _chunked_pass(hidden, weight, labels, bias32, ignore_index, softcap, eps, zw
     """Summed row losses, row lse and the accumulated gradients (times grad_scale), chunk by chunk."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
-    loss_rows = _empty((n_rows,), torch.float32, dev)
-    lse_rows = _empty((n_rows,), torch.float32, dev)
-    grad_h = _empty(hidden.shape, hidden.dtype, dev) if need_h else None
+    loss_rows = empty_output((n_rows,), torch.float32, dev)
+    lse_rows = empty_output((n_rows,), torch.float32, dev)
+    grad_h = empty_output(hidden.shape, hidden.dtype, dev) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
     compute_grad = need_h or need_w or need_b
     step = _triton_chunk_rows(n_rows, vocab, hidden.element_size())
-    logits_buf = _empty((min(step, n_rows), vocab), hidden.dtype, dev)
+    logits_buf = empty_output((min(step, n_rows), vocab), hidden.dtype, dev)
     flags = dict(HAS_BIAS=bias32 is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0.0,
                  COMPUTE_GRAD=compute_grad)
     for start in range(0, n_rows, step):
@@ -555,15 +537,15 @@ def _fused_pass(hidden, weight, labels, bias32, ignore_index, softcap, eps, zw, 
     # splits from the largest row block of the autotune list: a smaller block only raises the parallelism
     row_block = _INTERP_FUSED["BLOCK_N"] if INTERPRETED else 128
     splits = _fused_splits(-(-n_rows // row_block), -(-vocab // 128), dev)
-    parts = _empty((4, splits, n_rows), torch.float32, dev)
+    parts = empty_output((4, splits, n_rows), torch.float32, dev)
     common = dict(HAS_BIAS=bias32 is not None, HAS_SOFTCAP=softcap is not None,
-                  DOT_PRECISION=_dot_precision(hidden.dtype))
+                  DOT_PRECISION=dot_precision(hidden.dtype))
     # stands in for absent optional buffers; never lse_rows etc.: autotune zeroes the grad buffers it gets
     unused = torch.zeros(1, **f32)
     bias_arg = bias32 if bias32 is not None else unused
-    _fused_kernel(_fused_lse_kernel, _fused_lse, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
-                  hidden, weight, bias_arg, labels, parts[0], parts[1], parts[2], parts[3], n_rows, vocab,
-                  hidden_size, float(softcap or 0.0), HAS_SMOOTHING=eps > 0.0, **common)
+    launch(_fused_lse_kernel, _fused_lse, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
+           hidden, weight, bias_arg, labels, parts[0], parts[1], parts[2], parts[3], n_rows, vocab, hidden_size,
+           float(softcap or 0.0), interpreted=_INTERP_FUSED, HAS_SMOOTHING=eps > 0.0, **common)
     part_max, part_sumexp, part_target, part_csum = parts
     row_max = part_max.amax(0)
     lse = row_max + torch.log((part_sumexp * torch.exp(part_max - row_max)).sum(0))
@@ -582,9 +564,10 @@ def _fused_pass(hidden, weight, labels, bias32, ignore_index, softcap, eps, zw, 
     if need_h or need_w or need_b:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))
         outs = [g if g is not None else unused for g in (grad_h, grad_w, grad_b)]
-        _fused_kernel(_fused_grad_kernel, _fused_grad, grid, hidden, weight, bias_arg, labels, lse_rows,
-                      grad_scale, *outs, n_rows, vocab, hidden_size, ignore_index, float(softcap or 0.0), eps,
-                      zw, float(FUSED_GRAD_FILTER), NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, **common)
+        launch(_fused_grad_kernel, _fused_grad, grid, hidden, weight, bias_arg, labels, lse_rows, grad_scale,
+               *outs, n_rows, vocab, hidden_size, ignore_index, float(softcap or 0.0), eps, zw,
+               float(FUSED_GRAD_FILTER), interpreted=_INTERP_FUSED, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b,
+               **common)
         if need_h:
             grad_h = grad_h.to(hidden.dtype)
     return loss_rows.sum(), lse_rows, grad_h, grad_w, grad_b
@@ -708,27 +691,12 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100,
     return (loss, z_loss) if return_z_loss else loss
 
 
-# Ahead-of-time compile checks (python -m lorafuse.kernels.aot): the variants that matter on a GPU.
-_ROWS_SIG = {"logits_ptr": "*bf16", "labels_ptr": "*i64", "bias_ptr": "*fp32", "loss_ptr": "*fp32",
-             "lse_ptr": "*fp32", "grad_scale_ptr": "*fp32", "stride_row": "i32", "V": "i32",
-             "ignore_index": "i32", "softcap": "fp32",
-             "label_smoothing": "fp32", "z_loss_weight": "fp32", "HAS_BIAS": "constexpr",
-             "HAS_SOFTCAP": "constexpr", "HAS_SMOOTHING": "constexpr", "COMPUTE_GRAD": "constexpr",
-             "BLOCK_V": "constexpr"}
-_LSE_SIG = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*fp32", "labels_ptr": "*i64",
-            "part_max_ptr": "*fp32", "part_sumexp_ptr": "*fp32", "part_target_ptr": "*fp32",
-            "part_csum_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32", "softcap": "fp32",
-            "HAS_BIAS": "constexpr", "HAS_SOFTCAP": "constexpr", "HAS_SMOOTHING": "constexpr",
-            "DOT_PRECISION": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
-            "BLOCK_K": "constexpr"}
-_GRAD_SIG = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*fp32", "labels_ptr": "*i64",
-             "lse_ptr": "*fp32", "grad_scale_ptr": "*fp32", "grad_h_ptr": "*fp32", "grad_w_ptr": "*fp32",
-             "grad_b_ptr": "*fp32",
-             "N": "i32", "V": "i32", "H": "i32", "ignore_index": "i32", "softcap": "fp32",
-             "label_smoothing": "fp32", "z_loss_weight": "fp32", "grad_filter": "fp32",
-             "HAS_BIAS": "constexpr", "HAS_SOFTCAP": "constexpr", "NEED_H": "constexpr",
-             "NEED_W": "constexpr", "NEED_B": "constexpr", "DOT_PRECISION": "constexpr",
-             "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr"}
+# Ahead-of-time compile checks (python -m lorafuse.kernels.aot): the variants that matter on a GPU. Arguments
+# not listed here are the input dtype's tensors (*_ptr) or i32.
+_AOT_TYPES = {"labels_ptr": "*i64",
+              "bias_ptr loss_ptr lse_ptr grad_scale_ptr part_max_ptr part_sumexp_ptr part_target_ptr part_csum_ptr "
+              "grad_h_ptr grad_w_ptr grad_b_ptr factor_ptr": "*fp32",
+              "softcap label_smoothing z_loss_weight grad_filter": "fp32", "n_elements": "i64"}
 
 
 def _rows_flags(bias, cap, smooth, grad, block_v):
@@ -738,19 +706,19 @@ def _rows_flags(bias, cap, smooth, grad, block_v):
 
 AOT_SPECS = [
     # the LoRA hot path: bf16, plain CE with gradient; the autotune list's block sizes
-    (_ce_rows_kernel, _ROWS_SIG, _rows_flags(False, False, False, True, 4096)),
-    (_ce_rows_kernel, _ROWS_SIG, _rows_flags(True, True, True, True, 8192)),
-    (_ce_rows_kernel, {**_ROWS_SIG, "logits_ptr": "*fp32"}, _rows_flags(False, True, False, False, 2048)),
+    aot_spec(_ce_rows_kernel, "bf16", _rows_flags(False, False, False, True, 4096), types=_AOT_TYPES),
+    aot_spec(_ce_rows_kernel, "bf16", _rows_flags(True, True, True, True, 8192), types=_AOT_TYPES),
+    aot_spec(_ce_rows_kernel, "fp32", _rows_flags(False, True, False, False, 2048), types=_AOT_TYPES),
     # fused path, every option on, the largest tiles of its autotune list
-    (_fused_lse_kernel, _LSE_SIG, {"HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_SMOOTHING": True,
-                                   "DOT_PRECISION": "tf32", "BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}),
-    (_fused_grad_kernel, _GRAD_SIG, {"HAS_BIAS": True, "HAS_SOFTCAP": True, "NEED_H": True, "NEED_W": True,
-                                     "NEED_B": True, "DOT_PRECISION": "tf32", "BLOCK_N": 64, "BLOCK_V": 256,
-                                     "BLOCK_K": 64}),
-    (_fused_grad_kernel, {**_GRAD_SIG, "hidden_ptr": "*fp32", "weight_ptr": "*fp32"},
-     {"HAS_BIAS": False, "HAS_SOFTCAP": False, "NEED_H": True, "NEED_W": False, "NEED_B": False,
-      "DOT_PRECISION": "ieee", "BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 32}),
+    aot_spec(_fused_lse_kernel, "bf16", {"HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_SMOOTHING": True,
+                                         "DOT_PRECISION": "tf32", "BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64},
+             types=_AOT_TYPES),
+    aot_spec(_fused_grad_kernel, "bf16", {"HAS_BIAS": True, "HAS_SOFTCAP": True, "NEED_H": True, "NEED_W": True,
+                                          "NEED_B": True, "DOT_PRECISION": "tf32", "BLOCK_N": 64, "BLOCK_V": 256,
+                                          "BLOCK_K": 64}, types=_AOT_TYPES),
+    aot_spec(_fused_grad_kernel, "fp32", {"HAS_BIAS": False, "HAS_SOFTCAP": False, "NEED_H": True, "NEED_W": False,
+                                          "NEED_B": False, "DOT_PRECISION": "ieee", "BLOCK_N": 64, "BLOCK_V": 128,
+                                          "BLOCK_K": 32}, types=_AOT_TYPES),
     # backward's in-place scaling of a 16-bit grad_hidden
-    (_scale_kernel, {"x_ptr": "*bf16", "factor_ptr": "*fp32", "n_elements": "i64", "BLOCK": "constexpr"},
-     {"BLOCK": 4096}),
-]
+    aot_spec(_scale_kernel, "bf16", {"BLOCK": 4096}, types=_AOT_TYPES),
+] if HAVE_TRITON else []

@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, use_triton
+from ._launch import aot_spec, count, dot_precision, empty_output, launch
 from .swiglu import swiglu_forward_triton, swiglu_reference
 
 # ----------------------------------------------------------------------------- PyTorch references
@@ -233,46 +234,36 @@ if HAVE_TRITON:
     def _aot_specs():
         """Variants of the autotune lists (tiles, warps, stages) for the kernel's main uses."""
 
-        def spec(dt, *, segs, lowrank, bias, scale, swiglu, dot_precision, config, block_n=None, block_r=16):
-            sig = {name: dt for name in ("a0_ptr", "a1_ptr", "a2_ptr", "b_ptr", "c_ptr", "bias_ptr", "e_ptr",
-                                         "f_ptr", "g_ptr", "u_ptr", "du_ptr", "h_ptr")}
-            sig["scale_ptr"] = "*fp32"
-            ints = ("M N R K0 K1 K2 b_off0 b_off1 b_off2 stride_a0m stride_a1m stride_a2m stride_bk "
-                    "stride_bn stride_cm stride_em stride_er stride_fr stride_fn stride_gm stride_um "
-                    "stride_dum stride_hm M_BUCKET").split()
-            sig.update({name: "i32" for name in ints})
+        def spec(dtype, *, segs, lowrank, bias, scale, swiglu, precision, config, block_n=None, block_r=16):
             # unit strides are constexpr 1 at runtime (Triton specialises them)
             consts = {"stride_a0k": 1, "stride_a1k": 1, "stride_a2k": 1, "stride_cn": 1,
                       "NUM_SEGS": segs, "HAS_BIAS": bias, "HAS_SCALE": scale, "HAS_LOWRANK": lowrank,
-                      "SWIGLU_BWD": swiglu, "STORE_H": swiglu, "EVEN_K": True, "DOT_PRECISION": dot_precision,
-                      "BLOCK_R": block_r, **config.kwargs}
+                      "SWIGLU_BWD": swiglu, "STORE_H": swiglu, "EVEN_K": True, "DOT_PRECISION": precision,
+                      "BLOCK_R": block_r}
             if block_n is not None:
                 consts["BLOCK_N"] = block_n
-            sig.update({name: "constexpr" for name in consts})
-            order = _lowrank_mm_kernel.arg_names
-            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-            return _lowrank_mm_kernel, {name: sig[name] for name in order}, consts, options
+            return aot_spec(_lowrank_mm_kernel, dtype, consts, types={"scale_ptr": "*fp32"}, config=config)
 
         big, tall, square8, square4, _, small = MAIN_CONFIGS
         return [
             # forward y = x W^T + bias + U B^T: the largest tiles, bf16 and fp16
-            spec("*bf16", segs=1, lowrank=True, bias=True, scale=False, swiglu=False, dot_precision="tf32",
+            spec("bf16", segs=1, lowrank=True, bias=True, scale=False, swiglu=False, precision="tf32",
                  config=big),
-            spec("*fp16", segs=1, lowrank=True, bias=False, scale=False, swiglu=False, dot_precision="tf32",
+            spec("fp16", segs=1, lowrank=True, bias=False, scale=False, swiglu=False, precision="tf32",
                  config=tall, block_r=64),
             # dX of q/k/v: three dY segments, rank chunks of 64
-            spec("*bf16", segs=3, lowrank=True, bias=False, scale=False, swiglu=False, dot_precision="tf32",
+            spec("bf16", segs=3, lowrank=True, bias=False, scale=False, swiglu=False, precision="tf32",
                  config=square8, block_r=64),
             # dH of the MLP with the SwiGLU backward in the epilogue
-            spec("*bf16", segs=1, lowrank=True, bias=False, scale=False, swiglu=True, dot_precision="tf32",
+            spec("bf16", segs=1, lowrank=True, bias=False, scale=False, swiglu=True, precision="tf32",
                  config=square4),
             # skinny U = x A^T diag(s) with the widest rank block (3 x r = 192 -> 256 columns)
-            spec("*bf16", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, dot_precision="tf32",
+            spec("bf16", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, precision="tf32",
                  config=SKINNY_CONFIGS[0], block_n=256),
             # float32 (IEEE dots): only the smaller tiles fit in shared memory
-            spec("*fp32", segs=2, lowrank=True, bias=True, scale=False, swiglu=False, dot_precision="ieee",
+            spec("fp32", segs=2, lowrank=True, bias=True, scale=False, swiglu=False, precision="ieee",
                  config=small),
-            spec("*fp32", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, dot_precision="ieee",
+            spec("fp32", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, precision="ieee",
                  config=SKINNY_CONFIGS[-1], block_n=256),
         ]
 
@@ -282,21 +273,8 @@ if HAVE_TRITON:
 # ----------------------------------------------------------------------------- launching
 
 
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _dot_precision(dtype) -> str:
-    if dtype != torch.float32:
-        return "tf32"  # (ignored for 16-bit inputs)
-    matmul = torch.backends.cuda.matmul
-    tf32 = matmul.allow_tf32 or getattr(matmul, "fp32_precision", None) == "tf32"
-    return "tf32" if tf32 else "ieee"  # as torch's own float32 matmul: no TF32 unless the user allowed it
 
 
 def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, swiglu=None, skinny=False):
@@ -337,18 +315,15 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, swi
     flags = dict(NUM_SEGS=len(segments), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
                  HAS_LOWRANK=lowrank is not None and R > 0, SWIGLU_BWD=swiglu is not None,
                  STORE_H=swiglu is not None and swiglu[3] is not None, BLOCK_R=min(64, max(16, _pow2(R))),
-                 DOT_PRECISION=_dot_precision(out.dtype))
+                 DOT_PRECISION=dot_precision(out.dtype))
     if skinny:
         flags["BLOCK_N"] = min(256, max(16, _pow2(N)))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    if INTERPRETED:
-        fixed = INTERPRETER_SKINNY if skinny else INTERPRETER_MAIN
-        _lowrank_mm[grid({**fixed, **flags})](*args, **flags, **fixed)
-    else:
-        (_tuned_skinny if skinny else _tuned_main)[grid](*args, **flags)
+    launch(_lowrank_mm, _tuned_skinny if skinny else _tuned_main, grid, *args,
+           interpreted=INTERPRETER_SKINNY if skinny else INTERPRETER_MAIN, **flags)
     return out
 
 
@@ -403,7 +378,7 @@ def _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out):
     """out = x W^T + bias + U B^T with U = x A^T diag(s); returns U (None without adapters)."""
     u = None
     if a_stack is not None:
-        u = _alloc((x2d.shape[0], a_stack.shape[0]), x2d.dtype, x2d.device)
+        u = empty_output((x2d.shape[0], a_stack.shape[0]), x2d.dtype, x2d.device)
         _mm(u, [(x2d, 0)], a_stack, (a_stack.stride(1), a_stack.stride(0)), scale=scale, skinny=True)
     lowrank = (u, b_stack, (b_stack.stride(1), b_stack.stride(0))) if u is not None else None
     _mm(out, [(x2d, 0)], weight, (weight.stride(1), weight.stride(0)), bias=bias, lowrank=lowrank)
@@ -440,12 +415,12 @@ def _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, scale, need_d
     dx = dw = dbias = None
     das, dbs = [None] * len(plan.splits), [None] * len(plan.splits)
     if need_dx:
-        dx = _alloc((T, K), x2d.dtype, x2d.device)
+        dx = empty_output((T, K), x2d.dtype, x2d.device)
         if not segs:
             dx.zero_()
     v = None
     if segs and a_stack is not None and (need_dx or any(need_ab)):
-        v = _alloc((T, a_stack.shape[0]), x2d.dtype, x2d.device)
+        v = empty_output((T, a_stack.shape[0]), x2d.dtype, x2d.device)
         _mm(v, segs, b_stack, (b_stack.stride(0), b_stack.stride(1)), scale=scale, skinny=True)
     if need_dx and segs:
         lowrank = (v, a_stack, (a_stack.stride(0), a_stack.stride(1))) if v is not None else None
@@ -482,7 +457,7 @@ class LoraGroupFunction(torch.autograd.Function):
         a_stack, b_stack = _stack_adapters(plan, lora_as, lora_bs)
         scale = _scale_vector(plan.ranks, plan.scalings, x.device) if a_stack is not None else None
         n_total = sum(plan.splits)
-        out = _alloc((*x.shape[:-1], n_total), x.dtype, x.device)
+        out = empty_output((*x.shape[:-1], n_total), x.dtype, x.device)
         u = _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out.view(-1, n_total))
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x2d, weight, a_stack, b_stack, u)
@@ -517,11 +492,11 @@ class LoraMLPFunction(torch.autograd.Function):
         T = x2d.shape[0]
         a_gu, b_gu = _stack_adapters(plan_gu, [gate_a, up_a], [gate_b, up_b])
         scale_gu = _scale_vector(plan_gu.ranks, plan_gu.scalings, x.device) if a_gu is not None else None
-        gu = _alloc((T, 2 * inter), x.dtype, x.device)
+        gu = empty_output((T, 2 * inter), x.dtype, x.device)
         u_gu = _lowrank_forward(x2d, gate_up_weight, None, a_gu, b_gu, scale_gu, gu)
-        h = swiglu_forward_triton(gu[:, :inter], gu[:, inter:], out=_alloc((T, inter), x.dtype, x.device))
+        h = swiglu_forward_triton(gu[:, :inter], gu[:, inter:], out=empty_output((T, inter), x.dtype, x.device))
         scale_d = _scale_vector(plan_down.ranks, plan_down.scalings, x.device) if down_a is not None else None
-        out = _alloc((*x.shape[:-1], hidden), x.dtype, x.device)
+        out = empty_output((*x.shape[:-1], hidden), x.dtype, x.device)
         u_d = _lowrank_forward(h, down_weight, None, down_a, down_b, scale_d, out.view(-1, hidden))
         ctx.save_for_backward(x2d, gate_up_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
         ctx.plan_gu, ctx.scales, ctx.x_shape = plan_gu, (scale_gu, scale_d), x.shape
@@ -541,10 +516,10 @@ class LoraMLPFunction(torch.autograd.Function):
         # dH = dY W_d + V_d A_d, with the SwiGLU backward applied on the tile: writes dG, dU (and h).
         v_d = None
         if down_a is not None:
-            v_d = _alloc((T, down_a.shape[0]), dy.dtype, dy.device)
+            v_d = empty_output((T, down_a.shape[0]), dy.dtype, dy.device)
             _mm(v_d, [(dy, 0)], down_b, (down_b.stride(0), down_b.stride(1)), scale=scale_d, skinny=True)
-        dgu = _alloc((T, 2 * inter), dy.dtype, dy.device)
-        h = _alloc((T, inter), dy.dtype, dy.device) if need_h else None
+        dgu = empty_output((T, 2 * inter), dy.dtype, dy.device)
+        h = empty_output((T, inter), dy.dtype, dy.device) if need_h else None
         lowrank = (v_d, down_a, (down_a.stride(0), down_a.stride(1))) if v_d is not None else None
         _mm(dgu[:, :inter], [(dy, 0)], down_weight, (down_weight.stride(0), down_weight.stride(1)),
             lowrank=lowrank, swiglu=(gu[:, :inter], gu[:, inter:], dgu[:, inter:], h))

@@ -39,7 +39,8 @@ import functools
 
 import torch
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
+from ._launch import aot_spec, count, empty_output, launch
 
 
 def rms_norm_reference(x, weight, eps: float, offset: float = 0.0):
@@ -165,19 +166,9 @@ if HAVE_TRITON:
     )(_rms_norm_bwd_kernel)
 
     def _aot(kernel, dtype, block_d, rows, **flags):
-        ptr = f"*{dtype}"
-        if kernel is _rms_norm_fwd_kernel:
-            sig = {"X": ptr, "stride_x_outer": "i32", "stride_x_inner": "i32", "R": ptr,
-                   "stride_r_outer": "i32", "stride_r_inner": "i32", "W": ptr, "Y": ptr, "H": ptr,
-                   "RSTD": "*fp32", "n_rows": "i32", "n_inner": "i32", "n_cols": "i32", "eps": "fp32",
-                   "offset": "fp32"}
-        else:
-            sig = {"DY": ptr, "DH": ptr, "X": ptr, "stride_x_outer": "i32", "stride_x_inner": "i32", "W": ptr,
-                   "RSTD": "*fp32", "DX": ptr, "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_inner": "i32",
-                   "n_cols": "i32", "offset": "fp32"}
-        constexprs = {**flags, "BLOCK_D": block_d, "ROWS": rows}
-        sig.update({name: "constexpr" for name in constexprs})
-        return kernel, sig, constexprs
+        # the tensors here have capital names, not *_ptr ones; rstd and the dW partials are float32
+        types = {"X R W Y H DY DH DX": f"*{dtype}", "RSTD DW_PARTIAL": "*fp32", "eps offset": "fp32"}
+        return aot_spec(kernel, dtype, {**flags, "BLOCK_D": block_d, "ROWS": rows}, types=types)
 
     AOT_SPECS = [
         _aot(_rms_norm_fwd_kernel, "bf16", 8192, 1, HAS_RESIDUAL=False),
@@ -187,11 +178,6 @@ if HAVE_TRITON:
         _aot(_rms_norm_bwd_kernel, "bf16", 4096, 2, HAS_DH=True, COMPUTE_DX=True, COMPUTE_DW=True),
         _aot(_rms_norm_bwd_kernel, "fp32", 128, 16, HAS_DH=False, COMPUTE_DX=True, COMPUTE_DW=True),
     ]
-
-
-def _empty(shape, dtype, device):
-    """Every buffer a kernel writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @functools.cache
@@ -230,21 +216,16 @@ def _as_rows(x):
 def _forward(x3, res3, weight, eps, offset, n_rows, n_inner):
     n_cols = x3.shape[-1]
     block_d = _block_d(n_cols)
-    y = _empty((n_rows, n_cols), x3.dtype, x3.device)
-    rstd = _empty((n_rows,), torch.float32, x3.device)
-    h = _empty((n_rows, n_cols), x3.dtype, x3.device) if res3 is not None else y
+    y = empty_output((n_rows, n_cols), x3.dtype, x3.device)
+    rstd = empty_output((n_rows,), torch.float32, x3.device)
+    h = empty_output((n_rows, n_cols), x3.dtype, x3.device) if res3 is not None else y
     r3 = res3 if res3 is not None else x3
     if n_rows == 0:
         return y, h, rstd
     args = (x3, x3.stride(0), x3.stride(1), r3, r3.stride(0), r3.stride(1), weight, y, h, rstd,
             n_rows, n_inner, n_cols, eps, offset)
-    if INTERPRETED:
-        rows = _interpreted_rows(block_d)
-        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-            *args, HAS_RESIDUAL=res3 is not None, BLOCK_D=block_d, ROWS=rows)
-    else:
-        _rms_norm_fwd_tuned[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](
-            *args, HAS_RESIDUAL=res3 is not None, BLOCK_D=block_d)
+    launch(_rms_norm_fwd_kernel, _rms_norm_fwd_tuned, lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),), *args,
+           interpreted={"ROWS": _interpreted_rows(block_d)}, HAS_RESIDUAL=res3 is not None, BLOCK_D=block_d)
     return y, h, rstd
 
 
@@ -253,25 +234,21 @@ def _backward(dy, dh, x3, weight, rstd, offset, n_rows, n_inner, need_dx, need_d
     block_d = _block_d(n_cols)
     dy = dy.reshape(n_rows, n_cols).contiguous()
     dh = dh.reshape(n_rows, n_cols).contiguous() if dh is not None else dy
-    dx = _empty((n_rows, n_cols), x3.dtype, x3.device) if need_dx else dy
+    dx = empty_output((n_rows, n_cols), x3.dtype, x3.device) if need_dx else dy
     if n_rows == 0:
         dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_dw else None
         return dx, dw
     if need_dw:
         programs = 4 if INTERPRETED else 2 * _sm_count(x3.device.index if x3.device.index is not None else 0)
         programs = min(programs, n_rows)
-        dw_partial = _empty((programs, n_cols), torch.float32, x3.device)
+        dw_partial = empty_output((programs, n_cols), torch.float32, x3.device)
     else:
         programs, dw_partial = None, rstd
     args = (dy, dh, x3, x3.stride(0), x3.stride(1), weight, rstd, dx, dw_partial,
             n_rows, n_inner, n_cols, offset)
-    flags = dict(HAS_DH=dh is not dy, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, BLOCK_D=block_d)
-    if INTERPRETED:
-        rows = _interpreted_rows(block_d)
-        _rms_norm_bwd_kernel[(programs or triton.cdiv(n_rows, rows),)](*args, **flags, ROWS=rows)
-    else:
-        grid = (lambda meta: (programs,)) if need_dw else (lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),))
-        _rms_norm_bwd_tuned[grid](*args, **flags)
+    grid = (lambda meta: (programs,)) if need_dw else (lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),))
+    launch(_rms_norm_bwd_kernel, _rms_norm_bwd_tuned, grid, *args, interpreted={"ROWS": _interpreted_rows(block_d)},
+           HAS_DH=dh is not dy, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, BLOCK_D=block_d)
     dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, use_triton
+from ._launch import aot_spec, count, empty_output, launch
 
 
 def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):
@@ -113,14 +114,11 @@ if HAVE_TRITON:
     )(_rope_kernel)
 
     def _aot(dtype, half, block_t, block_h, backward):
-        ptr = f"*{dtype}"
-        sig = {"Q": ptr, "stride_q_t": "i32", "stride_q_h": "i32", "K": ptr, "stride_k_t": "i32",
-               "stride_k_h": "i32", "Q_OUT": ptr, "K_OUT": ptr, "POS": "*i64", "INV_FREQ": "*fp32",
-               "n_tokens": "i32", "n_q_heads": "i32", "n_kv_heads": "i32", "scaling": "fp32"}
+        # the tensors here have capital names, not *_ptr ones; positions are int64, inv_freq float32
+        types = {"Q K Q_OUT K_OUT": f"*{dtype}", "POS": "*i64", "INV_FREQ": "*fp32", "scaling": "fp32"}
         constexprs = {"HALF": half, "BLOCK_HALF": triton.next_power_of_2(half), "BLOCK_T": block_t,
                       "BLOCK_H": block_h, "BACKWARD": backward}
-        sig.update({name: "constexpr" for name in constexprs})
-        return _rope_kernel, sig, constexprs
+        return aot_spec(_rope_kernel, dtype, constexprs, types=types)
 
     AOT_SPECS = [
         _aot("bf16", 64, 4, 8, False),   # Llama-3 / Qwen head_dim 128
@@ -131,11 +129,6 @@ if HAVE_TRITON:
     ]
 
 
-def _empty(shape, dtype, device):
-    """Every buffer the kernel writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool):
     """Rotate q and k (or, with backward, their gradients) in one launch; returns new contiguous tensors."""
     if q.stride(-1) != 1:
@@ -144,19 +137,16 @@ def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool):
         k = k.contiguous()
     n_tokens, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
-    q_out = _empty(q.shape, q.dtype, q.device)
-    k_out = _empty(k.shape, k.dtype, k.device)
+    q_out = empty_output(q.shape, q.dtype, q.device)
+    k_out = empty_output(k.shape, k.dtype, k.device)
     if n_tokens == 0:
         return q_out, k_out
     half = head_dim // 2
     args = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), q_out, k_out, position_ids, inv_freq,
             n_tokens, n_q_heads, n_kv_heads, scaling)
-    flags = dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward)
-    if INTERPRETED:
-        block_t = 4
-        _rope_kernel[(triton.cdiv(n_tokens, block_t),)](*args, **flags, BLOCK_T=block_t, BLOCK_H=4)
-    else:
-        _rope_tuned[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),)](*args, **flags)
+    launch(_rope_kernel, _rope_tuned, lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),), *args,
+           interpreted={"BLOCK_T": 4, "BLOCK_H": 4},
+           HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward)
     return q_out, k_out
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, count, use_triton
+from ._dispatch import HAVE_TRITON, use_triton
+from ._launch import aot_spec, count, empty_output
 
 
 def swiglu_reference(gate, up):
@@ -64,27 +65,8 @@ if HAVE_TRITON:
         tl.store(dg_ptr + row * stride_dg + cols, dg.to(dg_ptr.dtype.element_ty), mask=col_mask)
         tl.store(du_ptr + row * stride_du + cols, du.to(du_ptr.dtype.element_ty), mask=col_mask)
 
-    def _aot_specs():
-        specs = []
-        for dt in ("*bf16", "*fp16", "*fp32"):
-            specs.append((_swiglu_fwd_kernel,
-                          {"g_ptr": dt, "u_ptr": dt, "h_ptr": dt, "n_cols": "i32", "stride_g": "i32",
-                           "stride_u": "i32", "stride_h": "i32", "BLOCK": "constexpr"},
-                          {"BLOCK": BLOCK}))
-        for dt in ("*bf16", "*fp32"):
-            specs.append((_swiglu_bwd_kernel,
-                          {"dh_ptr": dt, "g_ptr": dt, "u_ptr": dt, "dg_ptr": dt, "du_ptr": dt,
-                           "n_cols": "i32", "stride_dh": "i32", "stride_g": "i32", "stride_u": "i32",
-                           "stride_dg": "i32", "stride_du": "i32", "BLOCK": "constexpr"},
-                          {"BLOCK": BLOCK}))
-        return specs
-
-    AOT_SPECS = _aot_specs()
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+    AOT_SPECS = ([aot_spec(_swiglu_fwd_kernel, dtype, {"BLOCK": BLOCK}) for dtype in ("bf16", "fp16", "fp32")]
+                 + [aot_spec(_swiglu_bwd_kernel, dtype, {"BLOCK": BLOCK}) for dtype in ("bf16", "fp32")])
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -101,7 +83,7 @@ def swiglu_forward_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tenso
     """h = silu(gate) * up through the Triton kernel (no autograd); gate, up 2-D [rows, cols]."""
     g2, u2 = _rows(gate), _rows(up)
     rows, cols = g2.shape
-    h = _alloc((rows, cols), gate.dtype, gate.device) if out is None else out
+    h = empty_output((rows, cols), gate.dtype, gate.device) if out is None else out
     if rows and cols:
         _swiglu_fwd_kernel[_grid(rows, cols)](g2, u2, h, cols, g2.stride(0), u2.stride(0), h.stride(0),
                                               BLOCK=BLOCK)
@@ -112,8 +94,8 @@ def swiglu_backward_triton(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tenso
     """(dgate, dup) for h = silu(gate) * up through the Triton kernel; all 2-D [rows, cols]."""
     d2, g2, u2 = _rows(dh), _rows(gate), _rows(up)
     rows, cols = g2.shape
-    dg = _alloc((rows, cols), gate.dtype, gate.device)
-    du = _alloc((rows, cols), up.dtype, up.device)
+    dg = empty_output((rows, cols), gate.dtype, gate.device)
+    du = empty_output((rows, cols), up.dtype, up.device)
     if rows and cols:
         _swiglu_bwd_kernel[_grid(rows, cols)](d2, g2, u2, dg, du, cols, d2.stride(0), g2.stride(0),
                                               u2.stride(0), dg.stride(0), du.stride(0), BLOCK=BLOCK)

@@ -45,7 +45,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAVE_TRITON, INTERPRETED, count, use_triton
+from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
+from ._launch import aot_spec, count, empty_output, launch
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None):
@@ -486,8 +487,8 @@ def _varlen_forward(q, k, v, cu_seqlens, causal, softmax_scale, q_schedule):
     group = n_heads // k.shape[1]
     head_dim_pad = _head_dim_pad(head_dim)
     tile_doc, tile_end, bound = q_schedule
-    out = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
+    out = empty_output((n_tokens, n_heads, head_dim), q.dtype, q.device)
+    lse = empty_output((n_heads, n_tokens), torch.float32, q.device)
     if n_tokens == 0:  # CUDA rejects empty grids
         return out, lse
     args = (q, k, v, out, lse, cu_seqlens, tile_doc, tile_end,
@@ -496,10 +497,8 @@ def _varlen_forward(q, k, v, cu_seqlens, causal, softmax_scale, q_schedule):
             n_tokens, cu_seqlens.numel() - 1, n_heads, group, softmax_scale * math.log2(math.e))
     grid = (bound * n_heads,)
     meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, TILE=_tiles(head_dim_pad)[0], CAUSAL=causal)
-    if INTERPRETED:
-        _varlen_fwd_kernel[grid](*args, **meta, BLOCK_N=INTERP_BLOCK)
-    else:
-        _TUNED_FWD[_dim_class(head_dim_pad)][grid](*args, **meta)
+    launch(_varlen_fwd_kernel, _TUNED_FWD[_dim_class(head_dim_pad)], grid, *args,
+           interpreted={"BLOCK_N": INTERP_BLOCK}, **meta)
     return out, lse
 
 
@@ -515,14 +514,14 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale,
 
     if n_tokens == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    delta = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
+    delta = empty_output((n_heads, n_tokens), torch.float32, q.device)
     _varlen_bwd_preprocess_kernel[(triton.cdiv(n_tokens, PREPROCESS_BLOCK_T), n_heads)](
         out, dout, delta, n_tokens, n_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_T=PREPROCESS_BLOCK_T)
 
-    dq = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((n_tokens, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((n_tokens, n_kv_heads, head_dim), dtype=v.dtype, device=v.device)
+    dq = empty_output((n_tokens, n_heads, head_dim), q.dtype, q.device)
+    dk = empty_output((n_tokens, n_kv_heads, head_dim), k.dtype, k.device)
+    dv = empty_output((n_tokens, n_kv_heads, head_dim), v.dtype, v.device)
     meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal)
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens, kv_schedule[0], kv_schedule[1],
                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -533,12 +532,11 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale,
                dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
                n_tokens, n_docs, n_heads, group, softmax_scale, scale_log2)
     dkdv_grid, dq_grid = (kv_schedule[2] * n_kv_heads,), (q_schedule[2] * n_heads,)
-    if INTERPRETED:
-        _varlen_bwd_dkdv_kernel[dkdv_grid](*dkdv_args, **meta, TILE=tile_kv, BLOCK_M=INTERP_BLOCK)
-        _varlen_bwd_dq_kernel[dq_grid](*dq_args, **meta, TILE=tile_q, BLOCK_N=INTERP_BLOCK)
-    else:
-        _TUNED_DKDV[_dim_class(head_dim_pad)][dkdv_grid](*dkdv_args, **meta, TILE=tile_kv)
-        _TUNED_DQ[_dim_class(head_dim_pad)][dq_grid](*dq_args, **meta, TILE=tile_q)
+    dim_class = _dim_class(head_dim_pad)
+    launch(_varlen_bwd_dkdv_kernel, _TUNED_DKDV[dim_class], dkdv_grid, *dkdv_args,
+           interpreted={"BLOCK_M": INTERP_BLOCK}, **meta, TILE=tile_kv)
+    launch(_varlen_bwd_dq_kernel, _TUNED_DQ[dim_class], dq_grid, *dq_args,
+           interpreted={"BLOCK_N": INTERP_BLOCK}, **meta, TILE=tile_q)
     return dq, dk, dv
 
 
@@ -586,50 +584,25 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, 
     return VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), bool(causal), float(softmax_scale))
 
 
-def _aot_signature(kernel, dtype: str) -> dict:
-    """Triton types of a kernel's arguments: tensors of `dtype` except the float32 lse/delta and the
-    int32 schedule, int32 strides and counts, float32 scales."""
-    fp32_ptrs = {"lse_ptr", "delta_ptr"}
-    i32_ptrs = {"cu_ptr", "tile_doc_ptr", "tile_end_ptr"}
-    fp32_vals = {"scale_log2", "softmax_scale"}
-    sig = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            sig[name] = "constexpr"
-        elif name in fp32_ptrs:
-            sig[name] = "*fp32"
-        elif name in i32_ptrs:
-            sig[name] = "*i32"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}"
-        elif name in fp32_vals:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-def _aot_spec(kernel, block_name, options, **constexprs):
-    block, warps, stages = options
-    return (kernel, _aot_signature(kernel, "bf16"), {**constexprs, block_name: block},
-            {"num_warps": warps, "num_stages": stages})
-
+# Arguments not listed here are bf16 tensors (*_ptr) or i32 strides and counts.
+_AOT_TYPES = {"lse_ptr delta_ptr": "*fp32", "cu_ptr tile_doc_ptr tile_end_ptr": "*i32",
+              "scale_log2 softmax_scale": "fp32"}
 
 # bf16 variants the GPU runs: head dims 128 and 256 (80 and 96 compile like 128 plus masks), causal, the
 # first config of each autotune list. (Compiled here without the runtime's divisibility-by-16
 # specialization of pointers and strides, so loads are not pipelined and the shared memory shown is the
 # unpipelined figure; with it, every config of the lists fits sm_80 and sm_90.)
 AOT_SPECS = [
-    _aot_spec(_varlen_fwd_kernel, "BLOCK_N", _FWD_OPTIONS[128][0],
-              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
-    _aot_spec(_varlen_fwd_kernel, "BLOCK_N", _FWD_OPTIONS[256][0],
-              HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][0], CAUSAL=True),
-    (_varlen_bwd_preprocess_kernel, _aot_signature(_varlen_bwd_preprocess_kernel, "bf16"),
-     dict(HEAD_DIM=80, HEAD_DIM_PAD=128, BLOCK_T=PREPROCESS_BLOCK_T)),
-    _aot_spec(_varlen_bwd_dkdv_kernel, "BLOCK_M", _DKDV_OPTIONS[128][0],
-              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][1], CAUSAL=True),
-    _aot_spec(_varlen_bwd_dq_kernel, "BLOCK_N", _DQ_OPTIONS[128][0],
-              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
-    _aot_spec(_varlen_bwd_dkdv_kernel, "BLOCK_M", _DKDV_OPTIONS[256][0],
-              HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][1], CAUSAL=True),
+    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_FWD[128].configs[0]),
+    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][0], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_FWD[256].configs[0]),
+    aot_spec(_varlen_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, HEAD_DIM_PAD=128, BLOCK_T=PREPROCESS_BLOCK_T),
+             types=_AOT_TYPES),
+    aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][1], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_DKDV[128].configs[0]),
+    aot_spec(_varlen_bwd_dq_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_DQ[128].configs[0]),
+    aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][1], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_DKDV[256].configs[0]),
 ] if HAVE_TRITON else []

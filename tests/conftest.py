@@ -13,13 +13,10 @@ use device: auto and CPU tolerances).
 
 import os
 
-
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off")
-
+from lorafuse._interpreter import interpreter_requested  # imports nothing else: triton is not loaded yet
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-if _interpreter_on():
+if interpreter_requested():
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for devices
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,7 +27,7 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    interpreted = _interpreter_on()
+    interpreted = interpreter_requested()
     if torch.cuda.is_available() and not interpreted:
         return
     reason = "needs compiled kernels on a CUDA GPU: make test-gpu (TRITON_INTERPRET=0)" if interpreted else \

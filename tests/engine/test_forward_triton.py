@@ -12,7 +12,7 @@ from lorafuse.engine.lora import inject_lora, lora_modules, lora_parameters
 from lorafuse.engine.model import load_model
 from lorafuse.engine.packing import make_batch
 from lorafuse.engine.prepare import prepare_model
-from lorafuse.kernels import launches
+from lorafuse.kernels._launch import launches
 
 
 def test_micro_qwen3_through_triton_kernels_matches_reference(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ import contextlib
 
 import torch
 
-from lorafuse.kernels import launches
+from lorafuse.kernels import _launch
+from lorafuse.kernels._launch import launches
 
 # DESIGN.md: float32 < 1e-4 (tf32 dots < 5e-3); float16 / bfloat16 < 2e-2.
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
@@ -36,6 +37,12 @@ def expect_triton(op: str, at_least: int = 1):
     yield
     ran = launches[op] - before
     assert ran >= at_least, f"{op}: expected the Triton kernel to run, it ran {ran} times (reference used?)"
+
+
+def poison_outputs(monkeypatch):
+    """Every buffer a kernel writes (kernels/_launch.py's empty_output) starts as NaN, so an element the
+    kernel forgets to write shows up."""
+    monkeypatch.setattr(_launch, "POISON", float("nan"))
 
 
 def poisoned(shape, dtype, device="cpu"):

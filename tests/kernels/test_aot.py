@@ -30,13 +30,15 @@ def test_every_attention_block_divides_its_tile():
 
 STRADDLING_BLOCK = """
 import importlib, sys
+import triton
 from triton.compiler.errors import CompileTimeAssertionFailure
 from lorafuse.kernels import aot
+from lorafuse.kernels._launch import aot_spec
 va = importlib.import_module("lorafuse.kernels.varlen_attention")
-kernel, signature, constexprs, options = va._aot_spec(va._varlen_bwd_dkdv_kernel, "BLOCK_M", (64, 8, 2),
-                                                      HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=32, CAUSAL=True)
+spec = aot_spec(va._varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=32, CAUSAL=True),
+                types=va._AOT_TYPES, config=triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=2))
 try:
-    aot.compile_spec(kernel, signature, constexprs, 90, options)
+    aot.compile_spec(spec, 90)
 except CompileTimeAssertionFailure as e:
     print("refused:", str(e).splitlines()[-1])
     sys.exit(0)

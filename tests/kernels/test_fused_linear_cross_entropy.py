@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lorafuse.kernels import fused_linear_cross_entropy
 
-from kernel_utils import TOL, assert_close, expect_triton, rel_err
+from kernel_utils import TOL, assert_close, expect_triton, poison_outputs, rel_err
 
 flce_module = importlib.import_module("lorafuse.kernels.fused_linear_cross_entropy")
 OP = "fused_linear_cross_entropy"
@@ -27,8 +27,7 @@ IGNORE = -100
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Every buffer a kernel or GEMM is meant to fill starts as NaN, so an element left unwritten shows."""
-    nan_filled = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(flce_module, "_empty", nan_filled)
+    poison_outputs(monkeypatch)
 
 
 @pytest.fixture(params=["chunked", "fused"])

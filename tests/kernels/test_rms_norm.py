@@ -7,26 +7,22 @@ write starts as NaN. The GPU test checks bfloat16 at the widths of real models.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
-from lorafuse.kernels import launches, rms_norm
+from lorafuse.kernels import rms_norm
+from lorafuse.kernels._launch import launches
 from lorafuse.kernels.rms_norm import rms_norm_reference, rms_norm_residual, rms_norm_residual_reference
 
-from kernel_utils import TOL, assert_close, expect_triton, rel_err
+from kernel_utils import TOL, assert_close, expect_triton, poison_outputs, rel_err
 
-rms_norm_module = importlib.import_module("lorafuse.kernels.rms_norm")
 EPS = 1e-6
 
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Every kernel output buffer starts as NaN, so an element a kernel forgets to write shows."""
-    monkeypatch.setattr(rms_norm_module, "_empty",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                device=device))
+    poison_outputs(monkeypatch)
 
 
 def rms_norm64(x, weight, eps, offset):

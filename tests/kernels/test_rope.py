@@ -9,20 +9,17 @@ Llama-3-8B shapes.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from lorafuse.kernels import apply_rope, launches
+from lorafuse.kernels import apply_rope
+from lorafuse.kernels._launch import launches
 from lorafuse.kernels.rope import apply_rope_reference
 
-from kernel_utils import assert_close, expect_triton, rel_err
-
-rope_module = importlib.import_module("lorafuse.kernels.rope")
+from kernel_utils import assert_close, expect_triton, poison_outputs, rel_err
 
 # transformers 5.x names the rope settings `rope_parameters` (rope_theta inside); the 4.x
 # `rope_scaling` + `rope_theta` keywords are still accepted and folded into it.
@@ -36,9 +33,7 @@ ROPE_PARAMETERS = {
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(rope_module, "_empty",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                device=device))
+    poison_outputs(monkeypatch)
 
 
 def rotary_config(kind: str, head_dim: int) -> LlamaConfig:

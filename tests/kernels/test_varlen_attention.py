@@ -11,7 +11,7 @@ import torch
 
 from lorafuse.kernels import varlen_attention
 
-from kernel_utils import TOL, assert_close, expect_triton, rel_err
+from kernel_utils import TOL, assert_close, expect_triton, poison_outputs, rel_err
 
 # the module (the package attribute of that name is the op)
 va = importlib.import_module("lorafuse.kernels.varlen_attention")
@@ -153,20 +153,12 @@ def test_deterministic_is_bitwise_reproducible():
 def test_poisoned_buffers_are_fully_written(monkeypatch):
     """Every float buffer the op allocates (out, lse, delta, dq, dk, dv) starts as NaN: an element a
     kernel forgets to write shows up as a NaN in the outputs or gradients."""
-    real_empty = torch.empty
-
-    def nan_empty(*size, dtype=None, **kw):
-        buf = real_empty(*size, dtype=dtype, **kw)
-        if buf.is_floating_point():
-            buf.fill_(float("nan"))
-        return buf
-
     lengths = [1, 35, 2, 1, 20]
     q, k, v = _inputs(lengths, 4, 2, 80)
     cu = _cu(lengths)
     dout = torch.randn(q.shape, dtype=torch.float64)
     ref = _run(reference, q, k, v, dout, cu, 35, True, torch.float64)
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    poison_outputs(monkeypatch)
     with expect_triton("varlen_attention"):
         ours = _run(varlen_attention, q, k, v, dout, cu, 35, True, torch.float32)
     monkeypatch.undo()
