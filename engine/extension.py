@@ -1,4 +1,4 @@
-"""The offload extension (csrc/, built by CMakeLists.txt): build on first use, load once per process.
+"""The offload extension (csrc/, built by csrc/CMakeLists.txt): build on first use, load once per process.
 
 The library registers torch.classes.lorafuse.OffloadArena (activations/arena.py uses it) and
 links only torch's C++ libraries (no Python C API), so one build serves every Python version.
@@ -38,13 +38,27 @@ class ExtensionBuildError(RuntimeError):
 
 
 def _source_root() -> Path | None:
-    """The directory holding CMakeLists.txt and csrc/ ($LORAFUSE_SOURCE_DIR, else the repository)."""
+    """The directory CMake builds from: $LORAFUSE_SOURCE_DIR, else the csrc/ beside lorafuse.engine.
+
+    pyproject.toml ships csrc/ as package data (lorafuse.csrc), so it sits beside this module's
+    package in every install: the repository's csrc/ in an editable one, lorafuse/csrc/ from a wheel.
+    $LORAFUSE_SOURCE_DIR names such a directory, or a tree holding CMakeLists.txt and csrc/ (the
+    repository's root).
+    """
     candidates = [Path(os.environ["LORAFUSE_SOURCE_DIR"])] if os.environ.get("LORAFUSE_SOURCE_DIR") else []
-    candidates.append(Path(__file__).resolve().parent.parent)
+    candidates.append(Path(__file__).resolve().parent.parent / "csrc")
     for root in candidates:
-        if (root / "CMakeLists.txt").is_file() and (root / "csrc" / "offload_arena.cpp").is_file():
+        if (root / "CMakeLists.txt").is_file() and ((root / "offload_arena.cpp").is_file()
+                                                    or (root / "csrc" / "offload_arena.cpp").is_file()):
             return root
     return None
+
+
+def _source_files(root: Path) -> list[Path]:
+    """What a build from `root` reads: its CMakeLists.txt and the files of its csrc/ (root itself when it
+    is the csrc/ directory; csrc/CMakeLists.txt is one of them)."""
+    csrc = root / "csrc" if (root / "csrc").is_dir() else root
+    return sorted({root / "CMakeLists.txt", *(path for path in csrc.iterdir() if path.is_file())})
 
 
 def extension_cache_dir() -> Path:
@@ -57,9 +71,8 @@ def extension_cache_dir() -> Path:
 
 def _build_key(root: Path) -> str:
     digest = hashlib.sha256()
-    for path in [root / "CMakeLists.txt", *sorted((root / "csrc").iterdir())]:
-        if path.is_file():
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in _source_files(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(f"{torch.__version__}|{torch.version.cuda}|{sys.platform}|{platform.machine()}|"
                   f"{_BUILD_RECIPE}".encode())
     return digest.hexdigest()[:16]
@@ -118,7 +131,7 @@ def build_extension(cache_dir: str | os.PathLike | None = None, *, force: bool =
     """
     root = _source_root()
     if root is None:
-        raise ExtensionBuildError("sources not found (csrc/ and CMakeLists.txt; set LORAFUSE_SOURCE_DIR)")
+        raise ExtensionBuildError("sources not found (csrc/ with its CMakeLists.txt; set LORAFUSE_SOURCE_DIR)")
     cmake = _find_tool("cmake")
     if cmake is None:
         raise ExtensionBuildError("cmake not found (pip install cmake ninja)")
@@ -140,7 +153,9 @@ def build_extension(cache_dir: str | os.PathLike | None = None, *, force: bool =
         log_path = cache / f"{key}-build.log"
         configure = [cmake, "-S", str(root), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                      f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-                     f"-DLORAFUSE_PYTHON={sys.executable}"]
+                     f"-DLORAFUSE_PYTHON={sys.executable}",
+                     # the library at the top of the build directory, also when a tree's root adds csrc/
+                     f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir}"]
         ninja = _find_tool("ninja")
         if ninja:
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]

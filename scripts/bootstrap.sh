@@ -46,14 +46,25 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   "$PY" -m pip install "torch>=2.11,<2.16"
 else
   echo "[setup] no GPU: installing the CPU build of torch"
-  # A wheel folder configured for pip (find-links) may offer the CPU build: take it without
-  # its dependencies first, so the index cannot swap in the CUDA build; then fill in the rest.
-  if "$PY" -m pip install -q --no-index --no-deps "torch>=2.11,<2.16" 2>/dev/null; then
-    "$PY" -m pip install -q "torch==$("$PY" -c 'import torch; print(torch.__version__)')"
+  # pip's configured indexes serve the CUDA build of torch on Linux, so torch itself comes, without its
+  # dependencies (no index can swap in the CUDA build), from a wheel folder configured for pip
+  # (find-links) or from the index that $LORAFUSE_TORCH_INDEX_URL names; pip's configured indexes then
+  # fill in the rest. Elsewhere (macOS) torch has no CUDA build: pip's configured indexes alone.
+  torch_spec="torch>=2.11,<2.16"
+  if "$PY" -m pip install -q --no-index --no-deps "$torch_spec" 2>/dev/null; then
+    echo "[setup] torch from a wheel folder configured for pip"
+  elif [ -n "${LORAFUSE_TORCH_INDEX_URL:-}" ]; then
+    echo "[setup] torch from the index in LORAFUSE_TORCH_INDEX_URL, its dependencies from pip's configured indexes"
+    "$PY" -m pip install --no-deps --index-url "$LORAFUSE_TORCH_INDEX_URL" "$torch_spec"
+  elif [ "$(uname -s)" != Linux ]; then
+    "$PY" -m pip install "$torch_spec"
   else
-    "$PY" -m pip install "torch>=2.11,<2.16" --index-url https://download.pytorch.org/whl/cpu \
-      --extra-index-url https://pypi.org/simple
+    echo "[setup] no CPU build of torch at hand: set LORAFUSE_TORCH_INDEX_URL to a package index that serves" \
+         "it (README.md, setup), or install $torch_spec into the environment of $PYTHON first" >&2
+    exit 1
   fi
+  # (its version from its metadata: torch does not import before its dependencies are in)
+  "$PY" -m pip install -q "torch==$("$PY" -c 'from importlib.metadata import version; print(version("torch"))')"
 fi
 
 # Everything lorafuse needs already installed (a GPU image without network, say): install lorafuse
