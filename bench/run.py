@@ -735,10 +735,11 @@ def main(argv=None) -> Path | None:
     path = results_path(results, args)
     write_results(results, path)
     sys.path.insert(0, str(BENCH))
-    import report
+    import report  # it puts bench/harness on the path
+    from report_e2e import e2e_table, max_context_table
+    from report_page import tests_lines
 
-    print("\n" + "\n".join(report.e2e_table(results) + report.max_context_table(results) + [""]
-                            + report.tests_lines(results)))
+    print("\n" + "\n".join(e2e_table(results) + max_context_table(results) + [""] + tests_lines(results)))
     if not args.no_report:
         try:
             report.main([str(path)] + (["--readme", args.readme] if args.readme else []))
