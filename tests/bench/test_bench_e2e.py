@@ -1,183 +1,15 @@
-"""The end-to-end benchmark (bench/e2e.py), the one-command runner (bench/run.py) and the report
-(bench/report.py), on the CPU with a tiny model: the GPU run must work the first time, and the
-comparison it makes must be fair (same weights, same adapters, same data: the same losses)."""
+"""The one-command runner (bench/run.py) and the report (bench/report.py) on the CPU, and benchutil.measure
+with the CUDA calls faked."""
 
-import importlib.util
 import json
-import math
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from harness_utils import BENCH, HF_KEYS, TINY, load_script
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-TINY = ["--model", "tiny", "--device", "cpu", "--tokens-per-step", "384", "--doc-median", "40", "--doc-max", "160",
-        "--max-context-start", "64", "--max-context-step", "32", "--max-context-limit", "256"]
-HF_KEYS = ("model", "system", "tokens_per_step", "tokens_per_s", "step_time_s", "peak_mem_gb", "mfu",
-           "step_losses", "oom")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"lorafuse_bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load("e2e")
-bench_run = _load("run")
-report = _load("report")
-
-
-@pytest.fixture
-def cpu_bench(monkeypatch):
-    """Reference kernels (the interpreter is far too slow for whole models), no C++ extension build."""
-    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
-    monkeypatch.setenv("LORAFUSE_EXTENSION", "0")
-
-
-# ---------------------------------------------------------------------------------------------
-# e2e.py
-# ---------------------------------------------------------------------------------------------
-
-
-def test_steps_are_exact_seeded_and_the_same_for_every_call():
-    mix = e2e.DataMix(median=400, sigma=1.0, max_len=4096)
-    steps = e2e.make_steps(4, 16384, 128256, mix, seed=0)
-    again = e2e.make_steps(4, 16384, 128256, mix, seed=0)
-    assert len(steps) == 4
-    for step, other in zip(steps, again):
-        assert sum(len(d) for d in step) == 16384
-        assert [d.input_ids.tolist() for d in step] == [d.input_ids.tolist() for d in other]
-        assert all(1 <= len(d) <= 4096 and d.trained.all() for d in step)
-    lengths = [len(d) for step in steps for d in step[1:-1]]  # whole documents (ends may be split)
-    assert 200 < np.median(lengths) < 800  # a realistic mix around the median of 400
-    assert e2e.make_steps(1, 16384, 128256, mix, seed=1)[0][0].input_ids.tolist() != steps[0][0].input_ids.tolist()
-
-
-def test_model_configs_have_the_published_sizes():
-    """The configs written in e2e.py build (on the meta device: no memory) the real models' parameter counts."""
-    from transformers import AutoModelForCausalLM
-
-    expected = {"llama-3.1-8b": 8_030_261_248, "qwen2.5-7b": 7_615_616_512, "mistral-7b": 7_248_023_552,
-                "llama-3.2-1b": 1_235_814_400}
-    for name, count in expected.items():
-        config = e2e.model_config(name)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-        assert sum(p.numel() for p in model.parameters()) == count, name
-    assert e2e.expected_lora_parameters(e2e.model_config("llama-3.1-8b")) == 41_943_040  # r=16, 7 projections
-    from lorafuse.engine.model import sliding_window_limit
-
-    for name in ("qwen2.5-7b", "mistral-7b"):
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(e2e.model_config(name, layers=1))
-        assert sliding_window_limit(model) is None, name
-
-
-def test_every_system_trains_the_same_steps_to_the_same_losses(tmp_path, cpu_bench):
-    out = tmp_path / "e2e.json"
-    results = e2e.main([*TINY, "--warmup", "1", "--steps", "2", "--out", str(out)])
-    assert json.loads(out.read_text())["e2e"] == json.loads(json.dumps(results["e2e"], default=str))
-    rows = {r["case"]: r for r in results["e2e"]}
-    expected = {"stock", "hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"}
-    assert expected <= set(rows), (rows.keys(), results.get("errors"), results["skipped"])
-    if "liger" not in rows:
-        assert any(s["case"] == "liger" for s in results["skipped"])
-    stock = rows["stock"]
-    for case, row in rows.items():
-        assert not row["oom"] and "error" not in row, row
-        assert len(row["step_losses"]) == 3 and all(math.isfinite(x) for x in row["step_losses"]), case
-        # same base weights and same initial adapters: a fair comparison
-        assert row["weights_fingerprint"] == stock["weights_fingerprint"], case
-        assert row["lora_fingerprint"] == stock["lora_fingerprint"], case
-        assert row["n_lora"] == row["n_lora_expected"] == stock["n_lora"], case
-        # the same documents, so the first step's loss (adapters at their init) agrees tightly in float32
-        assert abs(row["step_losses"][0] - stock["step_losses"][0]) <= 1e-4 * abs(stock["step_losses"][0]), case
-        # and the following steps, after identical updates, still agree closely
-        for ours, theirs in zip(row["step_losses"][1:], stock["step_losses"][1:]):
-            assert abs(ours - theirs) <= 1e-3 * abs(theirs), case
-        # CUDA-only figures are absent on the CPU
-        assert row["peak_mem_gb"] is None and row["mfu"] is None
-        assert all(key in row for key in HF_KEYS)
-        # useful tokens: the documents' tokens, never the padding
-        assert row["useful_tokens_per_step"] == [384, 384, 384]
-        assert row["tokens_per_s"] == pytest.approx(384 / row["step_time_s"])
-    assert stock["padding_fraction"] > 0
-    assert all(p > 384 for p in stock["processed_tokens_per_step"])
-    for case in ("hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"):
-        assert rows[case]["padding_fraction"] == 0 and rows[case]["processed_tokens_per_step"] == [384] * 3
-    assert rows["lorafuse-none"]["micro_batches_per_step"] == [1, 1, 1]
-    contexts = {r["case"]: r for r in results["max_context"]}
-    assert set(contexts) == {"stock", "lorafuse-recompute", "lorafuse-offload"}
-    for row in contexts.values():  # nothing runs out of memory on the CPU: the search stops at its limit
-        assert row["largest_tokens"] == 256 and row["limited_by"] == "limit"
-        assert [p["tokens"] for p in row["probes"]] == [64, 128, 256]
-
-
-def test_stock_padding_is_counted_apart_from_useful_tokens(cpu_bench):
-    settings = e2e.Settings(model="tiny", device=torch.device("cpu"), dtype=torch.float32, stock_batch_size=2)
-    runner = e2e.HFRunner(settings, "stock")
-    docs = [e2e.single_document(n, 256, seed=0) for n in (5, 3, 8)]
-    prep = runner.prepare(docs)
-    assert prep.useful_tokens == 16
-    assert prep.processed_tokens == 2 * 5 + 1 * 8  # each micro-batch padded to its longest document
-    assert prep.targets == 4 + 2 + 7
-    first = prep.micro[0]
-    assert first["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
-    assert first["labels"][1, 3:].tolist() == [-100, -100]  # no loss on padding
-    packed = e2e.HFRunner(settings, "hf_packed").prepare(docs)
-    assert packed.processed_tokens == packed.useful_tokens == 16
-    assert packed.micro[0]["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
-    assert packed.micro[0]["labels"][0, 5].item() == -100  # the second document's start is no target
-
-
-class _FakeRunner:
-    """Runs out of memory above `fits` tokens (the search logic without a GPU)."""
-
-    cuda, device, case = False, torch.device("cpu"), "fake"
-
-    def __init__(self, fits: int):
-        self.fits, self.failures = fits, 0
-
-    def prepare(self, docs):
-        n = sum(len(d) for d in docs)
-        return e2e.Prepared([n], n - len(docs), n, n)
-
-    def step(self, prep):
-        if prep.useful_tokens > self.fits:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return torch.tensor(1.0)
-
-    def flops(self, batches):
-        return float(sum(b.num_tokens for b in batches))
-
-    def after_failure(self):
-        self.failures += 1
-
-
-def test_max_context_search_doubles_then_bisects_and_respects_the_deadline():
-    partial = []
-    found = e2e.max_context_search(_FakeRunner(1500), 256, start=256, granularity=64, limit=1 << 20,
-                                   deadline=float("inf"), seed=0, log=lambda *_: None, progress=partial.append)
-    assert found["largest_tokens"] == 1472 and found["first_failure"] == 1536 and found["limited_by"] == "memory"
-    assert [p["tokens"] for p in found["probes"]][:4] == [256, 512, 1024, 2048]
-    assert partial[-1]["largest_tokens"] == 1472 and len(partial) == len(found["probes"])
-    late = e2e.max_context_search(_FakeRunner(1500), 256, start=256, granularity=64, limit=1 << 20, deadline=0.0,
-                                  seed=0, log=lambda *_: None)
-    assert late["largest_tokens"] == 0 and late["limited_by"] == "time" and not late["probes"]
-
-
-def test_out_of_memory_is_a_result_not_a_crash():
-    steps = [[e2e.single_document(n, 256, seed=0)] for n in (100, 300, 100)]
-    runner = _FakeRunner(200)
-    runner.flops = lambda batches: 1.0
-    row = e2e.measure_case(runner, steps, warmup=1, peak_flops=None, log=lambda *_: None)
-    assert row["oom"] is True and row["oom_at_step"] == 2 and row["step_losses"] == [1.0]
-    assert runner.failures == 1
+bench_run = load_script("run")
+report = load_script("report")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,32 +177,6 @@ def test_readme_section_is_replaced_between_the_markers_and_idempotent(tmp_path)
         report.main([str(results_dir / "h100-80gb-hbm3-2025-01-31.json"), "--readme", str(bare)])
 
 
-def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, cpu_bench, monkeypatch):
-    real_set_mode = e2e.LorafuseRunner.set_mode
-
-    def set_mode(self, mode):
-        if mode == "offload":
-            raise RuntimeError("no arena today")
-        real_set_mode(self, mode)
-
-    def build_stock(self, settings, case):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
-
-    monkeypatch.setattr(e2e.LorafuseRunner, "set_mode", set_mode)
-    monkeypatch.setattr(e2e.HFRunner, "__init__", build_stock)
-    results = e2e.main([*TINY, "--warmup", "0", "--steps", "1", "--systems", "stock", "lorafuse-recompute",
-                        "lorafuse-offload", "--out", str(tmp_path / "e2e.json")])
-    rows = {r["case"]: r for r in results["e2e"]}
-    assert rows["stock"]["oom"] is True and "building" in rows["stock"]["note"]
-    assert rows["lorafuse-offload"]["error"].startswith("RuntimeError: no arena today")
-    assert rows["lorafuse-recompute"]["tokens_per_s"] > 0 and len(rows["lorafuse-recompute"]["step_losses"]) == 1
-    contexts = {r["case"]: r for r in results["max_context"]}
-    assert contexts["lorafuse-recompute"]["largest_tokens"] == 256
-    assert contexts["lorafuse-offload"]["limited_by"] == "error"
-    for row in results["e2e"]:
-        assert all(key in row for key in HF_KEYS)
-
-
 # ---------------------------------------------------------------------------------------------
 # benchutil.measure, its GPU path with the CUDA calls faked (no GPU here)
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +197,7 @@ def gpu_measure(monkeypatch):
     """benchutil in its GPU mode over a fake allocator: each run allocates 3 GiB above 1 GiB of inputs."""
     import triton.testing
 
-    benchutil = _load("benchutil")
+    benchutil = load_script("benchutil")
     monkeypatch.setattr(benchutil, "SMOKE", False)
     state = {"allocated": 1 << 30, "peak": 5 << 30, "runs": 0}  # a stale peak from an earlier case
 
