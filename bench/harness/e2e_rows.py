@@ -4,16 +4,15 @@ what failed), and the one-line log of a row."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import traceback
-from pathlib import Path
 
 import torch
 from e2e_cases import CASES, HF_CASES
 from e2e_failures import is_oom
 from e2e_runner import Runner
+from results_file import write_results
 
 CONTEXT_KEYS = ("model", "system", "case", "checkpointing", "dtype", "device", "layers", "offload_backend")
 
@@ -34,13 +33,8 @@ def environment(device: torch.device) -> dict:
 
 
 def save(results: dict, path: str | None) -> None:
-    if not path:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, path)
+    if path:
+        write_results(results, path)
 
 
 def entry(args, case: str, runner: Runner | None) -> dict:
