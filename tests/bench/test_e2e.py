@@ -1,0 +1,50 @@
+"""The end-to-end benchmark's command (bench/e2e.py) on the CPU with a tiny model: the GPU run must work the
+first time, and the comparison it makes must be fair (same weights, same adapters, same data: the same losses)."""
+
+import json
+import math
+
+import pytest
+from harness_utils import HF_KEYS, TINY, load_script
+
+e2e = load_script("e2e")
+
+
+def test_every_system_trains_the_same_steps_to_the_same_losses(tmp_path, cpu_bench):
+    out = tmp_path / "e2e.json"
+    results = e2e.main([*TINY, "--warmup", "1", "--steps", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["e2e"] == json.loads(json.dumps(results["e2e"], default=str))
+    rows = {r["case"]: r for r in results["e2e"]}
+    expected = {"stock", "hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"}
+    assert expected <= set(rows), (rows.keys(), results.get("errors"), results["skipped"])
+    if "liger" not in rows:
+        assert any(s["case"] == "liger" for s in results["skipped"])
+    stock = rows["stock"]
+    for case, row in rows.items():
+        assert not row["oom"] and "error" not in row, row
+        assert len(row["step_losses"]) == 3 and all(math.isfinite(x) for x in row["step_losses"]), case
+        # same base weights and same initial adapters: a fair comparison
+        assert row["weights_fingerprint"] == stock["weights_fingerprint"], case
+        assert row["lora_fingerprint"] == stock["lora_fingerprint"], case
+        assert row["n_lora"] == row["n_lora_expected"] == stock["n_lora"], case
+        # the same documents, so the first step's loss (adapters at their init) agrees tightly in float32
+        assert abs(row["step_losses"][0] - stock["step_losses"][0]) <= 1e-4 * abs(stock["step_losses"][0]), case
+        # and the following steps, after identical updates, still agree closely
+        for ours, theirs in zip(row["step_losses"][1:], stock["step_losses"][1:]):
+            assert abs(ours - theirs) <= 1e-3 * abs(theirs), case
+        # CUDA-only figures are absent on the CPU
+        assert row["peak_mem_gb"] is None and row["mfu"] is None
+        assert all(key in row for key in HF_KEYS)
+        # useful tokens: the documents' tokens, never the padding
+        assert row["useful_tokens_per_step"] == [384, 384, 384]
+        assert row["tokens_per_s"] == pytest.approx(384 / row["step_time_s"])
+    assert stock["padding_fraction"] > 0
+    assert all(p > 384 for p in stock["processed_tokens_per_step"])
+    for case in ("hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"):
+        assert rows[case]["padding_fraction"] == 0 and rows[case]["processed_tokens_per_step"] == [384] * 3
+    assert rows["lorafuse-none"]["micro_batches_per_step"] == [1, 1, 1]
+    contexts = {r["case"]: r for r in results["max_context"]}
+    assert set(contexts) == {"stock", "lorafuse-recompute", "lorafuse-offload"}
+    for row in contexts.values():  # nothing runs out of memory on the CPU: the search stops at its limit
+        assert row["largest_tokens"] == 256 and row["limited_by"] == "limit"
+        assert [p["tokens"] for p in row["probes"]] == [64, 128, 256]
