@@ -10,7 +10,8 @@ LoRA parameters and the same gradient clipping. Cases:
                       normalised by the step's target tokens (num_items_in_batch) as lorafuse does
   lorafuse-none       lorafuse: all documents of the step packed into one micro-batch, the fused Triton
   lorafuse-recompute  kernels, and per-layer checkpointing none / recompute / offload
-  lorafuse-offload    (engine/checkpointing.py's LayerCheckpointer)
+  lorafuse-offload    (lorafuse.engine.activations.LayerCheckpointer); each step is the engine's own
+                      train_step, exactly as `lorafuse train` runs it
   liger               peer, only if liger_kernel imports: stock with Liger-Kernel's RMSNorm, RoPE, SwiGLU
                       and fused linear cross-entropy patched into the HF model
   hf_packed           peer: stock without padding: each micro-batch's documents concatenated into one row,
@@ -35,7 +36,7 @@ training of the main cases, their max-context searches, then the peers' training
 Per case, after --warmup steps, --steps timed steps (CUDA events around the whole step: forward,
 backward, clipping, optimizer): step time (median), useful tokens/s (document tokens, no padding, per
 median step), peak memory (torch.cuda.max_memory_allocated over the timed steps, GiB, weights
-included), MFU (DESIGN.md's model FLOPs, lorafuse.engine.metrics.flops_per_token, over the measured
+included), MFU (DESIGN.md's model FLOPs, lorafuse.engine.metrics.training_flops, over the measured
 bf16 matmul peak, lorafuse.engine.metrics.peak_matmul_flops), and the loss of every step (warm-up
 included: step 1 is comparable across systems since the adapters start identical). Then, per
 --max-context case, the largest single document that trains one step: doubling from

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import torch
+
 from e2e_adapters import weights_fingerprint
 from e2e_data import target_tokens
 from e2e_lorafuse_runner import model_flops

@@ -10,24 +10,33 @@ import contextlib
 import gc
 
 import torch
+
 from e2e_adapters import weights_fingerprint
 from e2e_models import LORA_ALPHA, LORA_R, PROJECTIONS, build_model, expected_lora_parameters
 from e2e_runner import Prepared, Runner, Settings
 
 
 def model_flops(model):
-    """DESIGN.md's model FLOPs of a step's micro-batches on this model with its LoRA, counted by the
-    engine for every system alike (lorafuse.engine.metrics.flops_per_token)."""
-    from lorafuse.engine.metrics import flops_per_token
+    """DESIGN.md's model FLOPs of a step, as a function of its document lengths, on this model with its
+    LoRA, counted by the engine for every system alike (lorafuse.engine.metrics)."""
+    from lorafuse.engine.metrics import causal_attention_flops, matmul_parameters, training_flops
 
-    return flops_per_token(model, expected_lora_parameters(model.config))
+    c = model.config
+    n_matmul, n_lora = matmul_parameters(model), expected_lora_parameters(c)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def step_flops(doc_lengths: list[int]) -> float:
+        attention = causal_attention_flops(doc_lengths, c.num_attention_heads, head_dim, c.num_hidden_layers)
+        return training_flops(n_matmul, n_lora, sum(doc_lengths), attention)
+
+    return step_flops
 
 
 def offload_host_limit(cuda: bool) -> int:
     """The offload arena's pinned host memory cap: the engine's default on a GPU, none (0) on the CPU."""
     if not cuda:
         return 0
-    from lorafuse.engine.checkpointing import default_host_limit
+    from lorafuse.engine.activations import default_host_limit
 
     return default_host_limit()
 
@@ -47,7 +56,8 @@ class LorafuseRunner(Runner):
         super().__init__(settings)
         from lorafuse.engine.config import LoraConfig
         from lorafuse.engine.lora import inject_lora
-        from lorafuse.engine.model import sliding_window_limit, stack_projections
+        from lorafuse.engine.model import sliding_window_limit
+        from lorafuse.engine.prepare import prepare_model
 
         model = build_model(settings.model, settings.device, settings.dtype, settings.seed, settings.layers)
         self.info["weights_fingerprint"] = weights_fingerprint(model)
@@ -55,7 +65,7 @@ class LorafuseRunner(Runner):
         self.config = model.config
         if sliding_window_limit(model) is not None:
             raise RuntimeError(f"{settings.model}: sliding-window attention is not supported by lorafuse")
-        stack_projections(model)
+        self.prepared = prepare_model(model)
         inject_lora(model, LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=list(PROJECTIONS)))
         model.eval()  # as the engine: no HF dropout; LoRA dropout is 0
         self.model = model
@@ -64,7 +74,7 @@ class LorafuseRunner(Runner):
         self.mode = "none"
 
     def set_mode(self, mode: str) -> None:
-        from lorafuse.engine.checkpointing import LayerCheckpointer, layer_modes
+        from lorafuse.engine.activations import LayerCheckpointer, layer_modes
 
         self.checkpointer = None
         gc.collect()
@@ -86,20 +96,12 @@ class LorafuseRunner(Runner):
             batches = [b.pin_memory() for b in batches]
         return Prepared(batches, sum(b.num_target_tokens for b in batches), total, total)
 
-    def step(self, prep: Prepared) -> torch.Tensor:
-        from lorafuse.engine.forward import packed_loss
+    def step(self, prep: Prepared) -> float:
+        """The engine's own training step (lorafuse.engine.step.train_step), as `lorafuse train` runs it."""
+        from lorafuse.engine.step import train_step
 
-        total = torch.zeros((), device=self.device, dtype=torch.float32)
-        for batch in prep.micro:
-            batch = batch.to(self.device)
-            loss = packed_loss(self.model, batch, reduction="sum", checkpointer=self.checkpointer) / prep.targets
-            loss.backward()
-            total += loss.detach().float()
-            del loss
-        self._update()
-        if self.checkpointer is not None:
-            self.checkpointer.end_step()
-        return total
+        return train_step(self.prepared, prep.micro, self.optimizer, self.params, max_grad_norm=self.s.max_grad_norm,
+                          checkpointer=self.checkpointer).loss
 
     def after_failure(self) -> None:
         super().after_failure()
@@ -110,5 +112,5 @@ class LorafuseRunner(Runner):
                 self.checkpointer.end_step()
 
     def close(self) -> None:
-        self.checkpointer = None
+        self.checkpointer = self.prepared = None
         super().close()

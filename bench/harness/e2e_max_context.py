@@ -6,14 +6,15 @@ from __future__ import annotations
 import time
 
 import torch
+
 from e2e_data import single_document
 from e2e_failures import free_memory, oom_kind_or_raise
-from e2e_measure import GIB, Lengths, timed_step
+from e2e_measure import GIB, timed_step
 from e2e_runner import Runner
 
 
 def _probe_flops(runner: Runner, tokens: int) -> float:
-    return runner.flops([Lengths([tokens])])
+    return runner.flops([tokens])
 
 
 def max_context_search(runner: Runner, vocab_size: int, *, start: int, granularity: int, limit: int,

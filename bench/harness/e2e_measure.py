@@ -6,24 +6,13 @@ from __future__ import annotations
 import statistics
 import time
 import traceback
-from dataclasses import dataclass
 
 import torch
+
 from e2e_failures import free_memory, oom_kind_or_raise
 from e2e_runner import Prepared, Runner
 
 GIB = 2**30
-
-
-@dataclass
-class Lengths:
-    """What flops_per_token reads of a micro-batch."""
-
-    doc_lengths: list[int]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.doc_lengths)
 
 
 def timed_step(runner: Runner, prep: Prepared) -> tuple[float, float]:
@@ -48,7 +37,7 @@ def measure_case(runner: Runner, steps: list[list], warmup: int, peak_flops: flo
     row["processed_tokens_per_step"] = [p.processed_tokens for p in prepared]
     row["micro_batches_per_step"] = [len(p.micro) for p in prepared]
     row["target_tokens_per_step"] = [p.targets for p in prepared]
-    flops = [runner.flops([Lengths([len(d) for d in docs])]) for docs in steps]
+    flops = [runner.flops([len(d) for d in docs]) for docs in steps]
     times: list[float] = []
     failure = None
     base_mem = None

@@ -9,6 +9,7 @@ import platform
 import traceback
 
 import torch
+
 from e2e_cases import CASES, HF_CASES
 from e2e_failures import is_oom
 from e2e_runner import Runner

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from e2e_adapters import init_lora_, lora_fingerprint
 from e2e_models import expected_lora_parameters
 
@@ -83,7 +84,8 @@ class Runner:
     def prepare(self, docs) -> Prepared:
         raise NotImplementedError
 
-    def step(self, prep: Prepared) -> torch.Tensor:
+    def step(self, prep: Prepared) -> torch.Tensor | float:
+        """One optimizer step; returns its loss (mean per target token)."""
         raise NotImplementedError
 
     def after_failure(self) -> None:

@@ -51,7 +51,7 @@ def worker_env(out: str) -> None:
     else:
         info.update(peak_bf16_tflops=None, copy_bandwidth_gbs=None)
     try:
-        from lorafuse.engine.checkpointing import extension_status, load_extension
+        from lorafuse.engine.extension import extension_status, load_extension
 
         load_extension()  # builds it into the cache once, outside every timed stage
         info["offload_extension"] = extension_status()

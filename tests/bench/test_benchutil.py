@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from harness_utils import load_script
 
 

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+
 from harness_utils import HF_KEYS, TINY, load_script
 
 e2e = load_script("e2e")

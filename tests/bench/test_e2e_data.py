@@ -1,6 +1,7 @@
 """The end-to-end benchmark's data stream (bench/harness/e2e_data.py): exact, seeded, the same for every call."""
 
 import numpy as np
+
 from e2e_data import DataMix, make_steps
 
 

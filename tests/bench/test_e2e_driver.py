@@ -1,6 +1,7 @@
 """The end-to-end benchmark's run (bench/harness/e2e_driver.py): one case failing loses none of the others."""
 
 import torch
+
 from e2e_hf_runner import HFRunner
 from e2e_lorafuse_runner import LorafuseRunner
 from harness_utils import HF_KEYS, TINY, load_script

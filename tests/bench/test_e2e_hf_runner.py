@@ -1,6 +1,7 @@
 """The HF + PEFT systems of the end-to-end benchmark (bench/harness/e2e_hf_runner.py): how they batch."""
 
 import torch
+
 from e2e_data import single_document
 from e2e_hf_runner import HFRunner
 from e2e_runner import Settings

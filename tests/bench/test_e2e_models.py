@@ -1,6 +1,7 @@
 """The end-to-end benchmark's models (bench/harness/e2e_models.py): the real models' published sizes."""
 
 import torch
+
 from e2e_models import expected_lora_parameters, model_config
 
 

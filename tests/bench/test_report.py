@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from harness_utils import load_script
 
 report = load_script("report")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from harness_utils import BENCH, HF_KEYS, TINY, load_script
 from results_file import gpu_slug
 
