@@ -96,3 +96,108 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     for name in ("adapter/adapter_model.safetensors", "adapter/loss.png", "data/test.jsonl", "demo_config.yaml",
                  "base-model/config.json"):
         assert (tmp_path / name).is_file(), name
+
+
+def tree_bytes(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def adapter(tmp_path, data, tiny_model_dir):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "adapter"), "data": {"train": str(data["train"])},
+        "lora": {"r": 4, "alpha": 8}, "train": {"max_tokens_per_step": 1024, "max_seq_len": 256, "max_steps": 2,
+                                                "save_every": 0, "progress": False}}))
+    assert main(["train", str(config)]) == 0
+    return tmp_path / "adapter"
+
+
+def test_merge_never_overwrites_the_base_model_unless_asked(tmp_path, tiny_model_dir, adapter, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    before = tree_bytes(base)
+    for out in (base, base / "merged"):
+        assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 2
+        assert "would overwrite the base model (pass --overwrite" in capsys.readouterr().err
+    assert tree_bytes(base) == before
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("mine")
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(taken)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err and (taken / "x").read_text() == "mine"
+
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(base), "--overwrite"]) == 0
+    assert tree_bytes(base) != before and (base / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".base.")]  # no temporary left behind
+
+
+@pytest.mark.parametrize("case", ["output_dir is a file", "config is a directory", "adapter without r",
+                                  "adapter config not JSON", "eval --json unwritable", "no model directory",
+                                  "empty model path"])
+def test_faults_are_one_line_naming_the_thing_not_a_traceback(case, tmp_path, data, tiny_model_dir, adapter,
+                                                              capsys, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "output_dir": str(tmp_path / "o"),
+                                      "data": {"train": str(data["train"])}, "train": {"progress": False}}))
+    evaluate = ["eval", "--model", str(tiny_model_dir), "--data", str(data["test"])]
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    if case == "output_dir is a file":
+        (tmp_path / "o").write_text("x")
+        argv, expected = ["train", str(config)], f"output_dir {tmp_path / 'o'}: {tmp_path / 'o'} is a file"
+    elif case == "config is a directory":
+        argv, expected = ["train", str(tmp_path)], f"{tmp_path} is a directory; expected a YAML config file"
+    elif case == "adapter without r":
+        raw = json.loads((broken / "adapter_config.json").read_text())
+        del raw["r"]
+        (broken / "adapter_config.json").write_text(json.dumps(raw))
+        argv, expected = evaluate + ["--adapter", str(broken)], f"{broken / 'adapter_config.json'}: missing key(s) r"
+    elif case == "adapter config not JSON":
+        (broken / "adapter_config.json").write_text("{r: 4")
+        argv, expected = evaluate + ["--adapter", str(broken)], f"{broken / 'adapter_config.json'}: not valid JSON"
+    elif case == "eval --json unwritable":
+        target = tmp_path / "missing" / "r.json"
+        argv, expected = evaluate + ["--json", str(target)], f"{tmp_path / 'missing'}: its directory does not exist"
+        monkeypatch.setattr("lorafuse.engine.data.encode_all", lambda *a, **k: pytest.fail("worked before checking"))
+    elif case == "no model directory":
+        argv, expected = ["eval", "--model", str(tmp_path / "nope"), "--data", str(data["test"])], \
+            f"model directory not found: {tmp_path / 'nope'}"
+    else:
+        argv, expected = ["eval", "--model", "", "--data", str(data["test"])], "no model directory given"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorafuse: error: ") and expected in err and "Traceback" not in err
+    assert err.count("\n") == 1, err
+    monkeypatch.setenv("LORAFUSE_DEBUG", "1")  # the traceback, for whoever needs it
+    with pytest.raises(Exception):  # noqa: B017 - whichever exception the message came from
+        main(argv)
+
+
+def test_every_option_has_help_and_train_help_lists_every_key():
+    from lorafuse.engine import config as config_module
+    from lorafuse.engine.cli import build_parser
+
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            if action.choices and isinstance(action.choices, dict):  # sub-commands
+                parsers += action.choices.values()
+            elif action.dest != "help":
+                assert action.help, f"{parser.prog}: {action.dest} has no help"
+    proc = subprocess.run([sys.executable, "-m", "lorafuse.engine.cli", "train", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    keys = [line.split()[0] for line in config_module.describe_keys()]
+    assert len(keys) == 38 and all(f"  {key} = " in proc.stdout for key in keys)
+    assert "train.lr = 0.0002" in proc.stdout and "peak learning rate" in proc.stdout
+
+
+def test_one_max_seq_len_default_everywhere():
+    from lorafuse.engine.cli import build_parser
+    from lorafuse.engine.config import TrainConfig
+
+    parser = build_parser()
+    default = TrainConfig().max_seq_len
+    assert parser.parse_args(["eval", "--model", "m", "--data", "d"]).max_seq_len == default
+    assert parser.parse_args(["data", "check", "f"]).max_seq_len == default

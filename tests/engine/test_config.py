@@ -44,3 +44,21 @@ def test_bad_override(tmp_path):
         load_config(write(tmp_path, "model: m\n"), ["train.lr"])
     with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
         load_config(write(tmp_path, "model: m\n"), ["train.lrr=1"])
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused_by_name(tmp_path, value):
+    with pytest.raises(ConfigError, match="config key 'train.lr' must be a finite number"):
+        load_config(write(tmp_path, "model: m\n"), [f"train.lr={value}"])
+    with pytest.raises(ConfigError, match="config key 'lora.alpha' must be a finite number"):
+        load_config(write(tmp_path, f"model: m\nlora: {{alpha: {value}}}\n"))
+    with pytest.raises(ConfigError, match="'train.lr' must be positive"):
+        load_config(write(tmp_path, "model: m\n"), ["train.lr=0"])
+
+
+def test_a_directory_or_a_byte_order_mark(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; expected a YAML config file"):
+        load_config(tmp_path)
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfmodel: m\ntrain: {epochs: 3}\n")
+    assert load_config(path).train.epochs == 3

@@ -1,5 +1,7 @@
 """Data: JSONL validation with file:line:field errors, chat-template tokenization, trained tokens."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,11 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     assert {e.line for e in train} | {e.line for e in val} | {e.line for e in test} == set(range(1, 51))
     again = split_examples(examples, (0.1, 0.2), seed=3)
     assert [e.line for e in again[1]] == [e.line for e in val]
+
+
+def test_a_utf8_byte_order_mark_is_accepted_and_reported(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(CHAT).encode() + b"\n" + json.dumps(CHAT).encode() + b"\n")
+    examples, report = read_jsonl(path)
+    assert len(examples) == 2 and report.bom and not report.errors
+    assert not read_jsonl(write_jsonl(tmp_path / "plain.jsonl", [CHAT]))[1].bom

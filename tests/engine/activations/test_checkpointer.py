@@ -15,9 +15,10 @@ import sys
 
 import pytest
 import torch
-from tiny_decoder import TinyLlamaBlock, rope_tables
 
 from lorafuse.engine.activations import LayerCheckpointer
+
+from tiny_decoder import TinyLlamaBlock, rope_tables
 
 BACKENDS = ["extension", "torch"]
 

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from tiny_decoder import TinyLlamaBlock, rope_tables
 
 from lorafuse.engine.activations import (
     estimate_peak_bytes,
@@ -16,6 +15,8 @@ from lorafuse.engine.activations import (
     measure_bytes_per_token,
     plan_checkpointing,
 )
+
+from tiny_decoder import TinyLlamaBlock, rope_tables
 
 
 def test_layer_modes_from_the_config_value():
