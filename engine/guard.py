@@ -26,21 +26,35 @@ def weights_finite(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 class LastGood:
-    """The LoRA weights and optimizer state of the newest step known to be good."""
+    """The LoRA weights and optimizer state of the newest step known to be good.
+
+    keep() runs before every update, so its copies are made into buffers allocated once (a multi-tensor
+    copy, no allocation or Python walk over the state per step); restore() runs once, when a run stops."""
 
     def __init__(self, params: list[torch.Tensor], optimizer):
         self.params, self.optimizer = params, optimizer
         self.step: int | None = None  # updates applied when the copy was taken
         self._weights: list[torch.Tensor] = []
-        self._optimizer_state: dict = {}
+        self._state: dict = {}  # the optimizer's state_dict, its tensors replaced by our buffers
+        self._state_buffers: list[torch.Tensor] = []
 
     def keep(self, step: int) -> None:
         """Copy the current state: it is good, and `step` updates have been applied to it."""
+        live = self.optimizer.state_dict()
+        live_tensors = [v for s in live["state"].values() for v in s.values() if torch.is_tensor(v)]
+        if not self._state or [(t.shape, t.dtype, t.device) for t in live_tensors] != [
+                (t.shape, t.dtype, t.device) for t in self._state_buffers]:
+            self._state = copy.deepcopy(live)  # the state's layout changed (its first step): new buffers
+            self._state_buffers = [v for s in self._state["state"].values() for v in s.values() if torch.is_tensor(v)]
         with torch.no_grad():
             if not self._weights:
                 self._weights = [torch.empty_like(p) for p in self.params]
             torch._foreach_copy_(self._weights, [p.detach() for p in self.params])
-        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+            if live_tensors:
+                torch._foreach_copy_(self._state_buffers, live_tensors)
+        for key, entry in live["state"].items():  # values that are not tensors, if an optimizer keeps any
+            self._state["state"][key].update({k: v for k, v in entry.items() if not torch.is_tensor(v)})
+        self._state["param_groups"] = copy.deepcopy(live["param_groups"])
         self.step = step
 
     def restore(self) -> int:
@@ -49,7 +63,7 @@ class LastGood:
             raise RuntimeError("no good state to restore: the run went wrong before its first update")
         with torch.no_grad():
             torch._foreach_copy_([p.detach() for p in self.params], self._weights)
-        self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
+        self.optimizer.load_state_dict(copy.deepcopy(self._state))  # a copy: the optimizer must not alias ours
         for p in self.params:
             p.grad = None
         return self.step

@@ -52,7 +52,8 @@ def make_checkpointer(model, cfg, dtype: torch.dtype, device: torch.device, log)
 def plan_for_model(model, budget_bytes: float, tokens: int, dtype: torch.dtype, *, lora_rank: int,
                    lora_projections: int) -> list[str]:
     """plan_checkpointing for a loaded LoRA model: the device budget less its weights, the LoRA
-    parameters' float32 masters, gradients and two Adam moments, and the loss workspace."""
+    parameters' float32 masters, gradients and two Adam moments, the guard's copy of masters and moments
+    (guard.LastGood), and the loss workspace."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kept = llama_layer_bytes_per_token(c.hidden_size, c.intermediate_size, c.num_attention_heads,
@@ -60,7 +61,7 @@ def plan_for_model(model, budget_bytes: float, tokens: int, dtype: torch.dtype, 
                                        lora_projections=lora_projections)
     item = torch.empty((), dtype=dtype).element_size()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 4
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * (4 + 3)
     loss_workspace = LOSS_WORKSPACE_BYTES + tokens * c.hidden_size * item * 2
     activations = budget_bytes - weights - lora - loss_workspace
     return plan_checkpointing(c.num_hidden_layers, kept, c.hidden_size * item, tokens, activations)
