@@ -89,6 +89,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    if not str(path).strip():
+        raise ModelError("no model directory given (config key 'model', or --model)")
+    if not Path(path).is_dir():  # else transformers takes the path for a hub repository id
+        raise ModelError(f"model directory not found: {path}")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises many types here; the path is what the user needs
