@@ -14,7 +14,9 @@ trained to predict that token. Packing (packing.py) turns flags into aligned lab
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,28 +175,77 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation and find the characters that belong to assistant turns.
+GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
+_SENTINEL = "\u2063lorafuse\u2063"  # text no template alters: finds what follows an assistant turn's content
 
-    Each assistant turn i spans from the end of render(messages[:i], generation prompt) to the
-    end of render(messages[:i+1]): its content plus the template's end-of-turn marker, so the
-    model also learns to stop. This needs the template to render prefixes as prefixes, which
-    every common template does; one that does not is refused with a clear message.
-    """
+
+def has_generation_markers(tokenizer) -> bool:
+    """The template marks assistant text itself ({% generation %}): HF's assistant mask is then exact."""
+    return bool(GENERATION_MARKER.search(getattr(tokenizer, "chat_template", None) or ""))
+
+
+def end_of_turn_text(tokenizer) -> str:
+    """What the template writes right after an assistant turn's content to end it (<|im_end|>, <|eot_id|>,
+    </s>, <end_of_turn>, ...): the special token it starts with, else what follows the content both when
+    another turn comes and when the conversation ends, up to the end of that line. Whitespace after it
+    belongs to no turn (the newline after ChatML's <|im_end|>, as HF's assistant mask has it)."""
+    def after(messages):
+        rendered = _render(tokenizer, messages, add_generation_prompt=False)
+        return rendered.split(_SENTINEL, 1)[1] if _SENTINEL in rendered else ""
+
+    turn = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}]
+    last, followed = after(turn), after(turn + [{"role": "user", "content": "?"}])
+    head = followed.lstrip(" ")
+    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
+                      key=len, reverse=True)
+    for special in specials:
+        if special and head.startswith(special):
+            return special
+    return os.path.commonprefix([last, followed]).strip().split("\n", 1)[0].strip()
+
+
+def assistant_char_spans(tokenizer, messages: list[dict], end_of_turn: str | None = None,
+                         ) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation and find the characters of each assistant turn: its content and the
+    template's end-of-turn text, so the model also learns to stop; not the role header before it nor
+    the whitespace after. Turns are found by their content, in order, in the full rendering (an answer
+    with the end-of-turn text right after it, so a short answer is not taken for part of a header), so a
+    template that rewrites earlier turns (Qwen3 drops their reasoning) works as long as each answer
+    appears verbatim; one that does not is refused."""
     full = _render(tokenizer, messages, add_generation_prompt=False)
-    spans = []
+    eot = end_of_turn_text(tokenizer) if end_of_turn is None else end_of_turn
+    spans, cursor = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not full.startswith(upto) or not upto.startswith(before):
-            raise DataError(
-                "the tokenizer's chat template does not render a conversation's prefix as a prefix of the whole "
-                "(it rewrites earlier turns), so assistant tokens cannot be located; use data.train_on=all "
-                "or the prompt/completion form")
-        spans.append((len(before), len(upto)))
+        found = _find_turn(full, m["content"], cursor, eot if m["role"] == "assistant" else "")
+        if found is None:
+            if m["role"] == "assistant":
+                raise DataError(f"the chat template does not render assistant turn {i} (messages[{i}]) verbatim, "
+                                "so its tokens cannot be located; use data.train_on=all or the prompt/completion form")
+            continue  # a system prompt a template moves or merges: no anchor, nothing to train
+        if m["role"] == "assistant":
+            spans.append(found)
+        cursor = found[1]
     return full, spans
+
+
+def _find_turn(text: str, content: str, cursor: int, eot: str) -> tuple[int, int] | None:
+    """(start, end) at or after cursor of content followed by the end-of-turn text eot (end includes it),
+    trying the content verbatim, stripped (templates that trim), and its answer after a reasoning block
+    (templates that drop earlier turns' reasoning); without eot after it, the content alone."""
+    candidates = [content, content.strip()]
+    if "</think>" in content:
+        candidates.append(content.split("</think>", 1)[1].strip())
+    for with_eot in ([True, False] if eot else [False]):
+        for candidate in filter(None, candidates):
+            pattern = re.escape(candidate) + (" *" + re.escape(eot) if with_eot else "")
+            if found := re.compile(pattern).search(text, cursor):
+                return found.start(), found.end()
+    return None
+
+
+def _hf_assistant_mask(tokenizer, messages) -> tuple[list[int], list[bool]]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return list(out["input_ids"]), [bool(x) for x in out["assistant_masks"]]
 
 
 def encode_example(tokenizer, ex: Example, train_on: str = "assistant") -> Document:
@@ -203,13 +254,16 @@ def encode_example(tokenizer, ex: Example, train_on: str = "assistant") -> Docum
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("the tokenizer has no chat template; chat-form data needs one "
                             "(add chat_template to tokenizer_config.json, or use prompt/completion form)")
-        text, spans = assistant_char_spans(tokenizer, ex.messages)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
+        if has_generation_markers(tokenizer):
+            ids, trained = _hf_assistant_mask(tokenizer, ex.messages)
+        else:
+            text, spans = assistant_char_spans(tokenizer, ex.messages)
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            # a token is the turn's when it overlaps it (" A" of an answer "A"), as HF's assistant mask counts
+            trained = [any(start < e and end > s for s, e in spans) for start, end in enc["offset_mapping"]]
         if train_on == "all":
             trained = [True] * len(ids)
-        else:
-            trained = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
     else:
         prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"] if ex.prompt else []
         if tokenizer.bos_token_id is not None and not prompt_ids:

@@ -69,7 +69,7 @@ def test_chat_labels_cover_exactly_the_assistant_turns(tiny_tokenizer):
                                    {"role": "assistant", "content": "second answer"}])
     doc = encode_example(tiny_tokenizer, ex)
     trained_text = tiny_tokenizer.decode(doc.input_ids[doc.trained])
-    assert trained_text == "first answer<|end|>\nsecond answer<|end|>\n"
+    assert trained_text == "first answer<|end|>second answer<|end|>"  # not the newline after the marker
     untrained = tiny_tokenizer.decode(doc.input_ids[~doc.trained])
     assert "question" in untrained and "answer" not in untrained
     all_doc = encode_example(tiny_tokenizer, ex, train_on="all")
