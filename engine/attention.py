@@ -1,5 +1,6 @@
 """The attention implementations the engine can use (config key train.attention), all on the same
-packed layout: q [T, Hq, D], k and v [T, Hkv, D], documents given by cu_seqlens, causal.
+packed layout: q [T, Hq, D], k and v [T, Hkv, D], documents given by cu_seqlens, causal, with a
+layer's sliding window (query i sees keys i - window < j <= i) and logit softcap when it has them.
 
   triton        lorafuse.kernels.varlen_attention (the default: "auto")
   flash_attn    flash-attn's flash_attn_varlen_func, when it is installed
@@ -18,18 +19,28 @@ from lorafuse.kernels.varlen_attention import varlen_attention_reference
 CHOICES = ("auto", "triton", "flash_attn", "torch_varlen", "sdpa")
 
 
-def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale):
+def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None):
     from flash_attn import flash_attn_varlen_func
 
+    # flash-attn counts the keys left of the query: window - 1 of them, plus the query itself
+    window_size = (window - 1, 0) if window else (-1, -1)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-                                  softmax_scale=scale)
+                                  softmax_scale=scale, window_size=window_size, softcap=softcap or 0.0)
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None):
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if softcap:
+        raise ValueError("train.attention=torch_varlen: torch.nn.attention.varlen has no logit softcapping (Gemma 2); "
+                         "use triton")
+    if window and "window_size" not in params:
+        raise ValueError("train.attention=torch_varlen: this torch's varlen_attn has no sliding window; use triton")
+    if "window_size" in params:
+        causal = {"window_size": (window - 1 if window else -1, 0)}
+    else:
+        causal = {"is_causal": True}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" not in params:
             group = q.shape[1] // k.shape[1]
@@ -39,13 +50,15 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
 
 
-def triton_attention(q, k, v, cu_seqlens, max_seqlen, scale):
-    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=scale)
+def triton_attention(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None):
+    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=scale, window=window,
+                            softcap=softcap)
 
 
-def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, scale):
+def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None):
     """The reference: one SDPA call per document."""
-    return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=scale)
+    return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=scale,
+                                      window=window, softcap=softcap)
 
 
 def attention_function(name: str, device_type: str):

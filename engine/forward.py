@@ -24,59 +24,92 @@ from .packing import IGNORE_INDEX, PackedBatch
 from .prepare import PreparedLayer, PreparedModel
 
 
-def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, prepared: PreparedModel) -> torch.Tensor:
+def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, prepared: PreparedModel,
+                    ) -> torch.Tensor:
     """The attention half of a decoder layer, from its normalised input."""
     attn, spec, ops = layer.module.self_attn, prepared.spec, prepared.ops
-    tokens = x.shape[0]
-    q, k, v = lora_projections(x, (attn.q_proj, attn.k_proj, attn.v_proj), layer.qkv, ops)
+    tokens, q_width, kv_width = x.shape[0], spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    if spec.family.fused_qkv:  # Phi-3: one projection (and one adapter) for q, k and v
+        q, k, v = lora_projections(x, (attn.qkv_proj,), None, ops)[0].split([q_width, kv_width, kv_width], -1)
+    else:
+        q, k, v = lora_projections(x, (attn.q_proj, attn.k_proj, attn.v_proj), layer.qkv, ops)
     q = q.view(tokens, spec.num_heads, spec.head_dim)
     k = k.view(tokens, spec.num_kv_heads, spec.head_dim)
     v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
-    if spec.qk_norm:
-        q = ops.rms_norm(q, attn.q_norm.weight, spec.eps)
-        k = ops.rms_norm(k, attn.k_norm.weight, spec.eps)
-    rotary = prepared.model.model.rotary_emb
-    q, k = ops.apply_rope(q, k, batch.position_ids, rotary.inv_freq, float(rotary.attention_scaling))
-    out = prepared.attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, attn.scaling)
+    if spec.family.qk_norm:
+        q = ops.rms_norm(q, attn.q_norm.weight, spec.eps, spec.family.norm_offset)
+        k = ops.rms_norm(k, attn.k_norm.weight, spec.eps, spec.family.norm_offset)
+    q, k = ops.apply_rope(q, k, batch.position_ids, layer.inv_freq, layer.rope_scaling)
+    out = prepared.attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, layer.softmax_scale, window=layer.window,
+                             softcap=layer.softcap)
     return lora_projections(out.reshape(tokens, -1), (attn.o_proj,), None, ops)[0]
 
 
 def mlp_block(x: torch.Tensor, layer: PreparedLayer, prepared: PreparedModel) -> torch.Tensor:
-    mlp, ops = layer.module.mlp, prepared.ops
-    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    stacked = layer.gate_up
-    if stacked is not None and stacked.bias is None and down.bias is None and all(map(fusable, (gate, up, down))):
-        # SwiGLU fused into the projections; its activation is recomputed in backward, not stored
-        return ops.lora_mlp(x, stacked.weight, *adapter_args(gate, x), *adapter_args(up, x), down.weight,
-                            *adapter_args(down, x))
-    g, u = lora_projections(x, (gate, up), stacked, ops)
-    return lora_projections(ops.swiglu(g, u), (down,), None, ops)[0]
+    """down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-GELU (Gemma's GeGLU)."""
+    mlp, ops, spec = layer.module.mlp, prepared.ops, prepared.spec
+    down = mlp.down_proj
+    if spec.family.fused_qkv:  # Phi-3: gate and up are one projection with one adapter
+        gate_up, weight = (mlp.gate_up_proj,), mlp.gate_up_proj.weight
+    else:
+        gate_up = (mlp.gate_proj, mlp.up_proj)
+        weight = layer.gate_up.weight if layer.gate_up is not None and layer.gate_up.bias is None else None
+    if weight is not None and down.bias is None and all(map(fusable, (*gate_up, down))):
+        # the activation is fused into the projections; recomputed in backward, not stored
+        return ops.lora_mlp(x, weight, *_gate_and_up_adapters(gate_up, x, spec.intermediate_size), down.weight,
+                            *adapter_args(down, x), activation=spec.activation)
+    if len(gate_up) == 1:
+        g, u = lora_projections(x, gate_up, None, ops)[0].chunk(2, -1)
+    else:
+        g, u = lora_projections(x, gate_up, layer.gate_up, ops)
+    glu = ops.swiglu if spec.activation == "silu" else ops.geglu
+    return lora_projections(glu(g, u), (down,), None, ops)[0]
+
+
+def _gate_and_up_adapters(gate_up: tuple, x: torch.Tensor, intermediate: int) -> tuple:
+    """(a, b, s) of the gate, then of up; one fused gate_up adapter splits into both: its A shared, its B
+    by rows (x A^T is then computed twice, the price of reusing the two-adapter kernel)."""
+    if len(gate_up) == 2:
+        return (*adapter_args(gate_up[0], x), *adapter_args(gate_up[1], x))
+    a, b, s = adapter_args(gate_up[0], x)
+    if a is None:
+        return (None, None, 0.0) * 2
+    return a, b[:intermediate], s, a, b[intermediate:], s
 
 
 def decoder_layer(hidden: torch.Tensor, layer: PreparedLayer, batch: PackedBatch,
                   prepared: PreparedModel) -> torch.Tensor:
-    module, ops, eps = layer.module, prepared.ops, prepared.spec.eps
-    hidden = hidden + attention_block(ops.rms_norm(hidden, module.input_layernorm.weight, eps), layer, batch, prepared)
-    return hidden + mlp_block(ops.rms_norm(hidden, module.post_attention_layernorm.weight, eps), layer, prepared)
+    module, ops, spec = layer.module, prepared.ops, prepared.spec
+    norm = lambda t, weight: ops.rms_norm(t, weight, spec.eps, spec.family.norm_offset)  # noqa: E731
+    attended = attention_block(norm(hidden, module.input_layernorm.weight), layer, batch, prepared)
+    if not spec.family.sandwich_norms:
+        hidden = hidden + attended
+        return hidden + mlp_block(norm(hidden, module.post_attention_layernorm.weight), layer, prepared)
+    # Gemma 2/3: each half's output is normalised before it joins the residual stream
+    hidden = hidden + norm(attended, module.post_attention_layernorm.weight)
+    mixed = mlp_block(norm(hidden, module.pre_feedforward_layernorm.weight), layer, prepared)
+    return hidden + norm(mixed, module.post_feedforward_layernorm.weight)
 
 
 def packed_hidden_states(prepared: PreparedModel, batch: PackedBatch, checkpointer=None) -> torch.Tensor:
     """Final-norm hidden states [T, hidden] of a packed micro-batch. With a LayerCheckpointer
     (activations/) each decoder layer runs under its mode: keep, recompute or offload."""
     inner = prepared.model.model
-    hidden = inner.embed_tokens(batch.input_ids)
+    hidden = inner.embed_tokens(batch.input_ids)  # Gemma's embedding module scales by sqrt(hidden) itself
     for i, layer in enumerate(prepared.layers):
         if checkpointer is None:
             hidden = decoder_layer(hidden, layer, batch, prepared)
         else:
             hidden = checkpointer.checkpoint(i, decoder_layer, hidden, layer, batch, prepared)
-    return prepared.ops.rms_norm(hidden, inner.norm.weight, prepared.spec.eps)
+    return prepared.ops.rms_norm(hidden, inner.norm.weight, prepared.spec.eps, prepared.spec.family.norm_offset)
 
 
-def packed_loss(prepared: PreparedModel, batch: PackedBatch, reduction: str = "sum", checkpointer=None) -> torch.Tensor:
+def packed_loss(prepared: PreparedModel, batch: PackedBatch, reduction: str = "sum", checkpointer=None,
+                ) -> torch.Tensor:
     """Cross-entropy over the batch's target tokens ("sum": the loop divides by the tokens of the
     whole accumulated step)."""
     hidden = packed_hidden_states(prepared, batch, checkpointer)
     head = prepared.model.lm_head
     return prepared.ops.linear_cross_entropy(hidden, head.weight, batch.labels, ignore_index=IGNORE_INDEX,
-                                             reduction=reduction, bias=getattr(head, "bias", None))
+                                             reduction=reduction, bias=getattr(head, "bias", None),
+                                             softcap=prepared.spec.final_softcap)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .config import ALL_PROJECTIONS, LoraConfig
+from .config import LoraConfig
 from .faults import crash_point
 from .ops import TRITON, KernelOps
 
@@ -101,21 +101,38 @@ def _project(proj, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
 # Injection
 
 
-def _check_targets(model, targets: list[str]) -> None:
-    unknown = [t for t in targets if t not in ALL_PROJECTIONS]
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def resolve_targets(model_type: str, targets: list[str]) -> list[str]:
+    """lora.target_modules in the module names of the model's family: Phi-3 keeps q, k, v (and gate, up)
+    in one projection each, so the Llama names of all of a fused projection's parts name it."""
+    from .model import SUPPORTED
+
+    known = SUPPORTED[model_type].projections
+    resolved = [t for t in targets if t in known]
+    for fused, parts in FUSED_PROJECTIONS.items():
+        asked = [t for t in targets if t in parts]
+        if fused in known and asked:
+            if len(asked) != len(parts):
+                raise ValueError(f"lora.target_modules: {model_type} computes {', '.join(parts)} in one projection "
+                                 f"({fused}): target all of them or {fused}, not {', '.join(asked)}")
+            resolved.append(fused)
+    unknown = [t for t in targets if t not in known and not any(t in FUSED_PROJECTIONS.get(f, ()) for f in known)]
     if unknown:
         hint = " (a LoRA on lm_head is not supported: the fused loss reads the head weight directly)" \
             if "lm_head" in unknown else ""
-        raise ValueError(f"lora.target_modules: unknown module(s) {unknown}; choose from {ALL_PROJECTIONS}{hint}")
+        raise ValueError(f"lora.target_modules: unknown module(s) {unknown}; {model_type} has {list(known)}{hint}")
+    return [name for name in known if name in resolved]
 
 
 def inject_lora(model, cfg: LoraConfig) -> list[str]:
     """Replace each targeted projection of every decoder layer by a LoraLinear. Returns their names."""
-    _check_targets(model, cfg.target_modules)
+    targets = resolve_targets(model.config.model_type, cfg.target_modules)
     names = []
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in cfg.target_modules and isinstance(module, nn.Linear):
+        if leaf in targets and isinstance(module, nn.Linear):
             parent = model.get_submodule(name.rsplit(".", 1)[0])
             setattr(parent, leaf, LoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
             names.append(name)
@@ -157,7 +174,7 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def adapter_config(cfg: LoraConfig, base_model_path: str) -> dict:
+def adapter_config(cfg: LoraConfig, base_model_path: str, target_modules: list[str]) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -165,7 +182,7 @@ def adapter_config(cfg: LoraConfig, base_model_path: str) -> dict:
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": list(cfg.target_modules),
+        "target_modules": list(target_modules),
         "use_rslora": cfg.use_rslora,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -186,7 +203,9 @@ def save_adapter(model, cfg: LoraConfig, out_dir: str | Path, base_model_path: s
     weights_tmp = out_dir / (ADAPTER_WEIGHTS + ".tmp")
     save_file(adapter_state_dict(model), str(weights_tmp), metadata={"format": "pt"})
     config_tmp = out_dir / (ADAPTER_CONFIG + ".tmp")
-    config_tmp.write_text(json.dumps(adapter_config(cfg, base_model_path), indent=2))
+    # the projections that carry an adapter, in the model's own names (Phi-3: qkv_proj, not q_proj)
+    targets = sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)})
+    config_tmp.write_text(json.dumps(adapter_config(cfg, base_model_path, targets), indent=2))
     crash_point("adapter")
     os.replace(weights_tmp, out_dir / ADAPTER_WEIGHTS)
     os.replace(config_tmp, out_dir / ADAPTER_CONFIG)

@@ -53,17 +53,24 @@ def training_flops(n_matmul: int, n_lora: int, tokens: int, attention_flops: flo
     return (4 * n_matmul + 6 * n_lora) * tokens + attention_flops
 
 
-def causal_attention_flops(doc_lengths, num_heads: int, head_dim: int, num_layers: int) -> float:
+def causal_attention_flops(doc_lengths, num_heads: int, head_dim: int, num_layers: int,
+                           window: int | None = None) -> float:
     """Causal attention over each document of length L: forward 2 L^2 D per query head and layer
-    (scores and the weighted sum, each half of the full L x L), backward twice that."""
-    return 6 * num_heads * head_dim * num_layers * sum(n * n for n in doc_lengths)
+    (scores and the weighted sum, each over half of the full L x L), backward twice that. A sliding
+    window of W keys leaves W^2 / 2 + (L - W) W of the L^2 / 2 query-key pairs."""
+    pairs = sum(n * n / 2 if not window or n <= window else window * window / 2 + (n - window) * window
+                for n in doc_lengths)
+    return 12 * num_heads * head_dim * num_layers * pairs
 
 
 def model_training_flops(model, n_lora: int, doc_lengths) -> float:
     """training_flops of `model` (a HF causal LM) over documents of these lengths."""
+    from .model import layer_window
+
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attention = causal_attention_flops(doc_lengths, c.num_attention_heads, head_dim, c.num_hidden_layers)
+    attention = sum(causal_attention_flops(doc_lengths, c.num_attention_heads, head_dim, 1, layer_window(c, i))
+                    for i in range(c.num_hidden_layers))
     return training_flops(matmul_parameters(model), n_lora, sum(doc_lengths), attention)
 
 

@@ -8,17 +8,39 @@ training forward is ours (forward.py): packed, on our kernels.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-# model_type -> what differs from Llama in the decoder (prepare.DecoderSpec reads these)
+
+@dataclass(frozen=True)
+class Family:
+    """What differs from Llama in a decoder family (prepare.DecoderSpec and forward.py read these)."""
+
+    hf_class: str  # the transformers class of the family
+    qk_norm: bool = False  # RMSNorm of q and k per head (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + w): Gemma's (1 + w)
+    sandwich_norms: bool = False  # Gemma 2/3: a norm after attention and before/after the MLP, residual after
+    fused_qkv: bool = False  # Phi-3: q, k, v (and gate, up) are one projection in the checkpoint
+    activation_key: str = "hidden_act"  # the config key naming the MLP activation
+    projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# model_type -> its family; any other model_type is refused by name
 SUPPORTED = {
-    "llama": {"qk_norm": False, "class": "LlamaForCausalLM"},
-    "mistral": {"qk_norm": False, "class": "MistralForCausalLM"},
-    "qwen2": {"qk_norm": False, "class": "Qwen2ForCausalLM"},
-    "qwen3": {"qk_norm": True, "class": "Qwen3ForCausalLM"},
+    "llama": Family("LlamaForCausalLM"),
+    "mistral": Family("MistralForCausalLM"),
+    "qwen2": Family("Qwen2ForCausalLM"),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True),
+    "gemma": Family("GemmaForCausalLM", norm_offset=1.0),
+    "gemma2": Family("Gemma2ForCausalLM", norm_offset=1.0, sandwich_norms=True, activation_key="hidden_activation"),
+    "gemma3_text": Family("Gemma3ForCausalLM", qk_norm=True, norm_offset=1.0, sandwich_norms=True,
+                          activation_key="hidden_activation"),
+    "phi3": Family("Phi3ForCausalLM", fused_qkv=True, projections=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
 }
+# HF activation name -> the GLU our fused MLP computes
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class ModelError(ValueError):
@@ -47,13 +69,21 @@ def check_supported(path: str | Path) -> dict:
         arch = ", ".join(raw.get("architectures") or ["?"])
         raise ModelError(f"{path}: architecture {arch} (model_type {model_type!r}) is not supported; "
                          f"lorafuse trains {', '.join(sorted(SUPPORTED))}")
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise ModelError(f"{path}: hidden_act {act!r} is not supported (the fused MLP is SwiGLU: silu)")
+    family = SUPPORTED[model_type]
+    act = raw.get(family.activation_key) or raw.get("hidden_act") or "silu"
+    if act not in ACTIVATIONS:
+        raise ModelError(f"{path}: {family.activation_key} {act!r} is not supported (the fused MLP computes "
+                         f"{', '.join(sorted(ACTIVATIONS))})")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) == "longrope":
+        raise ModelError(f"{path}: LongRoPE (rope_type 'longrope', Phi-3 128k) switches frequencies with the sequence "
+                         "length; lorafuse does not implement it")
+    if float((rope or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise ModelError(f"{path}: partial rotary embeddings (partial_rotary_factor < 1) are not supported")
     if not list(Path(path).glob("*.safetensors")):
         raise ModelError(f"{path}: no *.safetensors weights (lorafuse does not load pickled .bin weights; "
                          "convert them with safetensors first)")
-    stock = SUPPORTED[model_type]["class"]
+    stock = family.hf_class
     custom = [a for a in raw.get("architectures") or [] if a != stock]
     if raw.get("auto_map") and custom:
         raise ModelError(f"{path}: config.json asks for custom code (auto_map, architecture {', '.join(custom)}); "
@@ -66,7 +96,7 @@ def custom_code_notes(raw: dict) -> list[str]:
     """What a checked config's auto_map means for training: its custom code is not used."""
     if not raw.get("auto_map"):
         return []
-    stock = SUPPORTED[raw["model_type"]]["class"]
+    stock = SUPPORTED[raw["model_type"]].hf_class
     return [f"config.json has auto_map (custom code); it is ignored: lorafuse trains its own {stock}, "
             "which this architecture is"]
 
@@ -103,30 +133,27 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
     """The HF model with every weight frozen, in `dtype`, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    check_supported(path)
+    raw = check_supported(path)
+    # HF's SDPA path ignores attention-logit softcapping (Gemma 2): its eager path computes the model exactly
+    attention = "eager" if raw.get("attn_logit_softcapping") else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa")
+        str(path), dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation=attention)
     model.to(device)
     model.requires_grad_(False)
     model.eval()  # no HF dropout; LoRA dropout is ours and follows module.training
     return model
 
 
-def sliding_window_limit(model) -> int | None:
-    """The smallest active sliding window of any layer (None if all layers attend fully).
-
-    Our attention is full causal within a document, which equals sliding-window attention only
-    while documents are no longer than the window.
-    """
-    c = model.config
-    window = getattr(c, "sliding_window", None)
+def layer_window(config, layer: int) -> int | None:
+    """The sliding window of decoder layer `layer` (keys i - window < j <= i), None for full attention:
+    config.sliding_window on the layers layer_types calls "sliding_attention" (Gemma 2/3's alternating
+    layers, Qwen2's upper layers), on every layer when there are no layer_types (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
     if not window:
         return None
-    layer_types = getattr(c, "layer_types", None)
+    layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        return window if "sliding_attention" in layer_types else None
-    if c.model_type == "qwen2" and not getattr(c, "use_sliding_window", False):
-        return None
+        return window if layer_types[layer] == "sliding_attention" else None
     return window
 
 

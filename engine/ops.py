@@ -21,7 +21,7 @@ from lorafuse.kernels.lora_linear import (
 )
 from lorafuse.kernels.rms_norm import rms_norm_reference
 from lorafuse.kernels.rope import apply_rope_reference
-from lorafuse.kernels.swiglu import swiglu_reference
+from lorafuse.kernels.swiglu import geglu_reference, swiglu_reference
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,14 @@ class KernelOps:
     rms_norm: Callable
     apply_rope: Callable
     swiglu: Callable
+    geglu: Callable
     linear_cross_entropy: Callable
 
 
 TRITON = KernelOps("auto", kernels.lora_linear, kernels.lora_linear_group, kernels.lora_mlp, kernels.rms_norm,
-                   kernels.apply_rope, kernels.swiglu, kernels.fused_linear_cross_entropy)
+                   kernels.apply_rope, kernels.swiglu, kernels.geglu, kernels.fused_linear_cross_entropy)
 REFERENCE = KernelOps("reference", lora_linear_reference, lora_linear_group_reference, lora_mlp_reference,
-                      rms_norm_reference, apply_rope_reference, swiglu_reference,
+                      rms_norm_reference, apply_rope_reference, swiglu_reference, geglu_reference,
                       fused_linear_cross_entropy_reference)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import attention_function, sdpa_attention
-from .model import SUPPORTED, ModelError
+from .model import ACTIVATIONS, SUPPORTED, Family, ModelError, layer_window
 from .ops import KernelOps, kernel_ops
 
 STACKED_GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
@@ -30,25 +30,31 @@ STACKED_GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_pro
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """The numbers of a Llama-family decoder that the packed forward needs."""
+    """The numbers of a decoder that the packed forward needs, the same for every layer."""
 
     model_type: str
+    family: Family  # model.SUPPORTED: what differs from Llama
     num_heads: int
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    intermediate_size: int
     eps: float
-    qk_norm: bool  # Qwen3: RMSNorm of q and k per head
+    activation: str  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    final_softcap: float | None  # Gemma 2: logits become c * tanh(logits / c)
 
     @classmethod
     def from_config(cls, config) -> DecoderSpec:
         if config.model_type not in SUPPORTED:
             raise ModelError(f"model_type {config.model_type!r} is not supported; lorafuse trains "
                              f"{', '.join(sorted(SUPPORTED))}")
+        family = SUPPORTED[config.model_type]
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(model_type=config.model_type, num_heads=config.num_attention_heads,
+        act = getattr(config, family.activation_key, None) or getattr(config, "hidden_act", None) or "silu"
+        return cls(model_type=config.model_type, family=family, num_heads=config.num_attention_heads,
                    num_kv_heads=config.num_key_value_heads, head_dim=head_dim, hidden_size=config.hidden_size,
-                   eps=config.rms_norm_eps, qk_norm=SUPPORTED[config.model_type]["qk_norm"])
+                   intermediate_size=config.intermediate_size, eps=config.rms_norm_eps, activation=ACTIVATIONS[act],
+                   final_softcap=getattr(config, "final_logit_softcapping", None))
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,13 @@ class Stacked:
 @dataclass(frozen=True)
 class PreparedLayer:
     module: torch.nn.Module  # the HF decoder layer: its norms and projections hold the weights
-    qkv: Stacked | None  # None: q, k and v run one by one
+    qkv: Stacked | None  # None: q, k and v run one by one (Phi-3: its one qkv_proj)
     gate_up: Stacked | None
+    window: int | None  # sliding window (keys i - window < j <= i), None: full causal attention
+    inv_freq: torch.Tensor  # RoPE frequencies of this layer (Gemma 3: local and global layers differ)
+    rope_scaling: float  # HF's attention_scaling of cos and sin
+    softmax_scale: float
+    softcap: float | None  # Gemma 2: attention logits become c * tanh(s / c)
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ class PreparedModel:
     model: torch.nn.Module
     spec: DecoderSpec
     layers: tuple[PreparedLayer, ...]
-    attention: Callable  # (q, k, v, cu_seqlens, max_seqlen, scale) -> out; attention.py
+    attention: Callable  # (q, k, v, cu_seqlens, max_seqlen, scale, window, softcap) -> out; attention.py
     ops: KernelOps
     device: torch.device
 
@@ -79,16 +90,30 @@ class PreparedModel:
 def prepare_model(model, *, attention: str = "auto", kernels: str = "auto",
                   stack_projections: bool = True) -> PreparedModel:
     """The PreparedModel of a loaded model (attention: train.attention, kernels: train.kernels)."""
-    spec = DecoderSpec.from_config(model.config)
+    config = model.config
+    spec = DecoderSpec.from_config(config)
     device = next(model.parameters()).device
     ops = kernel_ops(kernels)
     attend = attention_function(attention, device.type)
     if ops.name == "reference" and attention in ("auto", "triton"):
         attend = sdpa_attention  # the reference of our attention kernel
-    layers = tuple(PreparedLayer(layer, *(_stack(getattr(layer, block), names) if stack_projections else None
-                                          for block, names in STACKED_GROUPS.items()))
-                   for layer in model.model.layers)
-    return PreparedModel(model=model, spec=spec, layers=layers, attention=attend, ops=ops, device=device)
+    stack = stack_projections and not spec.family.fused_qkv  # Phi-3's checkpoint is stacked already
+    rotary = model.model.rotary_emb
+    layers = []
+    for i, layer in enumerate(model.model.layers):
+        layer_type = (getattr(config, "layer_types", None) or [None] * (i + 1))[i]
+        # Gemma 3 keeps one set of RoPE frequencies per layer type, the others one for all layers
+        inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None) if layer_type else None
+        rope_scaling = getattr(rotary, f"{layer_type}_attention_scaling", None) if layer_type else None
+        groups = {block: _stack(getattr(layer, block), names) if stack else None
+                  for block, names in STACKED_GROUPS.items()}
+        layers.append(PreparedLayer(
+            module=layer, qkv=groups["self_attn"], gate_up=groups["mlp"], window=layer_window(config, i),
+            inv_freq=inv_freq if inv_freq is not None else rotary.inv_freq,
+            rope_scaling=float(rope_scaling if rope_scaling is not None else rotary.attention_scaling),
+            softmax_scale=float(layer.self_attn.scaling),
+            softcap=getattr(layer.self_attn, "attn_logit_softcapping", None)))
+    return PreparedModel(model=model, spec=spec, layers=tuple(layers), attention=attend, ops=ops, device=device)
 
 
 def _stack(block, names: tuple[str, ...]) -> Stacked | None:

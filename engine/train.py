@@ -47,7 +47,6 @@ from .model import (
     load_tokenizer,
     resolve_device,
     resolve_dtype,
-    sliding_window_limit,
 )
 from .packing import PackedBatch, pack
 from .prepare import prepare_model
@@ -162,10 +161,6 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
 
     # ---- model: frozen base, LoRA adapters in float32
     model = load_model(cfg.model, dtype, device)
-    window = sliding_window_limit(model)
-    if window is not None and t.max_seq_len > window:
-        raise ValueError(f"{cfg.model}: the model uses sliding-window attention ({window} tokens), which lorafuse "
-                         f"does not implement; set train.max_seq_len <= {window}")
     prepared = prepare_model(model, attention=t.attention, kernels=t.kernels)
     inject_lora(model, cfg.lora)
     if cfg.lora.init_adapter:
@@ -262,7 +257,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
             if device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # this rank's
                 lengths = [n for b in micro for n in b.doc_lengths]
-                attention = causal_attention_flops(lengths, spec.num_heads, spec.head_dim, len(prepared.layers))
+                attention = sum(causal_attention_flops(lengths, spec.num_heads, spec.head_dim, 1, layer.window)
+                                for layer in prepared.layers)
                 record["mfu"] = training_flops(n_matmul, n_lora, step_tokens, attention) / dt / (peak * ctx.world)
             if metrics:
                 metrics.write(record)

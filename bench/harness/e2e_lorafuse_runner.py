@@ -19,17 +19,10 @@ from e2e_runner import Prepared, Runner, Settings
 def model_flops(model):
     """DESIGN.md's model FLOPs of a step, as a function of its document lengths, on this model with its
     LoRA, counted by the engine for every system alike (lorafuse.engine.metrics)."""
-    from lorafuse.engine.metrics import causal_attention_flops, matmul_parameters, training_flops
+    from lorafuse.engine.metrics import model_training_flops
 
-    c = model.config
-    n_matmul, n_lora = matmul_parameters(model), expected_lora_parameters(c)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-    def step_flops(doc_lengths: list[int]) -> float:
-        attention = causal_attention_flops(doc_lengths, c.num_attention_heads, head_dim, c.num_hidden_layers)
-        return training_flops(n_matmul, n_lora, sum(doc_lengths), attention)
-
-    return step_flops
+    n_lora = expected_lora_parameters(model.config)
+    return lambda doc_lengths: model_training_flops(model, n_lora, doc_lengths)
 
 
 def offload_host_limit(cuda: bool) -> int:
@@ -56,15 +49,12 @@ class LorafuseRunner(Runner):
         super().__init__(settings)
         from lorafuse.engine.config import LoraConfig
         from lorafuse.engine.lora import inject_lora
-        from lorafuse.engine.model import sliding_window_limit
         from lorafuse.engine.prepare import prepare_model
 
         model = build_model(settings.model, settings.device, settings.dtype, settings.seed, settings.layers)
         self.info["weights_fingerprint"] = weights_fingerprint(model)
         self.flops = model_flops(model)
         self.config = model.config
-        if sliding_window_limit(model) is not None:
-            raise RuntimeError(f"{settings.model}: sliding-window attention is not supported by lorafuse")
         self.prepared = prepare_model(model)
         inject_lora(model, LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=list(PROJECTIONS)))
         model.eval()  # as the engine: no HF dropout; LoRA dropout is 0

@@ -17,9 +17,9 @@ def test_model_configs_have_the_published_sizes():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
         assert sum(p.numel() for p in model.parameters()) == count, name
     assert expected_lora_parameters(model_config("llama-3.1-8b")) == 41_943_040  # r=16, 7 projections
-    from lorafuse.engine.model import sliding_window_limit
+    from lorafuse.engine.model import layer_window
 
     for name in ("qwen2.5-7b", "mistral-7b"):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config(name, layers=1))
-        assert sliding_window_limit(model) is None, name
+        assert layer_window(model.config, 0) is None, name

@@ -2,6 +2,7 @@
 interpreter on CPU) equal the PyTorch-reference path, and every kernel really ran."""
 
 import numpy as np
+import pytest
 import torch
 
 from lorafuse.engine.config import LoraConfig
@@ -41,6 +42,41 @@ def test_micro_qwen3_through_triton_kernels_matches_reference(tmp_path, monkeypa
     assert {"lora_linear", "lora_linear_group", "lora_mlp", "rms_norm", "apply_rope", "varlen_attention",
             "fused_linear_cross_entropy"} <= ran, ran
 
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() <= 1e-3 * r.norm() + 1e-7
+
+
+@pytest.mark.parametrize(("model_type", "extra"), [
+    # Gemma 2: GeGLU, (1 + w) and sandwich norms, attention and final softcaps, a window on alternate layers
+    ("gemma2", {"head_dim": 16, "sliding_window": 4, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
+                "query_pre_attn_scalar": 12, "layers": 2}),
+    # Phi-3: fused qkv and gate_up projections, one adapter each, a window on every layer
+    ("phi3", {"head_dim": 16, "sliding_window": 5, "layers": 1}),
+])
+def test_micro_models_of_other_families_through_triton_kernels(tmp_path, monkeypatch, model_type, extra):
+    layers = extra.pop("layers")
+    build_model(tiny_config(model_type, vocab_size=97, hidden=32, layers=layers, heads=2, kv_heads=1, intermediate=48,
+                            **extra), tmp_path, seed=2)
+    model = load_model(tmp_path, torch.float32, torch.device("cpu"))
+    prepared = prepare_model(model)
+    inject_lora(model, LoraConfig(r=4, alpha=8))
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    rng = np.random.default_rng(1)
+    batch = make_batch([Document(rng.integers(3, 97, n), rng.random(n) < 0.8) for n in (9, 1, 7)])
+    params = lora_parameters(model)
+
+    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
+    ref_loss = packed_loss(prepared, batch)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    monkeypatch.setenv("LORAFUSE_KERNELS", "auto")
+    before = dict(launches)
+    loss = packed_loss(prepared, batch)
+    grads = torch.autograd.grad(loss, params)
+    ran = {op for op, n in launches.items() if n > before.get(op, 0)}
+    assert {"lora_linear", "lora_mlp", "rms_norm", "apply_rope", "varlen_attention",
+            "fused_linear_cross_entropy"} <= ran, ran
     assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
     for g, r in zip(grads, ref_grads):
         assert (g - r).norm() <= 1e-3 * r.norm() + 1e-7
