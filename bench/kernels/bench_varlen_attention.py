@@ -83,6 +83,30 @@ def _packed_case(system, n_tokens, hq, hkv, d, cu, max_len, info, device, dtype,
     return (q, k, v), dout, attend
 
 
+def _dense_case(lengths, hq, hkv, d, device, dtype):
+    """Leaves q, k, v [1, H, T, D] (FlexAttention's and masked SDPA's layout), dout and each token's document."""
+    n_tokens = sum(lengths)
+    leaves = (_leaf((1, hq, n_tokens, d), dtype, device), _leaf((1, hkv, n_tokens, d), dtype, device),
+              _leaf((1, hkv, n_tokens, d), dtype, device))
+    dout = torch.randn(1, hq, n_tokens, d, dtype=dtype, device=device)
+    doc_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    return leaves, dout, doc_id
+
+
+def _cu_seqlens(lengths, device):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return cu.to(device)
+
+
+def _measure_fwd_bwd(benchmark, attend, leaves, dout, flops, info):
+    def fwd_bwd():
+        out = attend()
+        torch.autograd.grad(out, leaves, dout)
+
+    measure(benchmark, fwd_bwd, flops=flops, **info)
+
+
 def _padded(x_packed, lengths, max_len):
     """[T, H, D] -> [B, H, max_len, D], zeros after each document."""
     out = x_packed.new_zeros(len(lengths), x_packed.shape[1], max_len, x_packed.shape[2])
@@ -101,9 +125,7 @@ def test_varlen_attention_fwd_bwd(benchmark, system, mix, device, dtype):
         pytest.skip("peer needs a CUDA GPU")
     lengths = document_lengths(mix)
     n_tokens, max_len = sum(lengths), max(lengths)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
-    cu = cu.to(device)
+    cu = _cu_seqlens(lengths, device)
     fwd_flops = 2.0 * hq * d * sum(n * n for n in lengths)
     info = dict(system=system, mix=mix, tokens=n_tokens, docs=len(lengths), max_seqlen=max_len,
                 shape=f"T={n_tokens} Hq={hq} Hkv={hkv} D={d} docs={len(lengths)} {mix}", dtype=str(dtype))
@@ -122,12 +144,8 @@ def test_varlen_attention_fwd_bwd(benchmark, system, mix, device, dtype):
     elif system == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        q, k, v = _leaf((1, hq, n_tokens, d), dtype, device), _leaf((1, hkv, n_tokens, d), dtype, device), \
-            _leaf((1, hkv, n_tokens, d), dtype, device)
-        leaves = (q, k, v)
-        dout = torch.randn(1, hq, n_tokens, d, dtype=dtype, device=device)
-        doc_id = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                         torch.tensor(lengths, device=device))
+        leaves, dout, doc_id = _dense_case(lengths, hq, hkv, d, device, dtype)
+        q, k, v = leaves
 
         def document_causal(b, h, q_idx, kv_idx):
             return (doc_id[q_idx] == doc_id[kv_idx]) & (q_idx >= kv_idx)
@@ -143,11 +161,7 @@ def test_varlen_attention_fwd_bwd(benchmark, system, mix, device, dtype):
         info["padded_tokens"] = len(lengths) * max_len
         attend = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-    def fwd_bwd():
-        out = attend()
-        torch.autograd.grad(out, leaves, dout)
-
-    measure(benchmark, fwd_bwd, flops=3.5 * fwd_flops, **info)
+    _measure_fwd_bwd(benchmark, attend, leaves, dout, 3.5 * fwd_flops, info)
 
 
 WINDOW_SYSTEMS = ["lorafuse", "lorafuse_no_window", "torch_varlen", "flex", "sdpa_masked", "flash_attn"]
@@ -160,9 +174,7 @@ def test_varlen_attention_sliding_window_fwd_bwd(benchmark, system, device, dtyp
     if SMOKE and system not in ("lorafuse", "lorafuse_no_window", "sdpa_masked"):
         pytest.skip("peer needs a CUDA GPU")
     n_tokens, max_len = sum(lengths), max(lengths)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
-    cu = cu.to(device)
+    cu = _cu_seqlens(lengths, device)
     pairs = sum(min(i + 1, window) for n in lengths for i in range(n))
     info = dict(system=system, mix=f"window{window}", tokens=n_tokens, docs=len(lengths), max_seqlen=max_len,
                 window=window, shape=f"T={n_tokens} Hq={hq} Hkv={hkv} D={d} docs={len(lengths)} window={window}",
@@ -172,12 +184,8 @@ def test_varlen_attention_sliding_window_fwd_bwd(benchmark, system, device, dtyp
         leaves, dout, attend = _packed_case(packed, n_tokens, hq, hkv, d, cu, max_len, info, device, dtype,
                                             window=None if system == "lorafuse_no_window" else window)
     else:  # flex, sdpa_masked: [1, H, T, D] with the document-causal-window mask
-        leaves = (_leaf((1, hq, n_tokens, d), dtype, device), _leaf((1, hkv, n_tokens, d), dtype, device),
-                  _leaf((1, hkv, n_tokens, d), dtype, device))
+        leaves, dout, doc_id = _dense_case(lengths, hq, hkv, d, device, dtype)
         q, k, v = leaves
-        dout = torch.randn(1, hq, n_tokens, d, dtype=dtype, device=device)
-        doc_id = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                         torch.tensor(lengths, device=device))
 
         def document_window(b, h, q_idx, kv_idx):
             return (doc_id[q_idx] == doc_id[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < window)
@@ -193,8 +201,4 @@ def test_varlen_attention_sliding_window_fwd_bwd(benchmark, system, device, dtyp
             mask = document_window(None, None, pos[:, None], pos[None, :])
             attend = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-    def fwd_bwd():
-        out = attend()
-        torch.autograd.grad(out, leaves, dout)
-
-    measure(benchmark, fwd_bwd, flops=3.5 * 4.0 * hq * d * pairs, **info)
+    _measure_fwd_bwd(benchmark, attend, leaves, dout, 3.5 * 4.0 * hq * d * pairs, info)
