@@ -13,8 +13,8 @@ if __name__ == "lorafuse.kernels":
     from .lora_linear import lora_linear, lora_linear_group, lora_mlp
     from .rms_norm import rms_norm, rms_norm_residual
     from .rope import apply_rope
-    from .swiglu import swiglu
+    from .swiglu import geglu, swiglu
     from .varlen_attention import varlen_attention
 
     __all__ = ["lora_linear", "lora_linear_group", "lora_mlp", "fused_linear_cross_entropy", "varlen_attention",
-               "apply_rope", "rms_norm", "rms_norm_residual", "swiglu"]
+               "apply_rope", "rms_norm", "rms_norm_residual", "swiglu", "geglu"]

@@ -9,6 +9,7 @@ config=...).
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from typing import NamedTuple
 
@@ -97,15 +98,19 @@ def aot_spec(kernel, dtype: str, constexprs: dict | None = None, *, types: dict 
              config=None) -> AotSpec:
     """A variant of `kernel` for `dtype` tensors ("bf16", "fp16", "fp32"), its types derived from arg_names.
 
-    An argument is "constexpr" when constexprs gives its value (every tl.constexpr parameter needs one; a
-    unit stride may be given as 1, as a launch specialises it); otherwise its entry in `types`, else a
-    pointer to `dtype` when its name ends in _ptr, else "i32" (strides and sizes: what a launch passes for
-    values below 2^31). A key of `types` may name several arguments, space-separated; names a kernel does
-    not take are skipped, so one table serves a module's kernels. config, a triton.Config of the kernel's
-    autotune list, adds its block sizes to constexprs and gives num_warps and num_stages.
+    An argument is "constexpr" when constexprs gives its value (every tl.constexpr parameter needs one, or a
+    default in the kernel's signature; a unit stride may be given as 1, as a launch specialises it);
+    otherwise its entry in `types`, else a pointer to `dtype` when its name ends in _ptr, else "i32" (strides
+    and sizes: what a launch passes for values below 2^31). A key of `types` may name several arguments,
+    space-separated; names a kernel does not take are skipped, so one table serves a module's kernels.
+    config, a triton.Config of the kernel's autotune list, adds its block sizes to constexprs and gives
+    num_warps and num_stages.
     """
     fn = jit_function(kernel)
     constexprs = {**(constexprs or {}), **(config.kwargs if config is not None else {})}
+    for name, param in inspect.signature(fn.fn).parameters.items():
+        if param.default is not inspect.Parameter.empty and "constexpr" in str(param.annotation):
+            constexprs.setdefault(name, param.default)
     unknown = set(constexprs) - set(fn.arg_names)
     if unknown:
         raise ValueError(f"aot_spec({fn.__name__}): the kernel has no argument {sorted(unknown)}")

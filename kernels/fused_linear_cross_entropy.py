@@ -55,6 +55,8 @@ from ._launch import aot_spec, count, dot_precision, empty_output, launch
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from ._math import tanh as _tanh
 else:  # pragma: no cover - no triton off Linux: only the reference runs; the kernels stay plain functions
     from types import SimpleNamespace
 
@@ -158,14 +160,6 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, ignore_index=-1
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(x):
-    # exp of a non-positive argument never overflows; tl has no tanh that the interpreter also runs
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit

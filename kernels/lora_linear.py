@@ -15,14 +15,15 @@ whole group is one LoRA linear: y_all = x W^T + bias + (x A^T diag(s)) B^T, with
 block i of y_all (a view of one buffer, last dim contiguous). A projection without adapter has
 r_i = 0. The backward takes the dY_i as separate segments of the reduction (no concatenation).
 
-The LoRA MLP: y = down(swiglu(gate(x), up(x))), gate/up one group over [W_gate; W_up], each
-projection a LoRA linear (or plain, without adapter). h = silu(g) * u is not kept for backward:
-the GEMM that computes dH = dY W_down + s (dY B_d) A_d applies the SwiGLU backward in its
-epilogue, writing dG and dU (never dH) and recomputing h there for dA_down = V_d^T h.
+The LoRA MLP: y = down(act(gate(x)) * up(x)), gate/up one group over [W_gate; W_up], each
+projection a LoRA linear (or plain, without adapter); act is silu (SwiGLU, the default) or
+gelu_tanh (GeGLU, Gemma), see swiglu.py. h = act(g) * u is not kept for backward: the GEMM that
+computes dH = dY W_down + s (dY B_d) A_d applies the gated activation's backward in its epilogue,
+writing dG = dH u act'(g) and dU = dH act(g) (never dH) and recomputing h there for dA_down = V_d^T h.
 
 Every GEMM with a [tokens, features] output is one Triton kernel (`_lowrank_mm_kernel`):
   C[M, N] = scale[n] * (sum_seg A_seg[M, K_seg] @ Bop[off_seg : off_seg + K_seg, N] + E[M, R] @ F[R, N])
-            + bias[n]                         (then optionally the SwiGLU backward on C)
+            + bias[n]                         (then optionally the SwiGLU/GeGLU backward on C)
 with every operand addressed through strides, so W, W^T, A^T, B^T are read in place:
   forward      U = x A^T diag(s)          skinny: N = R, one column block (x read once)
                y = x W^T + bias + U B^T    E = U, F = B^T
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
 from ._launch import aot_spec, count, dot_precision, empty_output, launch
-from .swiglu import swiglu_forward_triton, swiglu_reference
+from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
 
 # ----------------------------------------------------------------------------- PyTorch references
 
@@ -74,11 +75,11 @@ def lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_split
 
 
 def lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
-                       down_weight, down_a, down_b, down_scaling):
+                       down_weight, down_a, down_b, down_scaling, activation: str = "silu"):
     inter = down_weight.shape[1]
     gate, up = lora_linear_group_reference(x, gate_up_weight, [gate_a, up_a], [gate_b, up_b],
                                            [gate_scaling, up_scaling], [inter, inter])
-    h = swiglu_reference(gate, up)
+    h = GLU_REFERENCES[check_activation(activation)](gate, up)
     if down_a is None:
         return F.linear(h, down_weight)
     return lora_linear_reference(h, down_weight, down_a, down_b, down_scaling)
@@ -92,7 +93,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .swiglu import _swiglu_terms
+    from .swiglu import ACTIVATIONS, _glu_terms
 
     @triton.jit
     def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, b_off, K, rows_a, b_cols,
@@ -125,7 +126,8 @@ if HAVE_TRITON:
         stride_gm, stride_um, stride_dum, stride_hm,
         M_BUCKET,  # only an autotune key: tokens rounded up to a power of 2
         NUM_SEGS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LOWRANK: tl.constexpr,
-        SWIGLU_BWD: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        GLU_BWD: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
@@ -176,11 +178,11 @@ if HAVE_TRITON:
         cols = offs_n[None, :]
         c_ptrs = c_ptr + rows * stride_cm + cols * stride_cn
         out_mask = (offs_m < M)[:, None] & col_ok[None, :]
-        if SWIGLU_BWD:
-            # acc is dH of h = silu(g) * u: store dG (at c) and dU, and h for dA of the down LoRA.
+        if GLU_BWD:
+            # acc is dH of h = act(g) * u: store dG (at c) and dU, and h for dA of the down LoRA.
             g = tl.load(g_ptr + rows * stride_gm + cols, mask=out_mask, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + rows * stride_um + cols, mask=out_mask, other=0.0).to(tl.float32)
-            dg, du, h = _swiglu_terms(acc, g, u)
+            dg, du, h = _glu_terms(acc, g, u, ACTIVATION)
             tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=out_mask)
             tl.store(du_ptr + rows * stride_dum + cols, du.to(du_ptr.dtype.element_ty), mask=out_mask)
             if STORE_H:
@@ -193,7 +195,7 @@ if HAVE_TRITON:
 
     _lowrank_mm = triton.heuristics({"EVEN_K": _even_k})(_lowrank_mm_kernel)
 
-    _KEY = ["M_BUCKET", "N", "R", "K0", "K1", "K2", "NUM_SEGS", "HAS_LOWRANK", "SWIGLU_BWD"]
+    _KEY = ["M_BUCKET", "N", "R", "K0", "K1", "K2", "NUM_SEGS", "HAS_LOWRANK", "GLU_BWD", "ACTIVATION"]
 
     def _main_config(bm, bn, bk, stages, warps):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
@@ -234,12 +236,12 @@ if HAVE_TRITON:
     def _aot_specs():
         """Variants of the autotune lists (tiles, warps, stages) for the kernel's main uses."""
 
-        def spec(dtype, *, segs, lowrank, bias, scale, swiglu, precision, config, block_n=None, block_r=16):
+        def spec(dtype, *, segs, lowrank, bias, scale, glu=None, precision, config, block_n=None, block_r=16):
             # unit strides are constexpr 1 at runtime (Triton specialises them)
             consts = {"stride_a0k": 1, "stride_a1k": 1, "stride_a2k": 1, "stride_cn": 1,
                       "NUM_SEGS": segs, "HAS_BIAS": bias, "HAS_SCALE": scale, "HAS_LOWRANK": lowrank,
-                      "SWIGLU_BWD": swiglu, "STORE_H": swiglu, "EVEN_K": True, "DOT_PRECISION": precision,
-                      "BLOCK_R": block_r}
+                      "GLU_BWD": glu is not None, "ACTIVATION": glu or "silu", "STORE_H": glu is not None,
+                      "EVEN_K": True, "DOT_PRECISION": precision, "BLOCK_R": block_r}
             if block_n is not None:
                 consts["BLOCK_N"] = block_n
             return aot_spec(_lowrank_mm_kernel, dtype, consts, types={"scale_ptr": "*fp32"}, config=config)
@@ -247,24 +249,21 @@ if HAVE_TRITON:
         big, tall, square8, square4, _, small = MAIN_CONFIGS
         return [
             # forward y = x W^T + bias + U B^T: the largest tiles, bf16 and fp16
-            spec("bf16", segs=1, lowrank=True, bias=True, scale=False, swiglu=False, precision="tf32",
-                 config=big),
-            spec("fp16", segs=1, lowrank=True, bias=False, scale=False, swiglu=False, precision="tf32",
-                 config=tall, block_r=64),
+            spec("bf16", segs=1, lowrank=True, bias=True, scale=False, precision="tf32", config=big),
+            spec("fp16", segs=1, lowrank=True, bias=False, scale=False, precision="tf32", config=tall, block_r=64),
             # dX of q/k/v: three dY segments, rank chunks of 64
-            spec("bf16", segs=3, lowrank=True, bias=False, scale=False, swiglu=False, precision="tf32",
-                 config=square8, block_r=64),
-            # dH of the MLP with the SwiGLU backward in the epilogue
-            spec("bf16", segs=1, lowrank=True, bias=False, scale=False, swiglu=True, precision="tf32",
-                 config=square4),
+            spec("bf16", segs=3, lowrank=True, bias=False, scale=False, precision="tf32", config=square8,
+                 block_r=64),
+            # dH of the MLP with the SwiGLU or GeGLU backward in the epilogue
+            *[spec("bf16", segs=1, lowrank=True, bias=False, scale=False, glu=act, precision="tf32",
+                   config=square4) for act in ACTIVATIONS],
             # skinny U = x A^T diag(s) with the widest rank block (3 x r = 192 -> 256 columns)
-            spec("bf16", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, precision="tf32",
-                 config=SKINNY_CONFIGS[0], block_n=256),
+            spec("bf16", segs=1, lowrank=False, bias=False, scale=True, precision="tf32", config=SKINNY_CONFIGS[0],
+                 block_n=256),
             # float32 (IEEE dots): only the smaller tiles fit in shared memory
-            spec("fp32", segs=2, lowrank=True, bias=True, scale=False, swiglu=False, precision="ieee",
-                 config=small),
-            spec("fp32", segs=1, lowrank=False, bias=False, scale=True, swiglu=False, precision="ieee",
-                 config=SKINNY_CONFIGS[-1], block_n=256),
+            spec("fp32", segs=2, lowrank=True, bias=True, scale=False, precision="ieee", config=small),
+            spec("fp32", segs=1, lowrank=False, bias=False, scale=True, precision="ieee", config=SKINNY_CONFIGS[-1],
+                 block_n=256),
         ]
 
     AOT_SPECS = _aot_specs()
@@ -277,11 +276,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, swiglu=None, skinny=False):
+def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu=None, activation="silu",
+        skinny=False):
     """out[M, N] = scale * (sum_s A_s @ Bop[off_s : off_s + K_s] + E @ F) + bias  (module docstring).
 
     segments: [(A_s [M, K_s], off_s)]; Bop is `b` read with b_strides = (stride along K, along N);
-    lowrank: (E [M, R], F, (stride_fr, stride_fn)); swiglu: (g, u, du, h or None) for the dH epilogue.
+    lowrank: (E [M, R], F, (stride_fr, stride_fn)); glu: (g, u, du, h or None) for the dH epilogue of
+    h = act(g) * u with act the `activation` ("silu", "gelu_tanh").
     """
     M, N = out.shape
     if M == 0 or N == 0:
@@ -294,8 +295,8 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, swi
         R = e.shape[1]
     else:
         e, f, stride_fr, stride_fn, R = out, out, 0, 0, 0
-    if swiglu is not None:
-        g, u, du, h = swiglu
+    if glu is not None:
+        g, u, du, h = glu
         assert g.stride(1) == u.stride(1) == du.stride(1) == 1 and out.stride(1) == 1
         h_stride = h.stride(0) if h is not None else 0
         h = out if h is None else h
@@ -313,8 +314,9 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, swi
         g.stride(0), u.stride(0), du.stride(0), h_stride, _pow2(M),
     )
     flags = dict(NUM_SEGS=len(segments), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-                 HAS_LOWRANK=lowrank is not None and R > 0, SWIGLU_BWD=swiglu is not None,
-                 STORE_H=swiglu is not None and swiglu[3] is not None, BLOCK_R=min(64, max(16, _pow2(R))),
+                 HAS_LOWRANK=lowrank is not None and R > 0, GLU_BWD=glu is not None,
+                 ACTIVATION=activation, STORE_H=glu is not None and glu[3] is not None,
+                 BLOCK_R=min(64, max(16, _pow2(R))),
                  DOT_PRECISION=dot_precision(out.dtype))
     if skinny:
         flags["BLOCK_N"] = min(256, max(16, _pow2(N)))
@@ -482,11 +484,11 @@ class LoraGroupFunction(torch.autograd.Function):
 
 
 class LoraMLPFunction(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)); h is recomputed in the backward GEMM's SwiGLU epilogue."""
+    """down(act(gate(x)) * up(x)); h is recomputed in the backward GEMM's SwiGLU/GeGLU epilogue."""
 
     @staticmethod
     def forward(ctx, x, gate_up_weight, down_weight, plan_gu: _Plan, plan_down: _Plan, gate_a, gate_b, up_a,
-                up_b, down_a, down_b):
+                up_b, down_a, down_b, activation: str):
         inter, hidden = down_weight.shape[1], down_weight.shape[0]
         x2d = x.reshape(-1, x.shape[-1])
         T = x2d.shape[0]
@@ -494,12 +496,13 @@ class LoraMLPFunction(torch.autograd.Function):
         scale_gu = _scale_vector(plan_gu.ranks, plan_gu.scalings, x.device) if a_gu is not None else None
         gu = empty_output((T, 2 * inter), x.dtype, x.device)
         u_gu = _lowrank_forward(x2d, gate_up_weight, None, a_gu, b_gu, scale_gu, gu)
-        h = swiglu_forward_triton(gu[:, :inter], gu[:, inter:], out=empty_output((T, inter), x.dtype, x.device))
+        h = glu_forward_triton(gu[:, :inter], gu[:, inter:], out=empty_output((T, inter), x.dtype, x.device),
+                               activation=activation)
         scale_d = _scale_vector(plan_down.ranks, plan_down.scalings, x.device) if down_a is not None else None
         out = empty_output((*x.shape[:-1], hidden), x.dtype, x.device)
         u_d = _lowrank_forward(h, down_weight, None, down_a, down_b, scale_d, out.view(-1, hidden))
         ctx.save_for_backward(x2d, gate_up_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
-        ctx.plan_gu, ctx.scales, ctx.x_shape = plan_gu, (scale_gu, scale_d), x.shape
+        ctx.plan_gu, ctx.scales, ctx.x_shape, ctx.activation = plan_gu, (scale_gu, scale_d), x.shape, activation
         return out
 
     @staticmethod
@@ -513,7 +516,7 @@ class LoraMLPFunction(torch.autograd.Function):
         need_down_ab = needs[9] or needs[10]
         need_h = (down_a is not None and need_down_ab) or needs[2]
 
-        # dH = dY W_d + V_d A_d, with the SwiGLU backward applied on the tile: writes dG, dU (and h).
+        # dH = dY W_d + V_d A_d, with the SwiGLU/GeGLU backward applied on the tile: writes dG, dU (and h).
         v_d = None
         if down_a is not None:
             v_d = empty_output((T, down_a.shape[0]), dy.dtype, dy.device)
@@ -522,7 +525,7 @@ class LoraMLPFunction(torch.autograd.Function):
         h = empty_output((T, inter), dy.dtype, dy.device) if need_h else None
         lowrank = (v_d, down_a, (down_a.stride(0), down_a.stride(1))) if v_d is not None else None
         _mm(dgu[:, :inter], [(dy, 0)], down_weight, (down_weight.stride(0), down_weight.stride(1)),
-            lowrank=lowrank, swiglu=(gu[:, :inter], gu[:, inter:], dgu[:, inter:], h))
+            lowrank=lowrank, glu=(gu[:, :inter], gu[:, inter:], dgu[:, inter:], h), activation=ctx.activation)
         d_down_a = d_down_b = d_down_w = None
         if down_a is not None and need_down_ab:
             d_down_a = v_d.t() @ h
@@ -536,7 +539,7 @@ class LoraMLPFunction(torch.autograd.Function):
                                                     needs[0], needs[1], False, need_ab)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
-        return (dx, d_gu_w, d_down_w, None, None, das[0], dbs[0], das[1], dbs[1], d_down_a, d_down_b)
+        return (dx, d_gu_w, d_down_w, None, None, das[0], dbs[0], das[1], dbs[1], d_down_a, d_down_b, None)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -618,18 +621,21 @@ def lora_linear_group(x, weight, lora_as, lora_bs, scalings, out_splits, bias=No
 
 
 def lora_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
-             down_weight, down_a, down_b, down_scaling):
-    """down(silu(gate(x)) * up(x)), each projection a LoRA linear (A/B None: the plain frozen linear).
+             down_weight, down_a, down_b, down_scaling, activation: str = "silu"):
+    """down(act(gate(x)) * up(x)), each projection a LoRA linear (A/B None: the plain frozen linear).
 
     x [..., H]; gate_up_weight [2 I, H] = [W_gate; W_up]; down_weight [H, I]; no biases.
+    activation: "silu" (SwiGLU: Llama, Mistral, Qwen) or "gelu_tanh" (GeGLU with PyTorch's
+    F.gelu(approximate="tanh"), HF's gelu_pytorch_tanh: Gemma).
     """
+    check_activation(activation)
     hidden, inter = down_weight.shape
     if gate_up_weight.shape != (2 * inter, hidden):
         raise ValueError(f"lora_mlp: gate_up_weight {tuple(gate_up_weight.shape)} is not "
                          f"[2 * {inter}, {hidden}]")
     if not use_triton(x):
         return lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
-                                  down_weight, down_a, down_b, down_scaling)
+                                  down_weight, down_a, down_b, down_scaling, activation)
     count("lora_mlp")
     dtype = _compute_dtype(x)
     x, gate_up_weight, down_weight = _cast(x, dtype), _cast(gate_up_weight, dtype), _cast(down_weight, dtype)
@@ -641,4 +647,4 @@ def lora_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_sca
     plan_gu = _Plan.make((inter, inter), ranks, (float(gate_scaling), float(up_scaling)))
     plan_down = _Plan.make((hidden,), (r_down,), (float(down_scaling),))
     return LoraMLPFunction.apply(x, gate_up_weight, down_weight, plan_gu, plan_down, gate_a, gate_b, up_a,
-                                 up_b, down_a, down_b)
+                                 up_b, down_a, down_b, activation)

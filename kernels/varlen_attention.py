@@ -1,16 +1,20 @@
-"""Padding-free (varlen) attention over packed documents, with GQA.
+"""Padding-free (varlen) attention over packed documents, with GQA, sliding windows and softcapping.
 
 q [T, Hq, D]; k, v [T, Hkv, D], Hq % Hkv == 0 (query head h reads key/value head h // (Hq/Hkv));
 documents are the rows cu_seqlens[b] : cu_seqlens[b+1]. Within a document, for query i:
-  out_i = sum_j softmax_j(scale * q_i . k_j) v_j   over keys j of the same document (j <= i if causal)
+  out_i = sum_j softmax_j(c_ij) v_j   over the keys j of the same document that i sees:
+    all of them;  j <= i if causal;  i - window < j <= i with a sliding window (causal only; window = 1 is
+    the diagonal alone, a window at least as long as the document is plain causal; flash-attn's
+    window_size=(window - 1, 0), HF's sliding_window)
+  c_ij = s_ij = scale * q_i . k_j,  or with softcapping  c_ij = softcap * tanh(s_ij / softcap)  (Gemma 2)
 No token attends across documents. Same layout as flash-attn's varlen API.
 
 Forward (flash-attention 2, online softmax in base 2 with log2(e) folded into the scale):
-  s_ij = scale * log2(e) * q_i . k_j;  m_i = running max_j s_ij;  l_i = sum_j 2^(s_ij - m_i)
-  out_i = (sum_j 2^(s_ij - m_i) v_j) / l_i;  lse_i = ln(2) * (m_i + log2 l_i)   (natural log, stored)
-Backward, with P_ij = exp(scale q_i . k_j - lse_i) recomputed from the stored lse:
+  c'_ij = log2(e) * c_ij;  m_i = running max_j c'_ij;  l_i = sum_j 2^(c'_ij - m_i)
+  out_i = (sum_j 2^(c'_ij - m_i) v_j) / l_i;  lse_i = ln(2) * (m_i + log2 l_i)   (natural log, stored)
+Backward, with P_ij = exp(c_ij - lse_i) recomputed from the stored lse:
   delta_i = sum_d dout_id out_id = sum_j P_ij dP_ij,   dP_ij = dout_i . v_j
-  dS_ij = P_ij (dP_ij - delta_i)
+  dS_ij = P_ij (dP_ij - delta_i) * dc_ij/ds_ij,  where dc/ds = 1, or 1 - tanh^2(s_ij / softcap) with softcapping
   dv_j = sum_i P_ij dout_i;  dk_j = scale sum_i dS_ij q_i;  dq_i = scale sum_j dS_ij k_j
 For GQA, dk/dv of a key/value head sum the terms of every query head of its group.
 
@@ -23,13 +27,23 @@ cdiv(T, TILE) + B tiles (each document adds at most one partial tile), and progr
 real number of tiles exit at once. The same TILE-row list drives the three main kernels:
 - forward: one program per (query tile, query head); it walks key blocks of BLOCK_N. For causal,
   key blocks before the tile's first row are never masked; only the blocks on the diagonal are.
+  With a window, the walk starts at the block holding key start_m - window + 1 (the first row's
+  first key): blocks before it are outside every row's window and never loaded. The blocks from
+  there up to the one holding start_m + TILE - window (the last row's first key) straddle the
+  window's lower edge and are masked; the blocks after them, up to the tile's first row, are not.
 - dk/dv: one program per (key tile, key/value head); it loops over the query heads of the group
   and, for each, over query blocks of BLOCK_M from the diagonal down to the document's end,
   accumulating dk and dv in registers (no atomics, so no races and bitwise-reproducible results).
-- dq: one program per (query tile, query head), walking key blocks like the forward.
+  With a window the walk stops at query start_n + TILE - 1 + window (exclusive: the tile's last key
+  leaves every later query's window), and the query blocks below the diagonal go unmasked only up to
+  start_n + window (while the tile's first key is still in their window); the rest are masked.
+- dq: one program per (query tile, query head), walking key blocks like the forward (window included).
 - a preprocess kernel computes delta = rowsum(dout * out) per (head, token).
+The window and the cap are runtime arguments behind constexpr switches (WINDOWED, SOFTCAP), so the plain
+causal kernels compile as before; a window of T tokens or more is dropped on the host (no document is
+longer). The heavy-first tile order stays: a window only flattens the heavy end of a document's tiles.
 Saved for backward: q, k, v (as given, views included), out, lse [Hq, T] float32 and the tile
-list. Recomputed in backward: the scores and probabilities.
+list. Recomputed in backward: the scores, their cap and the probabilities.
 
 Inputs may be strided views (for instance q, k, v split from one fused qkv projection, whose token
 stride exceeds H * D): the kernels take token and head strides and copy nothing, as long as the
@@ -41,6 +55,8 @@ two (80, 96) are padded to the next one with masks. On GPU, float32 inputs use T
 from __future__ import annotations
 
 import math
+import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +65,12 @@ from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
 from ._launch import aot_spec, count, empty_output, launch
 
 
-def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None):
-    """One SDPA call per document (host loop over cu_seqlens)."""
+def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None,
+                               window: int | None = None, softcap: float | None = None):
+    """One SDPA call per document (host loop over cu_seqlens); a window becomes SDPA's boolean mask. With
+    softcap (which SDPA lacks), the eager attention of HF's Gemma 2: scores, cap, mask, softmax in at least
+    float32, then the product with v in the inputs' dtype."""
+    check_window_softcap(causal, window, softcap)
     group = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
     outs = []
@@ -58,9 +78,41 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: boo
         qd = q[start:end].transpose(0, 1)
         kd = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
         vd = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
-        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=softmax_scale)
+        if window is None and softcap is None:
+            od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=softmax_scale)
+        else:
+            od = _masked_attention(qd, kd, vd, causal, softmax_scale, window, softcap)
         outs.append(od.transpose(0, 1))
     return torch.cat(outs, dim=0)
+
+
+def _masked_attention(qd, kd, vd, causal, softmax_scale, window, softcap):
+    """One document [H, L, D]: query i attends key j when j <= i (causal) and i - j < window."""
+    pos = torch.arange(qd.shape[1], device=qd.device)
+    visible = torch.ones(qd.shape[1], qd.shape[1], dtype=torch.bool, device=qd.device)
+    if causal:
+        visible = pos[None, :] <= pos[:, None]
+    if window is not None:
+        visible = visible & (pos[:, None] - pos[None, :] < window)
+    if softcap is None:
+        return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible, scale=softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else qd.shape[-1] ** -0.5
+    scores = qd @ kd.transpose(1, 2) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1, dtype=torch.promote_types(scores.dtype,
+                                                                                              torch.float32))
+    return probs.to(vd.dtype) @ vd
+
+
+def check_window_softcap(causal, window, softcap):
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+            raise ValueError(f"window must be a positive int (keys within window - 1 positions before the query, "
+                             f"itself included) or None; got {window!r}")
+        if not causal:
+            raise ValueError("window needs causal=True (a sliding window is causal: i - window < j <= i)")
+    if softcap is not None and not (isinstance(softcap, numbers.Real) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be a positive finite number or None; got {softcap!r}")
 
 
 def check_varlen_args(q, k, v, cu_seqlens, max_seqlen):
@@ -87,14 +139,17 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from ._math import tanh
+
     @triton.jit
     def _locate_tile(tile_doc_ptr, tile_end_ptr, cu_ptr, pid_tile, n_docs, TILE: tl.constexpr,
                      HEAVY_LAST: tl.constexpr):
         """(document, first row of the tile, document start, document length) of a program's tile.
 
         Tiles of a document are handed out heaviest first (for causal work the heavy tiles are the
-        last query tiles, HEAVY_LAST, or the first key tiles) so the long programs start early and
-        the short ones fill the tail of the grid. doc == n_docs marks a program past the real tiles.
+        last query tiles, HEAVY_LAST, or the first key tiles; a window only flattens the slope) so the
+        long programs start early and the short ones fill the tail of the grid. doc == n_docs marks a
+        program past the real tiles.
         """
         doc = tl.load(tile_doc_ptr + pid_tile)
         safe_doc = tl.minimum(doc, n_docs - 1)
@@ -107,10 +162,41 @@ if HAVE_TRITON:
         return doc, rank * TILE, seq_start, seq_len
 
     @triton.jit
+    def _scores(qk, scale_log2, softcap_log2, SOFTCAP: tl.constexpr):
+        """Base-2 scores of a block of raw products q.k, and the tanh of the cap (the backward's 1 - tanh^2):
+        scale log2(e) q.k, or with SOFTCAP softcap log2(e) tanh(scale q.k / softcap)."""
+        capped = qk
+        scores = qk * scale_log2
+        if SOFTCAP:
+            capped = tanh(qk * (scale_log2 / softcap_log2))
+            scores = capped * softcap_log2
+        return scores, capped
+
+    @triton.jit
+    def _visible(q_pos, k_pos, in_doc, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+        """Which (query, key) pairs of a block attend: q_pos, k_pos broadcastable positions within the
+        document, in_doc the pairs whose query and key lie in it; causal: k <= q; window: q - k < window."""
+        keep = in_doc
+        if CAUSAL:
+            keep = keep & (q_pos >= k_pos)
+        if WINDOWED:
+            keep = keep & (q_pos - k_pos < window)
+        return keep
+
+    @triton.jit
+    def _window_key_range(start_m, window, TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Key blocks of a query tile [start_m, start_m + TILE) under a window: [lo, full_lo) straddle
+        the window's lower edge (masked), [full_lo, start_m) lie inside every row's window (unmasked);
+        keys before lo are outside every row's window (skipped). Row i sees keys j > i - window."""
+        lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(start_m + TILE - window, 0), BLOCK_N) * BLOCK_N, start_m)
+        return lo, full_lo
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start, seq_len,
-                   offs_m, lo, hi, scale_log2,
+                   offs_m, lo, hi, scale_log2, softcap_log2, window,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+                   CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         d_ok = offs_d < HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
@@ -123,11 +209,9 @@ if HAVE_TRITON:
             else:
                 kT_tile = tl.load(k_base + tok_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None],
                                   other=0.0)
-            scores = tl.dot(q_tile, kT_tile) * scale_log2
+            scores, _ = _scores(tl.dot(q_tile, kT_tile), scale_log2, softcap_log2, SOFTCAP)
             if MASKED:
-                keep = col_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                keep = _visible(offs_m[:, None], offs_n[None, :], col_ok[None, :], window, CAUSAL, WINDOWED)
                 # a finite floor, not -inf: a row with no visible key in this block stays NaN-free
                 scores = tl.where(keep, scores, -1.0e30)
             m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -149,9 +233,9 @@ if HAVE_TRITON:
     def _varlen_fwd_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_ptr, tile_doc_ptr, tile_end_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        n_tokens, n_docs, n_heads, group, scale_log2,
+        n_tokens, n_docs, n_heads, group, scale_log2, softcap_log2, window,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr,
+        CAUSAL: tl.constexpr, WINDOWED: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
     ):
         # the unmasked pass stops at the tile's first row (a multiple of TILE): a key block straddling
         # that line would skip the causal mask (a failed assert makes the autotuner drop the config)
@@ -178,22 +262,29 @@ if HAVE_TRITON:
         l_i = tl.zeros([TILE], dtype=tl.float32)
         m_i = tl.full([TILE], -1.0e30, dtype=tl.float32)
         if CAUSAL:
-            # keys before the tile's first row are visible to every row: no mask
+            full_lo = 0
+            if WINDOWED:
+                # keys before the window's lower edge are skipped; the blocks straddling it are masked
+                lo, full_lo = _window_key_range(start_m, window, TILE, BLOCK_N)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
+                                           seq_len, offs_m, lo, full_lo, scale_log2, softcap_log2, window,
+                                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
+            # keys before the tile's first row (and inside every row's window) are visible to every row: no mask
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
-                                       seq_len, offs_m, 0, start_m, scale_log2,
-                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, False)
+                                       seq_len, offs_m, full_lo, start_m, scale_log2, softcap_log2, window,
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, False)
             diag_hi = tl.minimum(start_m + TILE, seq_len)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
-                                       seq_len, offs_m, start_m, diag_hi, scale_log2,
-                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, True)
+                                       seq_len, offs_m, start_m, diag_hi, scale_log2, softcap_log2, window,
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
         else:
             full_hi = (seq_len // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
-                                       seq_len, offs_m, 0, full_hi, scale_log2,
-                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, False)
+                                       seq_len, offs_m, 0, full_hi, scale_log2, softcap_log2, window,
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, False)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
-                                       seq_len, offs_m, full_hi, seq_len, scale_log2,
-                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, True)
+                                       seq_len, offs_m, full_hi, seq_len, scale_log2, softcap_log2, window,
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
 
         # every stored row saw at least one key, so l_i >= 1 there; the guard only covers padding rows
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -224,9 +315,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base, delta_base,
-                    stride_qt, stride_dot, seq_start, seq_len, offs_n, lo, hi, scale_log2,
+                    stride_qt, stride_dot, seq_start, seq_len, offs_n, lo, hi, scale_log2, softcap_log2, window,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+                    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         d_ok = offs_d < HEAD_DIM
         for start_m in range(lo, hi, BLOCK_M):
@@ -245,16 +336,16 @@ if HAVE_TRITON:
             dout_tile = tl.load(dout_base + tok_m[:, None] * stride_dot + offs_d[None, :], mask=tile_mask,
                                 other=0.0)
             # transposed scores [keys, queries]: the key tile stays the row operand of every dot
-            scores_t = tl.dot(k_tile, tl.trans(q_tile)) * scale_log2
+            scores_t, capped_t = _scores(tl.dot(k_tile, tl.trans(q_tile)), scale_log2, softcap_log2, SOFTCAP)
             p_t = tl.math.exp2(scores_t - (lse_row * 1.4426950408889634)[None, :])
             if MASKED:
-                keep = row_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (offs_m[None, :] >= offs_n[:, None])
+                keep = _visible(offs_m[None, :], offs_n[:, None], row_ok[None, :], window, CAUSAL, WINDOWED)
                 p_t = tl.where(keep, p_t, 0.0)
             dv_acc = tl.dot(p_t.to(dout_tile.dtype), dout_tile, dv_acc)
             dp_t = tl.dot(v_tile, tl.trans(dout_tile))
             ds_t = p_t * (dp_t - delta_row[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - capped_t * capped_t)
             dk_acc = tl.dot(ds_t.to(q_tile.dtype), q_tile, dk_acc)
         return dk_acc, dv_acc
 
@@ -263,9 +354,9 @@ if HAVE_TRITON:
         q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr, tile_doc_ptr, tile_end_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-        n_tokens, n_docs, n_kv_heads, group, softmax_scale, scale_log2,
+        n_tokens, n_docs, n_kv_heads, group, softmax_scale, scale_log2, softcap_log2, window,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr,
-        CAUSAL: tl.constexpr,
+        CAUSAL: tl.constexpr, WINDOWED: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
     ):
         # the diagonal pass covers [start_n, start_n + TILE) and the unmasked pass starts right after it:
         # a query block that straddled that line would be counted twice
@@ -293,7 +384,15 @@ if HAVE_TRITON:
         if CAUSAL:
             diag_hi = tl.minimum(start_n + TILE, seq_len)
             below_lo = start_n + TILE
-            below_full_hi = below_lo + (tl.maximum(seq_len - below_lo, 0) // BLOCK_M) * BLOCK_M
+            # queries below the diagonal that every key of the tile reaches, and the end of those any key reaches
+            full_end = seq_len
+            hi = seq_len
+            if WINDOWED:
+                # query i sees key j while i < j + window: the tile's first key drops out of the window at
+                # start_n + window, its last one at start_n + TILE - 1 + window; later queries are skipped
+                full_end = tl.minimum(seq_len, start_n + window)
+                hi = tl.minimum(seq_len, start_n + TILE - 1 + window)
+            below_full_hi = below_lo + (tl.maximum(full_end - below_lo, 0) // BLOCK_M) * BLOCK_M
         else:
             full_hi = (seq_len // BLOCK_M) * BLOCK_M
         # GQA: this key/value head's gradients sum over its group of query heads, in registers
@@ -304,29 +403,30 @@ if HAVE_TRITON:
             lse_base = lse_ptr + head.to(tl.int64) * n_tokens
             delta_base = delta_ptr + head.to(tl.int64) * n_tokens
             if CAUSAL:
-                # query blocks on the diagonal (masked), then those wholly below it; queries above see
-                # none of these keys and are skipped
+                # query blocks on the diagonal (masked), those wholly below it and inside the window of every
+                # key of the tile, then the rest up to the window's end or the document's (masked); queries
+                # above see none of these keys and are skipped, and so are those past every key's window
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             start_n, diag_hi, scale_log2,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, True)
+                                             start_n, diag_hi, scale_log2, softcap_log2, window,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, True)
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             below_lo, below_full_hi, scale_log2,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, False)
+                                             below_lo, below_full_hi, scale_log2, softcap_log2, window,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, False)
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             below_full_hi, seq_len, scale_log2,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, True)
+                                             below_full_hi, hi, scale_log2, softcap_log2, window,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, True)
             else:
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             0, full_hi, scale_log2,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, False)
+                                             0, full_hi, scale_log2, softcap_log2, window,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, False)
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             full_hi, seq_len, scale_log2,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, True)
+                                             full_hi, seq_len, scale_log2, softcap_log2, window,
+                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, True)
 
         dk_acc = dk_acc * softmax_scale
         tl.store(dk_ptr + kv_head * stride_dkh + tok_n[:, None] * stride_dkt + offs_d[None, :],
@@ -336,9 +436,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt, stride_vt,
-                  seq_start, seq_len, offs_m, lo, hi, scale_log2,
+                  seq_start, seq_len, offs_m, lo, hi, scale_log2, softcap_log2, window,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+                  CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         d_ok = offs_d < HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
@@ -351,15 +451,15 @@ if HAVE_TRITON:
                 t_mask = d_ok[:, None]
             kT_tile = tl.load(k_base + tok_n[None, :] * stride_kt + offs_d[:, None], mask=t_mask, other=0.0)
             vT_tile = tl.load(v_base + tok_n[None, :] * stride_vt + offs_d[:, None], mask=t_mask, other=0.0)
-            scores = tl.dot(q_tile, kT_tile) * scale_log2
+            scores, capped = _scores(tl.dot(q_tile, kT_tile), scale_log2, softcap_log2, SOFTCAP)
             p = tl.math.exp2(scores - lse_row[:, None])
             if MASKED:
-                keep = col_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                keep = _visible(offs_m[:, None], offs_n[None, :], col_ok[None, :], window, CAUSAL, WINDOWED)
                 p = tl.where(keep, p, 0.0)
             dp = tl.dot(dout_tile, vT_tile)
             ds = p * (dp - delta_row[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - capped * capped)
             dq_acc = tl.dot(ds.to(kT_tile.dtype), tl.trans(kT_tile), dq_acc)
         return dq_acc
 
@@ -368,9 +468,9 @@ if HAVE_TRITON:
         q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, tile_doc_ptr, tile_end_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dqt, stride_dqh,
-        n_tokens, n_docs, n_heads, group, softmax_scale, scale_log2,
+        n_tokens, n_docs, n_heads, group, softmax_scale, scale_log2, softcap_log2, window,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr,
+        CAUSAL: tl.constexpr, WINDOWED: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
     ):
         # as in the forward: the unmasked pass must end exactly at the tile's first row
         tl.static_assert(TILE % BLOCK_N == 0, "the key block must divide the query tile")
@@ -398,21 +498,28 @@ if HAVE_TRITON:
         v_base = v_ptr + kv_head * stride_vh
         dq_acc = tl.zeros([TILE, HEAD_DIM_PAD], dtype=tl.float32)
         if CAUSAL:
+            # the forward's key blocks: skipped before the window, masked across its edge, unmasked, diagonal
+            full_lo = 0
+            if WINDOWED:
+                lo, full_lo = _window_key_range(start_m, window, TILE, BLOCK_N)
+                dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
+                                   stride_vt, seq_start, seq_len, offs_m, lo, full_lo, scale_log2, softcap_log2,
+                                   window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
+            dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
+                               stride_vt, seq_start, seq_len, offs_m, full_lo, start_m, scale_log2, softcap_log2,
+                               window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, False)
             diag_hi = tl.minimum(start_m + TILE, seq_len)
             dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
-                               stride_vt, seq_start, seq_len, offs_m, 0, start_m, scale_log2,
-                               HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, False)
-            dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
-                               stride_vt, seq_start, seq_len, offs_m, start_m, diag_hi, scale_log2,
-                               HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, True)
+                               stride_vt, seq_start, seq_len, offs_m, start_m, diag_hi, scale_log2, softcap_log2,
+                               window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
         else:
             full_hi = (seq_len // BLOCK_N) * BLOCK_N
             dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
-                               stride_vt, seq_start, seq_len, offs_m, 0, full_hi, scale_log2,
-                               HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, False)
+                               stride_vt, seq_start, seq_len, offs_m, 0, full_hi, scale_log2, softcap_log2,
+                               window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, False)
             dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
-                               stride_vt, seq_start, seq_len, offs_m, full_hi, seq_len, scale_log2,
-                               HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, True)
+                               stride_vt, seq_start, seq_len, offs_m, full_hi, seq_len, scale_log2, softcap_log2,
+                               window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
         dq_acc = dq_acc * softmax_scale
         tl.store(dq_ptr + head * stride_dqh + tok_m[:, None] * stride_dqt + offs_d[None, :],
                  dq_acc.to(dq_ptr.dtype.element_ty), mask=tile_mask)
@@ -420,7 +527,8 @@ if HAVE_TRITON:
     # Autotune lists (BLOCK, num_warps, num_stages) per head-dim class: <= 64, 128 (80, 96 pad to it), 256.
     # Configs that spill heavily in an sm_80/sm_90 ptxas check are left out. The tile sizes are fixed per
     # class on the host (the tile list depends on them); the autotuner picks the inner block, warps and
-    # stages, keyed by head dim, causal, GQA group (dk/dv) and the tensors' dtypes (added by the autotuner).
+    # stages, keyed by head dim, causal, window, softcap, GQA group (dk/dv) and the tensors' dtypes (added by
+    # the autotuner).
     def _configs(param, options):
         return [triton.Config({param: block}, num_warps=warps, num_stages=stages)
                 for block, warps, stages in options]
@@ -434,11 +542,12 @@ if HAVE_TRITON:
     _DQ_OPTIONS = {64: [(32, 8, 2), (64, 8, 2), (32, 8, 3), (64, 8, 3)],
                    128: [(32, 8, 2), (32, 8, 3), (64, 8, 2), (64, 8, 3)],
                    256: [(32, 8, 2), (16, 8, 2), (64, 8, 1)]}
-    _TUNED_FWD = {dim: triton.autotune(_configs("BLOCK_N", opts), key=["HEAD_DIM", "CAUSAL"])(
+    _KEY = ["HEAD_DIM", "CAUSAL", "WINDOWED", "SOFTCAP"]
+    _TUNED_FWD = {dim: triton.autotune(_configs("BLOCK_N", opts), key=_KEY)(
         _varlen_fwd_kernel) for dim, opts in _FWD_OPTIONS.items()}
-    _TUNED_DKDV = {dim: triton.autotune(_configs("BLOCK_M", opts), key=["HEAD_DIM", "CAUSAL", "group"])(
+    _TUNED_DKDV = {dim: triton.autotune(_configs("BLOCK_M", opts), key=[*_KEY, "group"])(
         _varlen_bwd_dkdv_kernel) for dim, opts in _DKDV_OPTIONS.items()}
-    _TUNED_DQ = {dim: triton.autotune(_configs("BLOCK_N", opts), key=["HEAD_DIM", "CAUSAL"])(
+    _TUNED_DQ = {dim: triton.autotune(_configs("BLOCK_N", opts), key=_KEY)(
         _varlen_bwd_dq_kernel) for dim, opts in _DQ_OPTIONS.items()}
 
 # Rows per tile: (query tile of the forward and dq, key tile of dk/dv) per head-dim class. dk/dv keeps
@@ -482,7 +591,27 @@ def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _varlen_forward(q, k, v, cu_seqlens, causal, softmax_scale, q_schedule):
+LOG2E = math.log2(math.e)
+
+
+class _Scores(NamedTuple):
+    """What the kernels compute for each (query, key) pair (module docstring): the mask and the scores."""
+
+    causal: bool
+    softmax_scale: float
+    window: int | None  # None: no window (a window of at least T tokens is none)
+    softcap: float | None
+
+    def args(self) -> tuple:
+        """The kernels' (scale_log2, softcap_log2, window) arguments; placeholders where a feature is off."""
+        softcap_log2 = self.softcap * LOG2E if self.softcap is not None else 1.0
+        return self.softmax_scale * LOG2E, softcap_log2, self.window or 0
+
+    def meta(self) -> dict:
+        return dict(CAUSAL=self.causal, WINDOWED=self.window is not None, SOFTCAP=self.softcap is not None)
+
+
+def _varlen_forward(q, k, v, cu_seqlens, scores: _Scores, q_schedule):
     n_tokens, n_heads, head_dim = q.shape
     group = n_heads // k.shape[1]
     head_dim_pad = _head_dim_pad(head_dim)
@@ -494,15 +623,15 @@ def _varlen_forward(q, k, v, cu_seqlens, causal, softmax_scale, q_schedule):
     args = (q, k, v, out, lse, cu_seqlens, tile_doc, tile_end,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
-            n_tokens, cu_seqlens.numel() - 1, n_heads, group, softmax_scale * math.log2(math.e))
+            n_tokens, cu_seqlens.numel() - 1, n_heads, group, *scores.args())
     grid = (bound * n_heads,)
-    meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, TILE=_tiles(head_dim_pad)[0], CAUSAL=causal)
+    meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, TILE=_tiles(head_dim_pad)[0], **scores.meta())
     launch(_varlen_fwd_kernel, _TUNED_FWD[_dim_class(head_dim_pad)], grid, *args,
            interpreted={"BLOCK_N": INTERP_BLOCK}, **meta)
     return out, lse
 
 
-def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale, q_schedule):
+def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, scores: _Scores, q_schedule):
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     group = n_heads // n_kv_heads
@@ -510,7 +639,6 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale,
     tile_q, tile_kv = _tiles(head_dim_pad)
     kv_schedule = q_schedule if tile_kv == tile_q else _tile_schedule(cu_seqlens, n_tokens, tile_kv)
     n_docs = cu_seqlens.numel() - 1
-    scale_log2 = softmax_scale * math.log2(math.e)
 
     if n_tokens == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -522,15 +650,15 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale,
     dq = empty_output((n_tokens, n_heads, head_dim), q.dtype, q.device)
     dk = empty_output((n_tokens, n_kv_heads, head_dim), k.dtype, k.device)
     dv = empty_output((n_tokens, n_kv_heads, head_dim), v.dtype, v.device)
-    meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CAUSAL=causal)
+    meta = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **scores.meta())
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens, kv_schedule[0], kv_schedule[1],
                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                  dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                 n_tokens, n_docs, n_kv_heads, group, softmax_scale, scale_log2)
+                 n_tokens, n_docs, n_kv_heads, group, scores.softmax_scale, *scores.args())
     dq_args = (q, k, v, dout, lse, delta, dq, cu_seqlens, q_schedule[0], q_schedule[1],
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-               n_tokens, n_docs, n_heads, group, softmax_scale, scale_log2)
+               n_tokens, n_docs, n_heads, group, scores.softmax_scale, *scores.args())
     dkdv_grid, dq_grid = (kv_schedule[2] * n_kv_heads,), (q_schedule[2] * n_heads,)
     dim_class = _dim_class(head_dim_pad)
     launch(_varlen_bwd_dkdv_kernel, _TUNED_DKDV[dim_class], dkdv_grid, *dkdv_args,
@@ -542,51 +670,60 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale,
 
 class VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, causal: bool, softmax_scale: float):
+    def forward(ctx, q, k, v, cu_seqlens, scores: _Scores):
         q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
         schedule = _tile_schedule(cu_seqlens, q.shape[0], _tiles(_head_dim_pad(q.shape[2]))[0])
-        out, lse = _varlen_forward(q, k, v, cu_seqlens, causal, softmax_scale, schedule)
+        out, lse = _varlen_forward(q, k, v, cu_seqlens, scores, schedule)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, schedule[0], schedule[1])
         ctx.bound = schedule[2]
-        ctx.causal = causal
-        ctx.softmax_scale = softmax_scale
+        ctx.scores = scores
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, cu_seqlens, tile_doc, tile_end = ctx.saved_tensors
         dout = _head_dim_contiguous(dout)
-        dq, dk, dv = _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.causal, ctx.softmax_scale,
+        dq, dk, dv = _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.scores,
                                       (tile_doc, tile_end, ctx.bound))
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None, *,
-                     deterministic: bool = False):
+                     deterministic: bool = False, window: int | None = None, softcap: float | None = None):
     """Attention within each packed document; see the module docstring. Returns [T, Hq, D].
 
     q, k, v may be strided views (head dim contiguous), e.g. split from one fused qkv output.
     deterministic=True guarantees bitwise-reproducible outputs and gradients; every path of this
     implementation already is (the backward uses no atomics), so the flag only states the contract.
+    window (causal only): query i attends key j of its document when i - window < j <= i (flash-attn's
+    window_size=(window - 1, 0); 1 is the diagonal alone; None, or a window longer than the document, is
+    plain causal). softcap: scores s = scale q.k become softcap * tanh(s / softcap) before the softmax
+    (Gemma 2's attn_logit_softcapping); None leaves them as they are.
     """
     check_varlen_args(q, k, v, cu_seqlens, max_seqlen)
+    check_window_softcap(causal, window, softcap)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     if not use_triton(q):
-        return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+        return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window=window,
+                                          softcap=softcap)
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
     if not (q.device == k.device == v.device == cu_seqlens.device):
         raise ValueError("q, k, v and cu_seqlens must be on the same device")
     count("varlen_attention")
-    return VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), bool(causal), float(softmax_scale))
+    # no document is longer than T tokens: a window of T or more masks nothing that causal does not
+    window = int(window) if window is not None and window < q.shape[0] else None
+    softcap = float(softcap) if softcap is not None else None
+    scores = _Scores(bool(causal), float(softmax_scale), window, softcap)
+    return VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), scores)
 
 
 # Arguments not listed here are bf16 tensors (*_ptr) or i32 strides and counts.
 _AOT_TYPES = {"lse_ptr delta_ptr": "*fp32", "cu_ptr tile_doc_ptr tile_end_ptr": "*i32",
-              "scale_log2 softmax_scale": "fp32"}
+              "scale_log2 softmax_scale softcap_log2": "fp32"}
 
 # bf16 variants the GPU runs: head dims 128 and 256 (80 and 96 compile like 128 plus masks), causal, the
 # first config of each autotune list. (Compiled here without the runtime's divisibility-by-16
@@ -605,4 +742,14 @@ AOT_SPECS = [
              types=_AOT_TYPES, config=_TUNED_DQ[128].configs[0]),
     aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][1], CAUSAL=True),
              types=_AOT_TYPES, config=_TUNED_DKDV[256].configs[0]),
+    # sliding windows (Mistral, Gemma 2/3 local layers) at head dim 128, and with softcapping at 256 (Gemma 2)
+    *[aot_spec(kernel, "bf16", dict(HEAD_DIM=dim, HEAD_DIM_PAD=dim, TILE=TILES[dim][tile], CAUSAL=True,
+                                    WINDOWED=True, SOFTCAP=dim == 256),
+               types=_AOT_TYPES, config=tuned[dim].configs[0])
+      for dim in (128, 256)
+      for kernel, tuned, tile in ((_varlen_fwd_kernel, _TUNED_FWD, 0), (_varlen_bwd_dkdv_kernel, _TUNED_DKDV, 1),
+                                  (_varlen_bwd_dq_kernel, _TUNED_DQ, 0))],
+    # softcapping without a window (Gemma 2's global layers): the forward
+    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][0], CAUSAL=True,
+                                              SOFTCAP=True), types=_AOT_TYPES, config=_TUNED_FWD[256].configs[0]),
 ] if HAVE_TRITON else []

@@ -1,7 +1,9 @@
-"""SwiGLU h = silu(g) * u, forward and forward + backward, bf16, at Llama-3.1-8B's MLP: 16k tokens x 14336.
+"""SwiGLU h = silu(g) * u, forward and forward + backward, bf16, at Llama-3.1-8B's MLP: 16k tokens x 14336;
+and GeGLU h = gelu_tanh(g) * u (Gemma's MLP), forward + backward at the same size.
 
-Peers in one process: lorafuse's swiglu (Triton); eager PyTorch, F.silu(g) * u; Liger-Kernel's
-LigerSiLUMulFunction (skipped when liger_kernel does not import). g and u are separate contiguous
+Peers in one process: lorafuse's swiglu / geglu (Triton); eager PyTorch, F.silu(g) * u and
+F.gelu(g, approximate="tanh") * u; Liger-Kernel's LigerSiLUMulFunction / LigerGELUMulFunction (skipped when
+liger_kernel does not import). g and u are separate contiguous
 tensors, the layout every peer takes (Liger's kernel assumes one row stride for its inputs and output).
 The backward step runs the forward and torch.autograd.grad of g and u, so nothing accumulates.
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafuse.kernels import swiglu
+from lorafuse.kernels import geglu, swiglu
 
 from benchutil import SMOKE, measure
 
@@ -26,24 +28,30 @@ from benchutil import SMOKE, measure
 TOKENS, INTER = (8, 1029) if SMOKE else (16384, 14336)
 
 
-def _swiglu_of(system: str):
-    """The peer's h = silu(g) * u as a callable (g, u) -> h."""
+def _glu_of(system: str, op: str = "swiglu"):
+    """The peer's h = silu(g) * u (op "swiglu") or gelu_tanh(g) * u (op "geglu") as a callable (g, u) -> h."""
     if system == "lorafuse":
-        return swiglu
+        return {"swiglu": swiglu, "geglu": geglu}[op]
     if system == "eager":
+        if op == "geglu":
+            return lambda g, u: F.gelu(g, approximate="tanh") * u
         return lambda g, u: F.silu(g) * u
     if system == "liger":
         if SMOKE:
             pytest.skip("liger is only timed on a GPU (smoke mode runs the cheap peers once)")
         pytest.importorskip("liger_kernel")
+        if op == "geglu":
+            from liger_kernel.ops.geglu import LigerGELUMulFunction
+
+            return LigerGELUMulFunction.apply
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
         return LigerSiLUMulFunction.apply
     raise ValueError(system)
 
 
-def _info(system, direction, dtype):
-    return dict(system=system, shape=f"{TOKENS}x{INTER}", dtype=str(dtype).removeprefix("torch."), op="swiglu",
+def _info(system, direction, dtype, op="swiglu"):
+    return dict(system=system, shape=f"{TOKENS}x{INTER}", dtype=str(dtype).removeprefix("torch."), op=op,
                 direction=direction)
 
 
@@ -54,7 +62,7 @@ def test_swiglu_fwd(benchmark, system, device, dtype):
     if system == "copy":
         measure(benchmark, g.clone, bytes_moved=2 * g.numel() * elem, **_info(system, "fwd", dtype))
         return
-    act = _swiglu_of(system)
+    act = _glu_of(system)
     u = torch.randn_like(g)
     step = lambda: act(g, u)
     if not SMOKE:
@@ -62,9 +70,8 @@ def test_swiglu_fwd(benchmark, system, device, dtype):
     measure(benchmark, step, bytes_moved=3 * g.numel() * elem, **_info(system, "fwd", dtype))
 
 
-@pytest.mark.parametrize("system", ["lorafuse", "eager", "liger"])
-def test_swiglu_fwd_bwd(benchmark, system, device, dtype):
-    act = _swiglu_of(system)
+def _fwd_bwd(benchmark, system, device, dtype, op):
+    act = _glu_of(system, op)
     elem = torch.finfo(dtype).bits // 8
     g = torch.randn(TOKENS, INTER, device=device, dtype=dtype, requires_grad=True)
     u = torch.randn_like(g, requires_grad=True)
@@ -75,4 +82,14 @@ def test_swiglu_fwd_bwd(benchmark, system, device, dtype):
 
     if not SMOKE:
         step()  # compile outside the timing
-    measure(benchmark, step, bytes_moved=8 * g.numel() * elem, **_info(system, "fwd+bwd", dtype))
+    measure(benchmark, step, bytes_moved=8 * g.numel() * elem, **_info(system, "fwd+bwd", dtype, op))
+
+
+@pytest.mark.parametrize("system", ["lorafuse", "eager", "liger"])
+def test_swiglu_fwd_bwd(benchmark, system, device, dtype):
+    _fwd_bwd(benchmark, system, device, dtype, "swiglu")
+
+
+@pytest.mark.parametrize("system", ["lorafuse", "eager", "liger"])
+def test_geglu_fwd_bwd(benchmark, system, device, dtype):
+    _fwd_bwd(benchmark, system, device, dtype, "geglu")

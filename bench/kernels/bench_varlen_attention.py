@@ -8,6 +8,12 @@ the backward, so every system (the padded SDPA too) is scored on the same work; 
 it), FlexAttention with a document mask (compiled), SDPA on the documents padded to the longest one,
 flash-attn varlen (where installed). `lorafuse_fused_qkv` runs ours on strided views of one fused qkv
 tensor, as the engine calls it. Without a GPU: tiny sizes through the interpreter, ours and SDPA only.
+
+Sliding window (Mistral-style, window 4096, one 16k-token document, same heads): ours, ours without the
+window (plain causal, to show what skipping the tiles outside the window saves), flash-attn varlen with
+window_size=(4095, 0), torch.nn.attention.varlen where it takes window_size, FlexAttention with a
+document-causal-window mask, and SDPA with that mask dense. FLOPs count the pairs inside the window,
+sum_i min(i + 1, window) per document, for every system.
 """
 
 from __future__ import annotations
@@ -45,6 +51,62 @@ def _leaf(shape, dtype, device):
     return torch.randn(shape, dtype=dtype, device=device).requires_grad_()
 
 
+def _packed_case(system, n_tokens, hq, hkv, d, cu, max_len, info, device, dtype, window=None):
+    """Leaves, dout and the attend callable of a peer taking flash-attn's packed layout, causal, with a
+    sliding window (i - window < j <= i) when window is given."""
+    q, k, v = _leaf((n_tokens, hq, d), dtype, device), _leaf((n_tokens, hkv, d), dtype, device), \
+        _leaf((n_tokens, hkv, d), dtype, device)
+    dout = torch.randn(n_tokens, hq, d, dtype=dtype, device=device)
+    if system == "lorafuse":
+        attend = lambda: varlen_attention(q, k, v, cu, max_len, causal=True, window=window)
+    elif system == "torch_varlen":
+        varlen = pytest.importorskip("torch.nn.attention.varlen")
+        params = inspect.signature(varlen.varlen_attn).parameters
+        if window is not None:
+            if "window_size" not in params:
+                pytest.skip("this torch's varlen_attn takes no window_size")
+            kw = {"window_size": (window - 1, 0)}
+        else:
+            kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+            attend = lambda: varlen.varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+        else:  # this torch has no GQA in varlen_attn: expand K/V (counted in its time)
+            info["gqa"] = "expanded"
+            group = hq // hkv
+            expand = lambda x: x.repeat_interleave(group, 1)
+            attend = lambda: varlen.varlen_attn(q, expand(k), expand(v), cu, cu, max_len, max_len, **kw)
+    else:
+        flash_attn = pytest.importorskip("flash_attn")
+        kw = {} if window is None else {"window_size": (window - 1, 0)}
+        attend = lambda: flash_attn.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True, **kw)
+    return (q, k, v), dout, attend
+
+
+def _dense_case(lengths, hq, hkv, d, device, dtype):
+    """Leaves q, k, v [1, H, T, D] (FlexAttention's and masked SDPA's layout), dout and each token's document."""
+    n_tokens = sum(lengths)
+    leaves = (_leaf((1, hq, n_tokens, d), dtype, device), _leaf((1, hkv, n_tokens, d), dtype, device),
+              _leaf((1, hkv, n_tokens, d), dtype, device))
+    dout = torch.randn(1, hq, n_tokens, d, dtype=dtype, device=device)
+    doc_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    return leaves, dout, doc_id
+
+
+def _cu_seqlens(lengths, device):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return cu.to(device)
+
+
+def _measure_fwd_bwd(benchmark, attend, leaves, dout, flops, info):
+    def fwd_bwd():
+        out = attend()
+        torch.autograd.grad(out, leaves, dout)
+
+    measure(benchmark, fwd_bwd, flops=flops, **info)
+
+
 def _padded(x_packed, lengths, max_len):
     """[T, H, D] -> [B, H, max_len, D], zeros after each document."""
     out = x_packed.new_zeros(len(lengths), x_packed.shape[1], max_len, x_packed.shape[2])
@@ -63,35 +125,13 @@ def test_varlen_attention_fwd_bwd(benchmark, system, mix, device, dtype):
         pytest.skip("peer needs a CUDA GPU")
     lengths = document_lengths(mix)
     n_tokens, max_len = sum(lengths), max(lengths)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
-    cu = cu.to(device)
+    cu = _cu_seqlens(lengths, device)
     fwd_flops = 2.0 * hq * d * sum(n * n for n in lengths)
     info = dict(system=system, mix=mix, tokens=n_tokens, docs=len(lengths), max_seqlen=max_len,
                 shape=f"T={n_tokens} Hq={hq} Hkv={hkv} D={d} docs={len(lengths)} {mix}", dtype=str(dtype))
 
     if system in ("lorafuse", "torch_varlen", "flash_attn"):
-        q, k, v = _leaf((n_tokens, hq, d), dtype, device), _leaf((n_tokens, hkv, d), dtype, device), \
-            _leaf((n_tokens, hkv, d), dtype, device)
-        leaves = (q, k, v)
-        dout = torch.randn(n_tokens, hq, d, dtype=dtype, device=device)
-        if system == "lorafuse":
-            attend = lambda: varlen_attention(q, k, v, cu, max_len, causal=True)
-        elif system == "torch_varlen":
-            varlen = pytest.importorskip("torch.nn.attention.varlen")
-            params = inspect.signature(varlen.varlen_attn).parameters
-            kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-            if "enable_gqa" in params:
-                kw["enable_gqa"] = True
-                attend = lambda: varlen.varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
-            else:  # this torch has no GQA in varlen_attn: expand K/V (counted in its time)
-                info["gqa"] = "expanded"
-                group = hq // hkv
-                expand = lambda x: x.repeat_interleave(group, 1)
-                attend = lambda: varlen.varlen_attn(q, expand(k), expand(v), cu, cu, max_len, max_len, **kw)
-        else:
-            flash_attn = pytest.importorskip("flash_attn")
-            attend = lambda: flash_attn.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        leaves, dout, attend = _packed_case(system, n_tokens, hq, hkv, d, cu, max_len, info, device, dtype)
     elif system == "lorafuse_fused_qkv":
         fused = _leaf((n_tokens, (hq + 2 * hkv) * d), dtype, device)
         leaves = (fused,)
@@ -104,12 +144,8 @@ def test_varlen_attention_fwd_bwd(benchmark, system, mix, device, dtype):
     elif system == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        q, k, v = _leaf((1, hq, n_tokens, d), dtype, device), _leaf((1, hkv, n_tokens, d), dtype, device), \
-            _leaf((1, hkv, n_tokens, d), dtype, device)
-        leaves = (q, k, v)
-        dout = torch.randn(1, hq, n_tokens, d, dtype=dtype, device=device)
-        doc_id = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                         torch.tensor(lengths, device=device))
+        leaves, dout, doc_id = _dense_case(lengths, hq, hkv, d, device, dtype)
+        q, k, v = leaves
 
         def document_causal(b, h, q_idx, kv_idx):
             return (doc_id[q_idx] == doc_id[kv_idx]) & (q_idx >= kv_idx)
@@ -125,8 +161,44 @@ def test_varlen_attention_fwd_bwd(benchmark, system, mix, device, dtype):
         info["padded_tokens"] = len(lengths) * max_len
         attend = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-    def fwd_bwd():
-        out = attend()
-        torch.autograd.grad(out, leaves, dout)
+    _measure_fwd_bwd(benchmark, attend, leaves, dout, 3.5 * fwd_flops, info)
 
-    measure(benchmark, fwd_bwd, flops=3.5 * fwd_flops, **info)
+
+WINDOW_SYSTEMS = ["lorafuse", "lorafuse_no_window", "torch_varlen", "flex", "sdpa_masked", "flash_attn"]
+
+
+@pytest.mark.parametrize("system", WINDOW_SYSTEMS)
+def test_varlen_attention_sliding_window_fwd_bwd(benchmark, system, device, dtype):
+    hq, hkv, d = (2, 1, 64) if SMOKE else (32, 8, 128)
+    window, lengths = (8, [40, 5]) if SMOKE else (4096, [16384])
+    if SMOKE and system not in ("lorafuse", "lorafuse_no_window", "sdpa_masked"):
+        pytest.skip("peer needs a CUDA GPU")
+    n_tokens, max_len = sum(lengths), max(lengths)
+    cu = _cu_seqlens(lengths, device)
+    pairs = sum(min(i + 1, window) for n in lengths for i in range(n))
+    info = dict(system=system, mix=f"window{window}", tokens=n_tokens, docs=len(lengths), max_seqlen=max_len,
+                window=window, shape=f"T={n_tokens} Hq={hq} Hkv={hkv} D={d} docs={len(lengths)} window={window}",
+                dtype=str(dtype))
+    if system in ("lorafuse", "torch_varlen", "flash_attn", "lorafuse_no_window"):
+        packed = "lorafuse" if system == "lorafuse_no_window" else system
+        leaves, dout, attend = _packed_case(packed, n_tokens, hq, hkv, d, cu, max_len, info, device, dtype,
+                                            window=None if system == "lorafuse_no_window" else window)
+    else:  # flex, sdpa_masked: [1, H, T, D] with the document-causal-window mask
+        leaves, dout, doc_id = _dense_case(lengths, hq, hkv, d, device, dtype)
+        q, k, v = leaves
+
+        def document_window(b, h, q_idx, kv_idx):
+            return (doc_id[q_idx] == doc_id[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+        if system == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            block_mask = create_block_mask(document_window, None, None, n_tokens, n_tokens, device=device)
+            flex = torch.compile(flex_attention, dynamic=False)
+            attend = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+        else:
+            pos = torch.arange(n_tokens, device=device)
+            mask = document_window(None, None, pos[:, None], pos[None, :])
+            attend = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    _measure_fwd_bwd(benchmark, attend, leaves, dout, 3.5 * 4.0 * hq * d * pairs, info)

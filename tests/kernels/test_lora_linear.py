@@ -246,6 +246,30 @@ def test_mlp_down_adapter_only():
     check("lora_mlp", lora_mlp, lora_mlp_reference, inputs, torch.float16)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_geglu_matches_float64(dtype):
+    """Gemma's MLP: gelu_tanh(gate) * up, the GeGLU backward in the dH GEMM's epilogue."""
+    inputs = {**mlp_inputs(19, 37, 29, (8, 4, 16), dtype), "activation": "gelu_tanh"}
+    check("lora_mlp", lora_mlp, lora_mlp_reference, inputs, dtype)
+
+
+def test_mlp_geglu_partial_adapters_weight_grads_every_buffer_written(monkeypatch):
+    poison_outputs(monkeypatch)
+    inputs = {**mlp_inputs(6, 37, 29, (0, 8, 1), torch.float32, weight_grad=True, lead=(2,)),
+              "activation": "gelu_tanh"}
+    check("lora_mlp", lora_mlp, lora_mlp_reference, inputs, torch.float32)
+
+
+def test_mlp_activation_is_checked_and_reaches_the_reference(monkeypatch):
+    inputs = _cast(mlp_inputs(5, 8, 6, (2, 2, 2), torch.float32), torch.float32)
+    with pytest.raises(ValueError, match="activation"):
+        lora_mlp(**inputs, activation="gelu")
+    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
+    gelu = lora_mlp(**inputs, activation="gelu_tanh")
+    assert not torch.allclose(gelu, lora_mlp(**inputs))
+    torch.testing.assert_close(gelu, lora_mlp_reference(**inputs, activation="gelu_tanh"))
+
+
 # ----------------------------------------------------------------------------- GPU, bfloat16
 
 LLAMA_8B_PROJECTIONS = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
@@ -274,4 +298,12 @@ def test_group_qkv_bf16_on_gpu():
 @pytest.mark.gpu
 def test_mlp_bf16_on_gpu():
     inputs = mlp_inputs(2048, 4096, 14336, (16, 16, 16), torch.bfloat16, device="cuda")
+    check("lora_mlp", lora_mlp, lora_mlp_reference, inputs, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_mlp_geglu_bf16_on_gpu():
+    """Gemma-2-2B's MLP (hidden 2304, intermediate 9216) with gelu_tanh."""
+    inputs = {**mlp_inputs(2048, 2304, 9216, (16, 16, 16), torch.bfloat16, device="cuda"),
+              "activation": "gelu_tanh"}
     check("lora_mlp", lora_mlp, lora_mlp_reference, inputs, torch.bfloat16)

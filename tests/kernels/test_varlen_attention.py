@@ -1,5 +1,5 @@
 """varlen_attention: Triton kernels (interpreter on CPU, GPU where lent) against a float64 per-document
-reference, forward and dq, dk, dv."""
+reference, forward and dq, dk, dv; causal and not, sliding windows and softcapping."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def _run(fn, q, k, v, dout, cu, max_seqlen, causal, dtype, **kw):
 NAMES = ("out", "dq", "dk", "dv")
 
 
-def _check(lengths, hq, hkv, d, dtype, causal=True, strided=False, dout_strided=False):
+def _check(lengths, hq, hkv, d, dtype, causal=True, strided=False, dout_strided=False, **kw):
+    """Forward and every gradient in dtype against float64; kw (window, softcap) goes to both sides."""
     q, k, v = _inputs(lengths, hq, hkv, d, strided=strided)
     assert not strided or not q.is_contiguous()
     cu = _cu(lengths)
@@ -56,18 +57,19 @@ def _check(lengths, hq, hkv, d, dtype, causal=True, strided=False, dout_strided=
         dout = torch.randn(sum(lengths), hq, d + 8, dtype=torch.float64)[..., :d]
     else:
         dout = torch.randn(sum(lengths), hq, d, dtype=torch.float64)
-    ref = _run(reference, q, k, v, dout, cu, max_seqlen, causal, torch.float64)
+    ref = _run(reference, q, k, v, dout, cu, max_seqlen, causal, torch.float64, **kw)
     with expect_triton("varlen_attention"):
-        ours = _run(varlen_attention, q, k, v, dout, cu, max_seqlen, causal, dtype)
+        ours = _run(varlen_attention, q, k, v, dout, cu, max_seqlen, causal, dtype, **kw)
     assert ours[0].shape == (sum(lengths), hq, d) and ours[0].dtype == dtype
     for name, o, r in zip(NAMES, ours, ref, strict=True):
         assert_close(o, r, dtype, name)
     if dtype != torch.float32:
         # no further from float64 than stock PyTorch (per-document SDPA) in the same dtype, plus a margin
-        stock = _run(reference, q, k, v, dout, cu, max_seqlen, causal, dtype)
+        stock = _run(reference, q, k, v, dout, cu, max_seqlen, causal, dtype, **kw)
         for name, o, s, r in zip(NAMES, ours, stock, ref, strict=True):
             err, stock_err = rel_err(o, r), rel_err(s, r)
             assert err <= 1.5 * stock_err + 2e-4, f"{name}: {err:.2e} vs stock {dtype} {stock_err:.2e}"
+    return ours, ref
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -201,6 +203,145 @@ def test_argument_checks():
 
 
 # ---------------------------------------------------------------------------------------------
+# Sliding windows (Mistral, Gemma 2/3) and softcapping (Gemma 2). The interpreter runs query tiles of 32,
+# key tiles (dK/dV) of 64 and blocks of 16 (va.INTERP_TILES, va.INTERP_BLOCK).
+# ---------------------------------------------------------------------------------------------
+
+WINDOW_DOCS = [1, 150, 40, 3]  # T = 194: one document over several tiles, one of a tile and a bit, tiny ones
+
+
+@pytest.mark.parametrize("window,dtype", [
+    (1, torch.float32),  # the diagonal alone: out = v, dq = dk = 0 (their error is then absolute)
+    (5, torch.float16),  # inside one block
+    (16, torch.float32),  # exactly one block
+    (45, torch.float16),  # straddles query tiles and key tiles
+    (100, torch.float32),  # longer than every document but the 150-token one
+])
+def test_sliding_window(window, dtype):
+    _check(WINDOW_DOCS, 4, 2, 32, dtype, window=window)
+
+
+def test_window_longer_than_every_document_is_plain_causal():
+    lengths = [1, 30, 7, 1]
+    q, k, v = _inputs(lengths, 2, 1, 32)
+    cu = _cu(lengths)
+    dout = torch.randn(q.shape, dtype=torch.float64)
+    causal = _run(reference, q, k, v, dout, cu, 30, True, torch.float64)
+    with expect_triton("varlen_attention"):  # 31 < T: the windowed kernels run
+        ours = _run(varlen_attention, q, k, v, dout, cu, 30, True, torch.float32, window=31)
+    for name, o, c in zip(NAMES, ours, causal, strict=True):
+        assert_close(o, c, torch.float32, name)
+    # a window of T or more is no window at all: the plain causal kernels, bit for bit
+    windowless = _run(varlen_attention, q, k, v, dout, cu, 30, True, torch.float32)
+    for name, a, b in zip(NAMES, _run(varlen_attention, q, k, v, dout, cu, 30, True, torch.float32, window=39),
+                          windowless, strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_window_gqa_group_7_head_dim_80():
+    _check([1, 40, 29], 7, 1, 80, torch.float16, window=9)
+
+
+def test_window_many_tiny_documents():
+    _check([1, 2, 3, 1, 2, 5, 1, 1, 4, 2, 3, 1], 2, 1, 32, torch.float32, window=2)
+
+
+@pytest.mark.parametrize("causal,dtype", [(True, torch.float32), (True, torch.float16), (False, torch.float32)])
+def test_softcap(causal, dtype):
+    # scores scale * q.k ~ N(0, 1): a cap of 0.7 bends most of them
+    _check([1, 70, 20], 4, 2, 64, dtype, causal=causal, softcap=0.7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softcap_with_window(dtype):
+    _check(WINDOW_DOCS, 4, 1, 32, dtype, window=20, softcap=1.5)
+
+
+def test_head_dim_256_window_softcap():
+    """Gemma's head dim."""
+    _check([1, 50], 2, 1, 256, torch.float32, window=20, softcap=5.0)
+
+
+def test_window_softcap_poisoned_buffers_strided_views(monkeypatch):
+    lengths = [1, 35, 2, 1, 20]
+    poison_outputs(monkeypatch)
+    _check(lengths, 4, 2, 48, torch.float32, strided=True, dout_strided=True, window=7, softcap=2.0)
+
+
+def test_tiles_outside_the_window_are_never_read():
+    """NaN keys/values or NaN gradients of queries far outside a tile's window stay out of its results,
+    which only holds when the loops skip those blocks: a masked block still multiplies its values (0 * NaN)."""
+    n, window, hq, hkv, d = 160, 20, 2, 1, 32
+    tile_q, tile_kv = va.INTERP_TILES
+    block = va.INTERP_BLOCK
+    q, k, v = _inputs([n], hq, hkv, d)
+    cu = _cu([n])
+    dout = torch.randn(n, hq, d, dtype=torch.float64)
+    clean = _run(reference, q, k, v, dout, cu, n, True, torch.float64, window=window)
+
+    # forward and dQ: values of the first key block poisoned; query tiles whose window starts past that block
+    bad_v = v.clone()
+    bad_v[:block] = float("nan")
+    with expect_triton("varlen_attention"):
+        out, dq, _, _ = _run(varlen_attention, q, k, bad_v, dout, cu, n, True, torch.float32, window=window)
+    first_clean = min(s for s in range(0, n, tile_q) if max(s - window + 1, 0) // block >= 1)
+    assert 0 < first_clean < n - tile_q
+    assert_close(out[first_clean:], clean[0][first_clean:], torch.float32, "out past the poisoned keys")
+    assert_close(dq[first_clean:], clean[1][first_clean:], torch.float32, "dq past the poisoned keys")
+    assert torch.isnan(out[:block]).all()  # those that see them do read them
+
+    # dK/dV: gradients of the last query block poisoned; key tiles whose window ends before it
+    bad_dout = dout.clone()
+    bad_dout[n - block:] = float("nan")
+    _, _, dk, dv = _run(varlen_attention, q, k, v, bad_dout, cu, n, True, torch.float32, window=window)
+    last_clean = max(s + tile_kv for s in range(0, n, tile_kv) if s + tile_kv - 1 + window <= n - block)
+    assert 0 < last_clean < n - block
+    assert_close(dk[:last_clean], clean[2][:last_clean], torch.float32, "dk before the poisoned queries")
+    assert_close(dv[:last_clean], clean[3][:last_clean], torch.float32, "dv before the poisoned queries")
+    assert torch.isnan(dv[n - 1]).all()
+
+
+def test_reference_window_and_softcap_semantics():
+    """The reference itself: window 1 returns v; a window of at least the document is causal; a huge cap is
+    no cap; the cap follows softcap * tanh(scale q.k / softcap) (checked against a per-query loop)."""
+    lengths = [1, 9, 4]
+    q, k, v = _inputs(lengths, 4, 2, 16)
+    cu = _cu(lengths)
+    torch.testing.assert_close(reference(q, k, v, cu, 9, window=1), v.repeat_interleave(2, dim=1))
+    torch.testing.assert_close(reference(q, k, v, cu, 9, window=9), reference(q, k, v, cu, 9))
+    torch.testing.assert_close(reference(q, k, v, cu, 9, softcap=1e9), reference(q, k, v, cu, 9))
+    out = reference(q, k, v, cu, 9, softmax_scale=0.3, window=3, softcap=0.5)
+    for i in range(1, 10):  # the 9-token document, rows 1..9 of the batch
+        keys = range(max(1, i - 2), i + 1)
+        for h in range(4):
+            s = torch.stack([0.3 * q[i, h] @ k[j, h // 2] for j in keys])
+            p = torch.softmax(0.5 * torch.tanh(s / 0.5), 0)
+            expected = sum(pj * v[j, h // 2] for pj, j in zip(p, keys, strict=True))
+            torch.testing.assert_close(out[i, h], expected)
+
+
+def test_window_and_softcap_in_reference_mode(monkeypatch):
+    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
+    q, k, v = _inputs([3, 9], 2, 1, 64)
+    cu = _cu([3, 9])
+    out = varlen_attention(q, k, v, cu, 9, window=4, softcap=2.0)
+    assert_close(out, reference(q, k, v, cu, 9, window=4, softcap=2.0), torch.float64)
+
+
+@pytest.mark.parametrize("kw", [dict(window=4, causal=False), dict(window=0), dict(window=-3), dict(window=2.5),
+                                dict(window=True), dict(softcap=0.0), dict(softcap=-1.0),
+                                dict(softcap=float("inf"))])
+def test_window_and_softcap_argument_checks(kw):
+    q = torch.randn(5, 2, 32)
+    kv = torch.randn(5, 1, 32)
+    cu = _cu([2, 3])
+    with pytest.raises(ValueError):
+        varlen_attention(q, kv, kv, cu, 3, **kw)
+    with pytest.raises(ValueError):
+        reference(q, kv, kv, cu, 3, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: bfloat16 at realistic sizes (skipped without CUDA)
 # ---------------------------------------------------------------------------------------------
 
@@ -231,6 +372,31 @@ def test_gpu_bf16_against_float64_and_sdpa(d, hq, hkv, causal):
         err, stock_err = rel_err(o, r), rel_err(s, r)
         assert err < TOL[torch.bfloat16], f"{name}: {err:.2e}"
         assert err <= 1.5 * stock_err + 1e-3, f"{name}: {err:.2e} vs torch SDPA bf16 {stock_err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,hq,hkv,window,softcap", [
+    (128, 32, 8, 512, None),  # Mistral-style window, shorter than many documents
+    (256, 8, 4, 1024, None),  # Gemma 3 local layers
+    (256, 16, 8, 4096, 50.0),  # Gemma 2 local layers (the window exceeds every document here)
+    (256, 16, 8, 300, 50.0),
+    (256, 16, 8, None, 50.0),  # Gemma 2 global layers
+])
+def test_gpu_bf16_window_softcap(d, hq, hkv, window, softcap):
+    lengths = [1, 1] + _lognormal_lengths(2048, median=600, seed=d + hq)
+    q, k, v = _inputs(lengths, hq, hkv, d, device="cuda", strided=True)
+    cu = _cu(lengths, "cuda")
+    max_seqlen = max(lengths)
+    dout = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+    kw = dict(window=window, softcap=softcap)
+    ref = _run(reference, q, k, v, dout, cu, max_seqlen, True, torch.float64, **kw)
+    stock = _run(reference, q, k, v, dout, cu, max_seqlen, True, torch.bfloat16, **kw)
+    with expect_triton("varlen_attention"):
+        ours = _run(varlen_attention, q, k, v, dout, cu, max_seqlen, True, torch.bfloat16, **kw)
+    for name, o, s, r in zip(NAMES, ours, stock, ref, strict=True):
+        err, stock_err = rel_err(o, r), rel_err(s, r)
+        assert err < TOL[torch.bfloat16], f"{name}: {err:.2e}"
+        assert err <= 1.5 * stock_err + 1e-3, f"{name}: {err:.2e} vs torch bf16 {stock_err:.2e}"
 
 
 @pytest.mark.gpu
