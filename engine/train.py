@@ -18,6 +18,7 @@ import torch
 from .activations import make_checkpointer
 from .config import Config
 from .data import encode_all, read_jsonl, split_examples
+from .data_checks import Source, gate
 from .distributed import barrier, init_distributed, shutdown
 from .evaluate import evaluate_loss
 from .faults import crash_point
@@ -39,6 +40,7 @@ from .metrics import (
     plot_losses,
     training_flops,
 )
+from .mixing import Mixture
 from .model import (
     check_supported,
     count_parameters,
@@ -87,8 +89,10 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def load_datasets(cfg: Config, tokenizer, log) -> dict[str, list]:
-    """Tokenized documents per split ("train", and "validation"/"test" when there are any)."""
+def load_datasets(cfg: Config, tokenizer, log) -> dict:
+    """Tokenized documents per split ("train", and "validation"/"test" when there are any), through the data
+    gate (data_checks: refuses or warns per data.checks); with data.mix also "mix", the Mixture that joins
+    the training split each epoch."""
     d, t = cfg.data, cfg.train
     if not d.train:
         raise ValueError("config key 'data.train' is required: the path of a JSONL file")
@@ -96,7 +100,8 @@ def load_datasets(cfg: Config, tokenizer, log) -> dict[str, list]:
     for split in ("validation", "test"):
         if getattr(d, split):
             examples[split] = read_jsonl(getattr(d, split), d.on_error)
-    for _, report in examples.values():
+    mixed = [(m, read_jsonl(m.path, d.on_error)) for m in d.mix]
+    for _, report in [*examples.values(), *(read for _, read in mixed)]:
         if report.bom:
             log(f"[data] {report.path}: starts with a UTF-8 byte order mark (ignored)")
         if report.errors:
@@ -110,13 +115,21 @@ def load_datasets(cfg: Config, tokenizer, log) -> dict[str, list]:
         for (split, frac), part in zip(carve, parts):
             examples[split] = (part, None)
             log(f"[data] {split}: {len(part)} examples carved out of {d.train} ({frac:.0%}, seed {t.seed})")
-    docs = {}
-    for split, (exs, report) in examples.items():
+    docs, sources = {}, []
+    for name, (exs, report) in [*examples.items(), *((f"mix {m.path}", read) for m, read in mixed)]:
         path = report.path if report else d.train
-        docs[split], enc = encode_all(tokenizer, exs, t.max_seq_len, d.overlong, d.train_on, path)
-        log(f"[data] {split}: {enc.summary(t.max_seq_len)}")
-        if not docs[split]:
-            raise ValueError(f"{path}: no usable {split} examples after tokenization")
+        docs[name], enc = encode_all(tokenizer, exs, t.max_seq_len, d.overlong, d.train_on, path)
+        log(f"[data] {name}: {enc.summary(t.max_seq_len)}")
+        if not docs[name]:
+            raise ValueError(f"{path}: no usable {name} examples after tokenization")
+        split = "train" if name.startswith("mix ") else name  # mixed-in examples are training examples
+        sources.append(Source(split, path, exs, enc.lengths, docs[name], name=name))
+    gate(sources, d.checks, t.max_seq_len, log)
+    if mixed:
+        sources_docs = [(m.path, m.fraction, docs.pop(f"mix {m.path}")) for m, _ in mixed]
+        docs["mix"] = Mixture.of(len(docs["train"]), sources_docs, t.seed)
+        for line in docs["mix"].describe(len(docs["train"])):
+            log(f"[data] {line}")
     return docs
 
 
@@ -128,13 +141,16 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def plan_steps(docs, cfg, micro_per_step: int | None = None) -> list[tuple[int, list[PackedBatch]]]:
-    """Every optimizer step of the run as (epoch, micro-batches); each epoch is re-packed with its own seed.
+def plan_steps(docs, cfg, micro_per_step: int | None = None,
+               mixture: Mixture | None = None) -> list[tuple[int, list[PackedBatch]]]:
+    """Every optimizer step of the run as (epoch, micro-batches); each epoch is re-packed with its own seed
+    (with data.mix, after this epoch's draw of the mixed-in files joins the documents).
     A step has grad_accum micro-batches (times the number of ranks when data-parallel)."""
     per_step = micro_per_step or cfg.grad_accum
     steps = []
     for epoch in range(cfg.epochs):
-        batches = pack(docs, cfg.max_tokens_per_step, seed=cfg.seed + epoch, shuffle=True)
+        epoch_docs = mixture.epoch(docs, epoch) if mixture else docs
+        batches = pack(epoch_docs, cfg.max_tokens_per_step, seed=cfg.seed + epoch, shuffle=True)
         steps += [(epoch, batches[i:i + per_step]) for i in range(0, len(batches), per_step)]
     return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps
 
@@ -179,7 +195,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                                   fused=device.type == "cuda")
 
     # ---- the run: where it starts, its files
-    steps = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * ctx.world)
+    steps = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * ctx.world, mixture=docs.get("mix"))
     total = len(steps)
     state = TrainerState(step=0, run_id=new_run_id(), identity=identity)
     if resume_from is not None:

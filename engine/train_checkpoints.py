@@ -60,8 +60,11 @@ class TrainerState:
 def run_identity(cfg: Config, world: int) -> dict:
     """What makes two runs train the same steps (module docstring)."""
     files = {split: getattr(cfg.data, split) for split in ("train", "validation", "test") if getattr(cfg.data, split)}
-    return {"model": str(Path(cfg.model).resolve()),
-            "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in files},
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in (*files, "checks", "mix")}
+    if cfg.data.mix:  # the files by content, below; absent without mixing, as before data.mix existed
+        data["mix"] = [m.fraction for m in cfg.data.mix]
+        files.update({f"mix[{i}]": m.path for i, m in enumerate(cfg.data.mix)})
+    return {"model": str(Path(cfg.model).resolve()), "data": data,
             "data_files": {split: _sha256(path) for split, path in files.items()},
             "lora": {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k != "init_adapter"},
             "train": {k: getattr(cfg.train, k) for k in IDENTITY_TRAIN_KEYS},
