@@ -73,7 +73,8 @@ class TrainConfig:
     max_steps: int = 0  # > 0 stops after this many optimizer steps
     lr: float = 2.0e-4  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10  # linear warmup steps before the cosine decay
+    warmup_steps: int = -1  # linear warmup steps before the cosine decay (-1: from warmup_ratio)
+    warmup_ratio: float = 0.03  # warmup as a share of the run's steps (at least one), unless warmup_steps >= 0
     weight_decay: float = 0.0  # AdamW weight decay of the LoRA weights
     max_grad_norm: float = 1.0  # gradient clipping (0 disables clipping)
     max_tokens_per_step: int = 4096  # token budget of one packed micro-batch
@@ -209,6 +210,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{path}' must be in [0, 1), got {value}")
     if not lo.target_modules:
         raise ConfigError("config key 'lora.target_modules' must name at least one module")
+    if t.warmup_steps < -1:
+        raise ConfigError(f"config key 'train.warmup_steps' must be -1 (from warmup_ratio) or more, got "
+                          f"{t.warmup_steps}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     _validate_data_gate(cfg.data)
     return cfg
 

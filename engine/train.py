@@ -22,7 +22,7 @@ from .data_checks import Source, gate
 from .distributed import barrier, init_distributed, shutdown
 from .evaluate import evaluate_loss
 from .faults import crash_point
-from .guard import CollapseWatch, LastGood, finite_after_update
+from .guard import CollapseWatch, LastGood, OverfitWatch, finite_after_update
 from .interrupt import stop_signals
 from .lora import (
     adapters_disabled,
@@ -133,11 +133,17 @@ def load_datasets(cfg: Config, tokenizer, log) -> dict:
     return docs
 
 
+def warmup_steps(total: int, cfg) -> int:
+    """train.warmup_steps when set (>= 0), else train.warmup_ratio of the run's steps, at least one."""
+    return cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, math.ceil(cfg.warmup_ratio * total))
+
+
 def lr_at(step: int, total: int, cfg) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    warmup = warmup_steps(total, cfg)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -210,6 +216,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     checkpointer = make_checkpointer(model, cfg, dtype, device, log)
     last_good = LastGood(params, optimizer)
     collapse = CollapseWatch(model.config.vocab_size)
+    overfit = OverfitWatch()
 
     def checkpoint_now(step: int) -> Path:
         state.step, state.metrics_lines = step, metrics.lines if metrics else 0
@@ -235,7 +242,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     result = TrainResult(output_dir=str(out))
     best = state.best_val_loss if state.best_val_loss is not None else math.inf
     log(f"[train] {total} steps of up to {t.grad_accum} x {t.max_tokens_per_step} tokens"
-        + (f" on each of {ctx.world} ranks" if ctx.active else "") + f", {t.epochs} epoch(s)")
+        + (f" on each of {ctx.world} ranks" if ctx.active else "") + f", {t.epochs} epoch(s), "
+        f"{warmup_steps(total, t)} warmup step(s)")
 
     from tqdm.auto import tqdm
 
@@ -283,6 +291,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
             if metrics:
                 metrics.write(record)
             result.train_losses.append(loss_value)
+            overfit.train_loss(loss_value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if ((step + 1) % t.log_every == 0 or step == start_step) and not show_bar:
@@ -302,6 +311,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                 log_line(f"[eval] step {step + 1}: validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f})")
                 if not math.isfinite(val["loss"]):
                     stop("non-finite", f"step {step + 1}: the validation loss is not finite")
+                if warning := overfit.evaluated(val["loss"], t.early_stopping_patience, out / "best"):
+                    log_line(f"[train] warning: {warning}")
                 if val["loss"] < best:
                     best, state.best_val_loss, state.bad_evals = val["loss"], val["loss"], 0
                     if ctx.is_main:
