@@ -1,4 +1,4 @@
-"""The `lorafuse` command: train, eval, data check, merge, demo."""
+"""The `lorafuse` command: train, eval, data check, plan, merge, demo."""
 
 from __future__ import annotations
 
@@ -141,6 +141,20 @@ def cmd_data_check(args) -> int:
     return 1 if invalid or refused else 0
 
 
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import ASSUMED_MFU, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    if args.json:
+        _writable_file(args.json)
+    plan = make_plan(cfg, gpu=args.gpu, gpus=args.gpus, price_per_hour=args.price_per_hour,
+                     mfu=args.mfu if args.mfu is not None else ASSUMED_MFU)
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=2))
+    return 0
+
+
 def cmd_merge(args) -> int:
     import shutil
     import tempfile
@@ -192,6 +206,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_MAX_SEQ_LEN, describe_keys
+    from .gpus import GPUS
 
     dtypes = ["auto", "bfloat16", "float16", "float32"]
     p = argparse.ArgumentParser(prog="lorafuse", description="LoRA fine-tuning on fused Triton kernels.",
@@ -254,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what training would do with longer examples (data.overlong)")
     dc.add_argument("--json", help="also write the report to this JSON file")
     dc.set_defaults(fn=cmd_data_check)
+
+    pl = sub.add_parser("plan", help="steps, tokens, memory per GPU, time and cost of a run, before running it",
+                        description="Read the data (validated, checked, tokenized, packed as train does) and the "
+                                    "model's config (no weights), and say how many steps and tokens the run has, "
+                                    "the memory per GPU and the largest max_tokens_per_step that fits, and the "
+                                    "time and money per epoch.")
+    pl.add_argument("config", help="YAML config file (as for train)")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_tokens_per_step=8192")
+    pl.add_argument("--gpu", default="H100", help=f"the GPU to plan for (default H100; known: {', '.join(GPUS)})")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs of the run, as torchrun starts them (default 1)")
+    pl.add_argument("--price-per-hour", type=float, help="price of one GPU-hour, for the cost per epoch and run")
+    pl.add_argument("--mfu", type=float, help="without a recorded benchmark: the model FLOPs utilisation to assume "
+                                              "(default 0.35)")
+    pl.add_argument("--json", help="also write the plan to this JSON file")
+    pl.set_defaults(fn=cmd_plan)
 
     m = sub.add_parser("merge", help="merge an adapter into its base model and save the result",
                        description="Fold an adapter into its base model's weights (W + s B A) and save a plain HF "
