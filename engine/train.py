@@ -32,6 +32,7 @@ from .lora import (
     read_adapter_config,
     save_adapter,
 )
+from .manifest import final_metrics, run_manifest
 from .metrics import (
     MetricsLog,
     causal_attention_flops,
@@ -58,6 +59,7 @@ from .train_checkpoints import (
     TrainerState,
     check_output_dir,
     find_resume_point,
+    finish_run_file,
     load_checkpoint,
     new_run_id,
     run_identity,
@@ -165,6 +167,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     """Fine-tune as `cfg` says. resume: continue from the newest checkpoint in output_dir (force: even one
     of another run); overwrite: replace another run's files in output_dir."""
     t, out = cfg.train, Path(cfg.output_dir)
+    started = time.perf_counter()
     torch.manual_seed(t.seed)
     ctx, device = init_distributed(resolve_device(t.device))
     dtype = resolve_dtype(t.dtype, device)
@@ -210,7 +213,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         log(f"[train] resumed from {resume_from} at step {state.step}")
     barrier(ctx)  # every rank has checked the directory before rank 0 writes into it
     if ctx.is_main:
-        start_run_files(out, cfg, state, fresh=resume_from is None)
+        manifest = run_manifest(cfg, identity, device, ctx.world)
+        start_run_files(out, cfg, state, fresh=resume_from is None, manifest=manifest)
     metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines) if ctx.is_main else None
     val_batches = pack(docs["validation"], t.max_tokens_per_step) if "validation" in docs else None
     checkpointer = make_checkpointer(model, cfg, dtype, device, log)
@@ -232,9 +236,17 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
             where = f"the adapter of the last good step is in {checkpoint_now(last_good.restore())}"
         if metrics:
             metrics.write({"step": step + 1, "stopped": kind, "reason": why})
+        finish(f"stopped: {kind}")
         bar.close()
         shutdown(ctx)
         raise TrainingStopped(f"{why}; {where}")
+
+    def finish(status: str) -> None:
+        """run.json's final entry: how the run ended, what it reached."""
+        done = start_step + len(result.train_losses)
+        tokens = sum(b.num_tokens for _, micro in steps[start_step:done] for b in micro)
+        if ctx.is_main:
+            finish_run_file(out, final_metrics(result, status, time.perf_counter() - started, done, tokens))
 
     # ---- throughput accounting (DESIGN.md: 4 N_frozen + 6 N_lora per token, plus attention)
     n_matmul, spec = matmul_parameters(model), prepared.spec
@@ -326,6 +338,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                         break
             if interrupted():
                 saved = checkpoint_now(step + 1)
+                finish("interrupted")
                 bar.close()
                 shutdown(ctx)
                 raise TrainingInterrupted(step + 1, saved)
@@ -350,6 +363,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         if result.test:
             (out / "eval_results.json").write_text(json.dumps(result.test, indent=2))
         plot_losses(out / "metrics.jsonl", out / "loss.png")
+    finish("early_stopped" if result.stopped_early else "finished")
     barrier(ctx)
     shutdown(ctx)
     return result
