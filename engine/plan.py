@@ -117,17 +117,24 @@ def meta_model(cfg: Config, dtype: torch.dtype):
 # Throughput: recorded, or assumed
 
 
-def recorded_throughput(results_dir: Path, gpu: Gpu, n_frozen: int, checkpointing: str) -> dict | None:
-    """The recorded lorafuse benchmark row on this GPU nearest this model in size (the same checkpointing
-    mode preferred), with its achieved model FLOP/s; None when no results file records one."""
-    rows = []
+def results_on(results_dir: Path, gpu: Gpu) -> list[tuple[str, dict]]:
+    """(file name, contents) of the benchmark results files recorded on this GPU."""
+    found = []
     for path in sorted(Path(results_dir).glob("*.json")) if Path(results_dir).is_dir() else []:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(data, dict) or not re.search(gpu.pattern, str(data.get("gpu") or "").lower()):
-            continue
+        if isinstance(data, dict) and re.search(gpu.pattern, str(data.get("gpu") or "").lower()):
+            found.append((path.name, data))
+    return found
+
+
+def recorded_throughput(results_dir: Path, gpu: Gpu, n_frozen: int, checkpointing: str) -> dict | None:
+    """The recorded lorafuse benchmark row on this GPU nearest this model in size (the same checkpointing
+    mode preferred), with its achieved model FLOP/s; None when no results file records one."""
+    rows = []
+    for name, data in results_on(results_dir, gpu):
         for row in data.get("e2e") or []:
             if row.get("system") != "lorafuse" or not row.get("tokens_per_s") or not row.get("n_frozen"):
                 continue
@@ -135,7 +142,7 @@ def recorded_throughput(results_dir: Path, gpu: Gpu, n_frozen: int, checkpointin
                 flops_per_s = row["model_tflops_per_step"] * 1e12 / row["step_time_s"]
             else:  # DESIGN.md's count without attention: a little low, so time comes out a little long
                 flops_per_s = row["tokens_per_s"] * training_flops(row["n_frozen"], row.get("n_lora", 0), 1)
-            rows.append({"file": path.name, "model": row.get("model"), "case": row.get("case"),
+            rows.append({"file": name, "model": row.get("model"), "case": row.get("case"),
                          "n_frozen": row["n_frozen"], "tokens_per_s": row["tokens_per_s"],
                          "flops_per_s": flops_per_s, "mfu": row.get("mfu")})
     if not rows:
@@ -145,15 +152,7 @@ def recorded_throughput(results_dir: Path, gpu: Gpu, n_frozen: int, checkpointin
 
 def measured_peak_tflops(results_dir: Path, gpu: Gpu) -> float | None:
     """The bf16 matmul peak a results file measured on this GPU (DESIGN.md: MFU against the measured peak)."""
-    found = []
-    for path in sorted(Path(results_dir).glob("*.json")) if Path(results_dir).is_dir() else []:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and data.get("peak_bf16_tflops") and \
-                re.search(gpu.pattern, str(data.get("gpu") or "").lower()):
-            found.append(float(data["peak_bf16_tflops"]))
+    found = [float(d["peak_bf16_tflops"]) for _, d in results_on(results_dir, gpu) if d.get("peak_bf16_tflops")]
     return max(found) if found else None
 
 
