@@ -6,6 +6,9 @@ from 12 labels or short sentences), with planted exact duplicates, near copies (
 personal data, and validation / test files that copy a few training examples. Timed:
 reading and validating (data.read_jsonl, as `data check` and `train` do), and the checks (data_checks:
 normalised keys, MinHash/LSH near duplicates with exact verification, leakage, conflicts, PII, shape).
+The results file has what was planted beside what was found (a near copy of an example with copies, or
+a copy of a PII line, is found more than once; leakage also counts validation/test examples that
+nearly repeat a training one by chance).
 
     python bench/bench_data_checks.py       # 1,000,000 lines -> bench/results/data-checks-cpu-<date>.json
     python bench/bench_data_checks.py --lines 20000 --out /tmp/dc.json
@@ -33,9 +36,10 @@ PII = ["write to jane.roe@example.org", "call +1 415 555 0133", "card 4242 4242 
        "IBAN GB82 WEST 1234 5698 7654 32", "from 203.0.113.7", "key AKIAIOSFODNN7EXAMPLE"]
 
 
-def generate(folder: Path, lines: int, seed: int = 0) -> dict[str, Path]:
+def generate(folder: Path, lines: int, seed: int = 0) -> tuple[dict[str, Path], dict[str, int]]:
     """train.jsonl of `lines` lines (1% exact duplicates, 1% near copies, 0.1% with personal data), and
-    validation.jsonl / test.jsonl of lines // 100 each, 2% of them (and the first) copied from train."""
+    validation.jsonl / test.jsonl of lines // 100 each, 2% of them (and the first) copied from train;
+    and how many of each were planted."""
     rng = random.Random(seed)
     letters = "etaoinshrdlucmfwypvbgkjqxz"
     vocab = ["".join(rng.choices(letters, weights=range(26, 0, -1), k=rng.randint(2, 10))) for _ in range(50_000)]
@@ -67,29 +71,33 @@ def generate(folder: Path, lines: int, seed: int = 0) -> dict[str, Path]:
         target[key] = " ".join(words)
         return row
 
-    train = []
+    train, planted = [], {"duplicates": 0, "near_copies": 0, "pii_lines": 0}
     for _ in range(lines):
         r = rng.random()
         if train and r < 0.01:
             train.append(rng.choice(train))
+            planted["duplicates"] += 1
         elif train and r < 0.02:
             train.append(near(rng.choice(train)))
+            planted["near_copies"] += 1
         else:
             row = example()
             if r > 0.999:
+                planted["pii_lines"] += 1
                 (row["messages"][1] if "messages" in row else row).__setitem__(
                     "content" if "messages" in row else "prompt", text(20) + " " + rng.choice(PII))
             train.append(row)
     files = {"train": train}
     for split in ("validation", "test"):
-        files[split] = [rng.choice(train) if n == 0 or rng.random() < 0.02 else example()
-                        for n in range(max(1, lines // 100))]
+        copied = [n == 0 or rng.random() < 0.02 for n in range(max(1, lines // 100))]
+        files[split] = [rng.choice(train) if c else example() for c in copied]
+        planted[f"{split}_copies"] = sum(copied)
     paths = {}
     for split, rows in files.items():
         paths[split] = folder / f"{split}.jsonl"
         with open(paths[split], "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in rows)
-    return paths
+    return paths, planted
 
 
 def run(lines: int, folder: Path) -> dict:
@@ -98,7 +106,7 @@ def run(lines: int, folder: Path) -> dict:
     from lorafuse.engine.data_checks import Source, check_data, levels_of
 
     t0 = time.perf_counter()
-    paths = generate(folder, lines)
+    paths, planted = generate(folder, lines)
     generated = time.perf_counter() - t0
     t0 = time.perf_counter()
     sources = [Source(split, str(path), read_jsonl(path)[0]) for split, path in paths.items()]
@@ -108,7 +116,8 @@ def run(lines: int, folder: Path) -> dict:
     return {"lines": {split: len(s.examples) for split, s in zip(paths, sources)},
             "bytes": {split: path.stat().st_size for split, path in paths.items()},
             "generate_s": round(generated, 2), "read_s": round(read_s, 2), "check_s": round(report.seconds, 2),
-            "found": found, "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+            "planted": planted, "found": found,
+            "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
 def main(argv: list[str] | None = None) -> dict:
