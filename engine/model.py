@@ -40,7 +40,9 @@ def read_config(path: str | Path) -> dict:
         raise ModelError(f"{cfg_file}: invalid JSON: {e}") from None
 
 
-def check_supported(path: str | Path) -> dict:
+def check_supported(path: str | Path, weights: bool = True) -> dict:
+    """config.json of a model lorafuse can train; weights=False: its weight files need not be there yet
+    (lorafuse plan)."""
     raw = read_config(path)
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED:
@@ -50,7 +52,7 @@ def check_supported(path: str | Path) -> dict:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ModelError(f"{path}: hidden_act {act!r} is not supported (the fused MLP is SwiGLU: silu)")
-    if not list(Path(path).glob("*.safetensors")):
+    if weights and not list(Path(path).glob("*.safetensors")):
         raise ModelError(f"{path}: no *.safetensors weights (lorafuse does not load pickled .bin weights; "
                          "convert them with safetensors first)")
     stock = SUPPORTED[model_type]["class"]

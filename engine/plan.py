@@ -179,7 +179,7 @@ def make_plan(cfg: Config, gpu: str = "H100", gpus: int = 1, price_per_hour: flo
     spec, t = gpu_spec(gpu), cfg.train
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
-    check_supported(cfg.model)
+    check_supported(cfg.model, weights=False)  # planning comes before downloading the weights
     docs = load_datasets(cfg, load_tokenizer(cfg.model), log)
     steps = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * gpus, mixture=docs.get("mix"))
     dtype = torch.bfloat16 if t.dtype == "auto" else getattr(torch, t.dtype)

@@ -117,9 +117,9 @@ def test_plan_uses_a_recorded_benchmark_of_the_gpu(run_yaml, tmp_path):
 
 
 def test_plan_of_an_8b_model_from_its_config_alone(run_yaml, tmp_path, tiny_model_dir):
-    """Llama-3.1-8B's shapes, no weights (the safetensors file is a stub): bf16 weights of 8.03B parameters."""
+    """Llama-3.1-8B's shapes, no weights (config and tokenizer only): bf16 weights of 8.03B parameters."""
     model_dir = tmp_path / "llama-8b"
-    shutil.copytree(tiny_model_dir, model_dir)
+    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
     config = json.loads((model_dir / "config.json").read_text())
     config.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128, vocab_size=128256)
