@@ -1,4 +1,4 @@
-"""The `lorafuse` command: train, eval, data check, merge, demo."""
+"""The `lorafuse` command: train, eval, data check, plan, merge, demo."""
 
 from __future__ import annotations
 
@@ -91,24 +91,68 @@ def cmd_eval(args) -> int:
 
 
 def cmd_data_check(args) -> int:
+    from .config import load_config
     from .data import encode_all, read_jsonl
+    from .data_checks import Source, check_data, levels_of
 
-    examples, report = read_jsonl(args.file, "skip")
-    forms = ", ".join(f"{n} {form}" for form, n in report.forms.items())
-    print(f"{args.file}: {report.lines} lines, {report.examples} valid examples ({forms}), "
-          f"{len(report.errors)} invalid, {report.blank} blank"
-          + (", starts with a UTF-8 byte order mark (ignored)" if report.bom else ""))
-    for err in report.errors[:50]:
-        print(f"  {err}")
-    if len(report.errors) > 50:
-        print(f"  ... and {len(report.errors) - 50} more")
-    if args.model and examples:
+    checks = load_config(None, [f"data.checks.{c}" for c in args.check]).data.checks  # names a wrong kind
+    if args.json:
+        _writable_file(args.json)
+    tokenizer = None
+    if args.model:
         from .model import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-        _, enc = encode_all(tokenizer, examples, args.max_seq_len, args.overlong, "assistant", args.file)
-        print(f"tokens (tokenizer of {args.model}): {enc.summary(args.max_seq_len)}")
-    return 1 if report.errors else 0
+    files = [("train", args.file, "train"), ("validation", args.validation, "validation"),
+             ("test", args.test, "test"), *(("train", path, f"mix {path}") for path in args.mix)]
+    sources, summary, invalid = [], [], 0
+    for split, path, name in files:
+        if not path:
+            continue
+        examples, report = read_jsonl(path, "skip")
+        forms = ", ".join(f"{n} {form}" for form, n in report.forms.items())
+        print(f"{path}: {report.lines} lines, {report.examples} valid examples ({forms}), "
+              f"{len(report.errors)} invalid, {report.blank} blank"
+              + (", starts with a UTF-8 byte order mark (ignored)" if report.bom else ""))
+        for err in report.errors[:50]:
+            print(f"  {err}")
+        if len(report.errors) > 50:
+            print(f"  ... and {len(report.errors) - 50} more")
+        invalid += len(report.errors)
+        source = Source(split, path, examples, name=name)
+        entry = {"split": split, "path": path, "lines": report.lines, "examples": report.examples,
+                 "invalid": len(report.errors), "blank": report.blank, "bom": report.bom, "errors": report.errors[:50]}
+        if tokenizer is not None and examples:
+            source.docs, enc = encode_all(tokenizer, examples, args.max_seq_len, args.overlong, "assistant", path)
+            source.token_lengths = enc.lengths
+            print(f"tokens (tokenizer of {args.model}): {enc.summary(args.max_seq_len)}")
+            entry["tokens"] = enc.summary(args.max_seq_len)
+        sources.append(source)
+        summary.append(entry)
+    report = check_data(sources, levels_of(checks), args.max_seq_len if tokenizer is not None else None)
+    for line in report.lines():
+        print(line)
+    refused = report.refused()
+    print(f"data check: {len(report.findings) - len(refused)} warning(s), {len(refused)} refusal(s)"
+          + (f" (train would not start: {', '.join(f.kind for f in refused)})" if refused else "")
+          + f", {report.seconds:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"files": summary, **report.to_json()}, indent=2))
+    return 1 if invalid or refused else 0
+
+
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import ASSUMED_MFU, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    if args.json:
+        _writable_file(args.json)
+    plan = make_plan(cfg, gpu=args.gpu, gpus=args.gpus, price_per_hour=args.price_per_hour,
+                     mfu=args.mfu if args.mfu is not None else ASSUMED_MFU)
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=2))
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -162,6 +206,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_MAX_SEQ_LEN, describe_keys
+    from .gpus import GPUS
 
     dtypes = ["auto", "bfloat16", "float16", "float32"]
     p = argparse.ArgumentParser(prog="lorafuse", description="LoRA fine-tuning on fused Triton kernels.",
@@ -201,16 +246,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data tools", description="Data tools: `lorafuse data check FILE`.")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    dc = dsub.add_parser("check", help="validate a JSONL file; with --model also count tokens",
-                         description="Validate every line of a JSONL file (exit code 1 if any is invalid); with "
-                                     "--model also tokenize it and count what max-seq-len would cut or drop.")
-    dc.add_argument("file", help="JSONL file (chat or prompt/completion)")
+    dc = dsub.add_parser("check", help="validate JSONL files and look for duplicates, leakage, conflicts, PII",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Validate every line of a JSONL file, then look for what `lorafuse train` "
+                                     "checks before it starts (data.checks): exact and near duplicates, "
+                                     "validation/test examples that also occur in train, prompts with different "
+                                     "answers, personal data and secrets (masked), size and shape; with --model "
+                                     "also tokenize and count what max-seq-len would cut or drop. Exit code 1 if "
+                                     "a line is invalid or a check refuses.\n\nChecks (--check KIND=LEVEL):\n\n"
+                                     + "\n".join(line for line in describe_keys() if "data.checks." in line))
+    dc.add_argument("file", help="training JSONL file (chat or prompt/completion)")
+    dc.add_argument("--validation", help="validation JSONL file: checked too, and for leakage from train")
+    dc.add_argument("--test", help="test JSONL file: checked too, and for leakage from train")
+    dc.add_argument("--mix", action="append", default=[], metavar="FILE",
+                    help="a file mixed into train (data.mix): checked as training data (repeatable)")
+    dc.add_argument("--check", action="append", default=[], metavar="KIND=LEVEL",
+                    help="warn | refuse | off for one kind of check, as data.checks.KIND (repeatable)")
     dc.add_argument("--model", help="model directory whose tokenizer (and chat template) to use")
     dc.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
                     help=f"the limit to count against (default {DEFAULT_MAX_SEQ_LEN}, as in training)")
     dc.add_argument("--overlong", default="truncate", choices=["truncate", "drop"],
                     help="what training would do with longer examples (data.overlong)")
+    dc.add_argument("--json", help="also write the report to this JSON file")
     dc.set_defaults(fn=cmd_data_check)
+
+    pl = sub.add_parser("plan", help="steps, tokens, memory per GPU, time and cost of a run, before running it",
+                        description="Read the data (validated, checked, tokenized, packed as train does) and the "
+                                    "model's config (no weights), and say how many steps and tokens the run has, "
+                                    "the memory per GPU and the largest max_tokens_per_step that fits, and the "
+                                    "time and money per epoch.")
+    pl.add_argument("config", help="YAML config file (as for train)")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_tokens_per_step=8192")
+    pl.add_argument("--gpu", default="H100", help=f"the GPU to plan for (default H100; known: {', '.join(GPUS)})")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs of the run, as torchrun starts them (default 1)")
+    pl.add_argument("--price-per-hour", type=float, help="price of one GPU-hour, for the cost per epoch and run")
+    pl.add_argument("--mfu", type=float, help="without a recorded benchmark: the model FLOPs utilisation to assume "
+                                              "(default 0.35)")
+    pl.add_argument("--json", help="also write the plan to this JSON file")
+    pl.set_defaults(fn=cmd_plan)
 
     m = sub.add_parser("merge", help="merge an adapter into its base model and save the result",
                        description="Fold an adapter into its base model's weights (W + s B A) and save a plain HF "

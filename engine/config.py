@@ -26,6 +26,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class DataChecks:
+    duplicates: str = "warn"  # warn | refuse | off: the same example twice in one split (normalised text)
+    near_duplicates: str = "warn"  # examples of one split whose word 3-shingles overlap >= 80% (MinHash, verified)
+    conflicts: str = "warn"  # the same prompt with different answers
+    validation_leakage: str = "warn"  # validation examples that occur in train, exactly or nearly
+    test_leakage: str = "refuse"  # test examples that occur in train, exactly or nearly
+    pii: str = "warn"  # e-mail, phone, card (Luhn), IBAN (mod 97), IP addresses, API and private keys
+    size: str = "warn"  # fewer than 50 training examples
+    overlong: str = "warn"  # examples over train.max_seq_len tokens
+
+
+@dataclass
+class MixSource:
+    path: str = ""  # JSONL file whose examples join the training split
+    fraction: float = 0.0  # share of each epoch's training examples drawn from it (seeded, fresh per epoch)
+
+
+@dataclass
 class DataConfig:
     train: str = ""  # JSONL file to train on: chat ({"messages": [...]}) or prompt/completion lines
     validation: str | None = None  # JSONL file for the validation loss (early stopping, best/)
@@ -35,6 +53,8 @@ class DataConfig:
     on_error: str = "stop"  # stop: refuse a file with any bad line | skip: drop bad lines, count them
     overlong: str = "truncate"  # truncate | drop: examples longer than train.max_seq_len
     train_on: str = "assistant"  # assistant: loss on assistant tokens only | all: every token
+    checks: DataChecks = field(default_factory=DataChecks)  # data.checks.<kind>: warn | refuse | off
+    mix: list[MixSource] = field(default_factory=list)  # other files mixed into train: [{path: ..., fraction: 0.1}]
 
 
 @dataclass
@@ -53,7 +73,8 @@ class TrainConfig:
     max_steps: int = 0  # > 0 stops after this many optimizer steps
     lr: float = 2.0e-4  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10  # linear warmup steps before the cosine decay
+    warmup_steps: int = -1  # linear warmup steps before the cosine decay (-1: from warmup_ratio)
+    warmup_ratio: float = 0.03  # warmup as a share of the run's steps (at least one), unless warmup_steps >= 0
     weight_decay: float = 0.0  # AdamW weight decay of the LoRA weights
     max_grad_norm: float = 1.0  # gradient clipping (0 disables clipping)
     max_tokens_per_step: int = 4096  # token budget of one packed micro-batch
@@ -82,6 +103,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+CHECK_LEVELS = ("warn", "refuse", "off")
 _CHOICES = {
     "data.on_error": ("stop", "skip"),
     "data.overlong": ("truncate", "drop"),
@@ -111,6 +133,10 @@ def _type_ok(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _list_item(tp):
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
 def _type_name(tp) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -136,6 +162,16 @@ def _fill(obj, values: dict, prefix: str) -> None:
             _fill(current, value, path + ".")
             continue
         tp = hints[key]
+        item = _list_item(tp)
+        if dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                keys = ", ".join(f.name for f in dataclasses.fields(item))
+                raise ConfigError(f"config key '{path}' must be a list of mappings (keys {keys}), got {value!r}")
+            entries = [item() for _ in value]
+            for i, (entry, given) in enumerate(zip(entries, value)):
+                _fill(entry, given, f"{path}[{i}].")
+            setattr(obj, key, entries)
+            continue
         if tp is float and isinstance(value, str):
             value = _yaml_float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if not _type_ok(value, tp):
@@ -174,7 +210,28 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{path}' must be in [0, 1), got {value}")
     if not lo.target_modules:
         raise ConfigError("config key 'lora.target_modules' must name at least one module")
+    if t.warmup_steps < -1:
+        raise ConfigError(f"config key 'train.warmup_steps' must be -1 (from warmup_ratio) or more, got "
+                          f"{t.warmup_steps}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    _validate_data_gate(cfg.data)
     return cfg
+
+
+def _validate_data_gate(d: DataConfig) -> None:
+    for kind, level in dataclasses.asdict(d.checks).items():
+        if level not in CHECK_LEVELS:
+            raise ConfigError(f"config key 'data.checks.{kind}' must be one of {', '.join(CHECK_LEVELS)}; "
+                              f"got {level!r}")
+    for i, source in enumerate(d.mix):
+        if not source.path:
+            raise ConfigError(f"config key 'data.mix[{i}].path' is required: the path of a JSONL file")
+        if not 0.0 < source.fraction < 1.0:
+            raise ConfigError(f"config key 'data.mix[{i}].fraction' must be in (0, 1), got {source.fraction}")
+    if (total := sum(s.fraction for s in d.mix)) >= 1.0:
+        raise ConfigError(f"config key 'data.mix': the fractions add up to {total:g}; they must leave a share "
+                          "for data.train (sum below 1)")
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -223,7 +280,8 @@ def to_dict(cfg: Config) -> dict:
 def describe_keys() -> list[str]:
     """Every config key with its default and what it does (from the comments above), for --help."""
     lines = []
-    for section, cls in (("", Config), ("data.", DataConfig), ("lora.", LoraConfig), ("train.", TrainConfig)):
+    for section, cls in (("", Config), ("data.", DataConfig), ("data.checks.", DataChecks), ("data.mix[].", MixSource),
+                         ("lora.", LoraConfig), ("train.", TrainConfig)):
         try:
             source = inspect.getsource(cls)
         except (OSError, TypeError):  # no source shipped: keys and defaults only

@@ -84,6 +84,36 @@ class CollapseWatch:
         return self.streak >= self.patience
 
 
+class OverfitWatch:
+    """Overfitting: the validation loss rose at each of the last two evaluations while the training loss (the
+    mean over the steps since the evaluation before) fell. Not an error, so it is said once, as a warning."""
+
+    def __init__(self):
+        self.history: list[tuple[float, float]] = []  # (mean training loss since the evaluation before, validation)
+        self._since: list[float] = []
+        self.warned = False
+
+    def train_loss(self, loss: float) -> None:
+        self._since.append(loss)
+
+    def evaluated(self, val_loss: float, patience: int, best_dir) -> str | None:
+        """The warning to give after this evaluation, if any."""
+        train = sum(self._since) / len(self._since) if self._since else math.nan
+        self._since = []
+        self.history.append((train, val_loss))
+        if self.warned or len(self.history) < 3:
+            return None
+        (t0, v0), (t1, v1), (t2, v2) = self.history[-3:]
+        if not (v0 < v1 < v2 and t0 > t1 > t2):
+            return None
+        self.warned = True
+        stopping = (f"early stopping (train.early_stopping_patience={patience}) stops the run" if patience else
+                    "set train.early_stopping_patience (e.g. 2) to stop the run")
+        return (f"the validation loss rose for two evaluations ({v0:.4f} -> {v1:.4f} -> {v2:.4f}) while the training "
+                f"loss fell ({t0:.4f} -> {t1:.4f} -> {t2:.4f}): overfitting; {stopping} when it keeps rising; the "
+                f"adapter with the best validation loss is kept in {best_dir}")
+
+
 @torch.no_grad()
 def finite_after_update(prepared, micro_batches, params: list[torch.Tensor]) -> bool:
     """After the run's last update, which no later step checks: finite weights, and a finite loss on the

@@ -62,7 +62,9 @@ def read_config(path: str | Path) -> dict:
         raise ModelError(f"{cfg_file}: invalid JSON: {e}") from None
 
 
-def check_supported(path: str | Path) -> dict:
+def check_supported(path: str | Path, weights: bool = True) -> dict:
+    """config.json of a model lorafuse can train; weights=False: its weight files need not be there yet
+    (lorafuse plan)."""
     raw = read_config(path)
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED:
@@ -80,7 +82,7 @@ def check_supported(path: str | Path) -> dict:
                          "length; lorafuse does not implement it")
     if float((rope or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         raise ModelError(f"{path}: partial rotary embeddings (partial_rotary_factor < 1) are not supported")
-    if not list(Path(path).glob("*.safetensors")):
+    if weights and not list(Path(path).glob("*.safetensors")):
         raise ModelError(f"{path}: no *.safetensors weights (lorafuse does not load pickled .bin weights; "
                          "convert them with safetensors first)")
     stock = family.hf_class

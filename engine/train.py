@@ -18,10 +18,11 @@ import torch
 from .activations import make_checkpointer
 from .config import Config
 from .data import encode_all, read_jsonl, split_examples
+from .data_checks import Source, gate
 from .distributed import barrier, init_distributed, shutdown
 from .evaluate import evaluate_loss
 from .faults import crash_point
-from .guard import CollapseWatch, LastGood, finite_after_update
+from .guard import CollapseWatch, LastGood, OverfitWatch, finite_after_update
 from .interrupt import stop_signals
 from .lora import (
     adapters_disabled,
@@ -31,6 +32,7 @@ from .lora import (
     read_adapter_config,
     save_adapter,
 )
+from .manifest import final_metrics, run_manifest
 from .metrics import (
     MetricsLog,
     causal_attention_flops,
@@ -39,6 +41,7 @@ from .metrics import (
     plot_losses,
     training_flops,
 )
+from .mixing import Mixture
 from .model import (
     check_supported,
     count_parameters,
@@ -55,6 +58,7 @@ from .train_checkpoints import (
     TrainerState,
     check_output_dir,
     find_resume_point,
+    finish_run_file,
     load_checkpoint,
     new_run_id,
     run_identity,
@@ -86,8 +90,10 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def load_datasets(cfg: Config, tokenizer, log) -> dict[str, list]:
-    """Tokenized documents per split ("train", and "validation"/"test" when there are any)."""
+def load_datasets(cfg: Config, tokenizer, log) -> dict:
+    """Tokenized documents per split ("train", and "validation"/"test" when there are any), through the data
+    gate (data_checks: refuses or warns per data.checks); with data.mix also "mix", the Mixture that joins
+    the training split each epoch."""
     d, t = cfg.data, cfg.train
     if not d.train:
         raise ValueError("config key 'data.train' is required: the path of a JSONL file")
@@ -95,7 +101,8 @@ def load_datasets(cfg: Config, tokenizer, log) -> dict[str, list]:
     for split in ("validation", "test"):
         if getattr(d, split):
             examples[split] = read_jsonl(getattr(d, split), d.on_error)
-    for _, report in examples.values():
+    mixed = [(m, read_jsonl(m.path, d.on_error)) for m in d.mix]
+    for _, report in [*examples.values(), *(read for _, read in mixed)]:
         if report.bom:
             log(f"[data] {report.path}: starts with a UTF-8 byte order mark (ignored)")
         if report.errors:
@@ -109,31 +116,48 @@ def load_datasets(cfg: Config, tokenizer, log) -> dict[str, list]:
         for (split, frac), part in zip(carve, parts):
             examples[split] = (part, None)
             log(f"[data] {split}: {len(part)} examples carved out of {d.train} ({frac:.0%}, seed {t.seed})")
-    docs = {}
-    for split, (exs, report) in examples.items():
+    docs, sources = {}, []
+    for name, (exs, report) in [*examples.items(), *((f"mix {m.path}", read) for m, read in mixed)]:
         path = report.path if report else d.train
-        docs[split], enc = encode_all(tokenizer, exs, t.max_seq_len, d.overlong, d.train_on, path)
-        log(f"[data] {split}: {enc.summary(t.max_seq_len)}")
-        if not docs[split]:
-            raise ValueError(f"{path}: no usable {split} examples after tokenization")
+        docs[name], enc = encode_all(tokenizer, exs, t.max_seq_len, d.overlong, d.train_on, path)
+        log(f"[data] {name}: {enc.summary(t.max_seq_len)}")
+        if not docs[name]:
+            raise ValueError(f"{path}: no usable {name} examples after tokenization")
+        split = "train" if name.startswith("mix ") else name  # mixed-in examples are training examples
+        sources.append(Source(split, path, exs, enc.lengths, docs[name], name=name))
+    gate(sources, d.checks, t.max_seq_len, log)
+    if mixed:
+        sources_docs = [(m.path, m.fraction, docs.pop(f"mix {m.path}")) for m, _ in mixed]
+        docs["mix"] = Mixture.of(len(docs["train"]), sources_docs, t.seed)
+        for line in docs["mix"].describe(len(docs["train"])):
+            log(f"[data] {line}")
     return docs
+
+
+def warmup_steps(total: int, cfg) -> int:
+    """train.warmup_steps when set (>= 0), else train.warmup_ratio of the run's steps, at least one."""
+    return cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, math.ceil(cfg.warmup_ratio * total))
 
 
 def lr_at(step: int, total: int, cfg) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    warmup = warmup_steps(total, cfg)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def plan_steps(docs, cfg, micro_per_step: int | None = None) -> list[tuple[int, list[PackedBatch]]]:
-    """Every optimizer step of the run as (epoch, micro-batches); each epoch is re-packed with its own seed.
+def plan_steps(docs, cfg, micro_per_step: int | None = None,
+               mixture: Mixture | None = None) -> list[tuple[int, list[PackedBatch]]]:
+    """Every optimizer step of the run as (epoch, micro-batches); each epoch is re-packed with its own seed
+    (with data.mix, after this epoch's draw of the mixed-in files joins the documents).
     A step has grad_accum micro-batches (times the number of ranks when data-parallel)."""
     per_step = micro_per_step or cfg.grad_accum
     steps = []
     for epoch in range(cfg.epochs):
-        batches = pack(docs, cfg.max_tokens_per_step, seed=cfg.seed + epoch, shuffle=True)
+        epoch_docs = mixture.epoch(docs, epoch) if mixture else docs
+        batches = pack(epoch_docs, cfg.max_tokens_per_step, seed=cfg.seed + epoch, shuffle=True)
         steps += [(epoch, batches[i:i + per_step]) for i in range(0, len(batches), per_step)]
     return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps
 
@@ -142,6 +166,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     """Fine-tune as `cfg` says. resume: continue from the newest checkpoint in output_dir (force: even one
     of another run); overwrite: replace another run's files in output_dir."""
     t, out = cfg.train, Path(cfg.output_dir)
+    started = time.perf_counter()
     torch.manual_seed(t.seed)
     ctx, device = init_distributed(resolve_device(t.device))
     dtype = resolve_dtype(t.dtype, device)
@@ -174,7 +199,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                                   fused=device.type == "cuda")
 
     # ---- the run: where it starts, its files
-    steps = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * ctx.world)
+    steps = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * ctx.world, mixture=docs.get("mix"))
     total = len(steps)
     state = TrainerState(step=0, run_id=new_run_id(), identity=identity)
     if resume_from is not None:
@@ -183,12 +208,14 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         log(f"[train] resumed from {resume_from} at step {state.step}")
     barrier(ctx)  # every rank has checked the directory before rank 0 writes into it
     if ctx.is_main:
-        start_run_files(out, cfg, state, fresh=resume_from is None)
+        manifest = run_manifest(cfg, identity, device, ctx.world)
+        start_run_files(out, cfg, state, fresh=resume_from is None, manifest=manifest)
     metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines) if ctx.is_main else None
     val_batches = pack(docs["validation"], t.max_tokens_per_step) if "validation" in docs else None
     checkpointer = make_checkpointer(model, cfg, dtype, device, log)
     last_good = LastGood(params, optimizer)
     collapse = CollapseWatch(model.config.vocab_size)
+    overfit = OverfitWatch()
 
     def checkpoint_now(step: int) -> Path:
         state.step, state.metrics_lines = step, metrics.lines if metrics else 0
@@ -204,9 +231,17 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
             where = f"the adapter of the last good step is in {checkpoint_now(last_good.restore())}"
         if metrics:
             metrics.write({"step": step + 1, "stopped": kind, "reason": why})
+        finish(f"stopped: {kind}")
         bar.close()
         shutdown(ctx)
         raise TrainingStopped(f"{why}; {where}")
+
+    def finish(status: str) -> None:
+        """run.json's final entry: how the run ended, what it reached."""
+        done = start_step + len(result.train_losses)
+        tokens = sum(b.num_tokens for _, micro in steps[start_step:done] for b in micro)
+        if ctx.is_main:
+            finish_run_file(out, final_metrics(result, status, time.perf_counter() - started, done, tokens))
 
     # ---- throughput accounting (DESIGN.md: 4 N_frozen + 6 N_lora per token, plus attention)
     n_matmul, spec = matmul_parameters(model), prepared.spec
@@ -214,7 +249,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     result = TrainResult(output_dir=str(out))
     best = state.best_val_loss if state.best_val_loss is not None else math.inf
     log(f"[train] {total} steps of up to {t.grad_accum} x {t.max_tokens_per_step} tokens"
-        + (f" on each of {ctx.world} ranks" if ctx.active else "") + f", {t.epochs} epoch(s)")
+        + (f" on each of {ctx.world} ranks" if ctx.active else "") + f", {t.epochs} epoch(s), "
+        f"{warmup_steps(total, t)} warmup step(s)")
 
     from tqdm.auto import tqdm
 
@@ -263,6 +299,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
             if metrics:
                 metrics.write(record)
             result.train_losses.append(loss_value)
+            overfit.train_loss(loss_value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if ((step + 1) % t.log_every == 0 or step == start_step) and not show_bar:
@@ -282,6 +319,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                 log_line(f"[eval] step {step + 1}: validation loss {val['loss']:.4f} (ppl {val['ppl']:.2f})")
                 if not math.isfinite(val["loss"]):
                     stop("non-finite", f"step {step + 1}: the validation loss is not finite")
+                if warning := overfit.evaluated(val["loss"], t.early_stopping_patience, out / "best"):
+                    log_line(f"[train] warning: {warning}")
                 if val["loss"] < best:
                     best, state.best_val_loss, state.bad_evals = val["loss"], val["loss"], 0
                     if ctx.is_main:
@@ -295,6 +334,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                         break
             if interrupted():
                 saved = checkpoint_now(step + 1)
+                finish("interrupted")
                 bar.close()
                 shutdown(ctx)
                 raise TrainingInterrupted(step + 1, saved)
@@ -319,6 +359,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         if result.test:
             (out / "eval_results.json").write_text(json.dumps(result.test, indent=2))
         plot_losses(out / "metrics.jsonl", out / "loss.png")
+    finish("early_stopped" if result.stopped_early else "finished")
     barrier(ctx)
     shutdown(ctx)
     return result

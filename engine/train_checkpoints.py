@@ -11,7 +11,8 @@ contents), the data and LoRA settings, the packing (token budget, accumulation, 
 seed) and the number of ranks. A checkpoint of another identity is refused on resume, naming what
 differs. Optimisation settings (learning rate, schedule, clipping, evaluation and saving cadence,
 checkpointing mode) may change on resume: lowering the learning rate after a divergence is the
-point of resuming. OUTPUT_DIR/run.json records the identity of the run that owns the directory.
+point of resuming. OUTPUT_DIR/run.json records the identity of the run that owns the directory, and its
+manifest (manifest.py: config, data and model fingerprints, versions, device, and at the end its results).
 
 Not to be confused with activation checkpointing (what backward recomputes): engine/activations/.
 """
@@ -60,8 +61,11 @@ class TrainerState:
 def run_identity(cfg: Config, world: int) -> dict:
     """What makes two runs train the same steps (module docstring)."""
     files = {split: getattr(cfg.data, split) for split in ("train", "validation", "test") if getattr(cfg.data, split)}
-    return {"model": str(Path(cfg.model).resolve()),
-            "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in files},
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in (*files, "checks", "mix")}
+    if cfg.data.mix:  # the files by content, below; absent without mixing, as before data.mix existed
+        data["mix"] = [m.fraction for m in cfg.data.mix]
+        files.update({f"mix[{i}]": m.path for i, m in enumerate(cfg.data.mix)})
+    return {"model": str(Path(cfg.model).resolve()), "data": data,
             "data_files": {split: _sha256(path) for split, path in files.items()},
             "lora": {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k != "init_adapter"},
             "train": {k: getattr(cfg.train, k) for k in IDENTITY_TRAIN_KEYS},
@@ -84,8 +88,14 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def write_run_file(out: Path, run_id: str, identity: dict) -> None:
-    _write_json_atomic(out / RUN_FILE, {"run_id": run_id, "identity": identity})
+def write_run_file(out: Path, run_id: str, identity: dict, manifest: dict | None = None) -> None:
+    _write_json_atomic(out / RUN_FILE, {"run_id": run_id, "identity": identity, **(manifest or {})})
+
+
+def finish_run_file(out: Path, final: dict) -> None:
+    """Add how the run ended, and its results, to run.json."""
+    run = read_run_file(out) or {}
+    _write_json_atomic(out / RUN_FILE, {**run, "final": final})
 
 
 def read_run_file(out: Path) -> dict | None:
@@ -151,14 +161,14 @@ def find_resume_point(out: Path, identity: dict, resume: bool, overwrite: bool, 
     return checkpoint
 
 
-def start_run_files(out: Path, cfg: Config, state: TrainerState, fresh: bool) -> None:
+def start_run_files(out: Path, cfg: Config, state: TrainerState, fresh: bool, manifest: dict | None = None) -> None:
     """The run's own files, written once every check has passed: a fresh run first clears the files of
     the run it replaces (--overwrite, or --resume without a checkpoint)."""
     if fresh:
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    write_run_file(out, state.run_id, state.identity)
+    write_run_file(out, state.run_id, state.identity, manifest)
 
 
 def save_checkpoint(model, cfg: Config, optimizer, state: TrainerState, out: Path) -> Path:

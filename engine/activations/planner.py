@@ -51,20 +51,36 @@ def make_checkpointer(model, cfg, dtype: torch.dtype, device: torch.device, log)
 
 def plan_for_model(model, budget_bytes: float, tokens: int, dtype: torch.dtype, *, lora_rank: int,
                    lora_projections: int) -> list[str]:
-    """plan_checkpointing for a loaded LoRA model: the device budget less its weights, the LoRA
-    parameters' float32 masters, gradients and two Adam moments, the guard's copy of masters and moments
-    (guard.LastGood), and the loss workspace."""
+    """plan_checkpointing for a loaded LoRA model: the device budget less what is not activations
+    (resident_bytes: weights, LoRA state, the loss workspace)."""
+    kept, layer_input = layer_bytes_per_token(model.config, dtype, lora_rank=lora_rank,
+                                              lora_projections=lora_projections)
+    activations = budget_bytes - sum(resident_bytes(model, tokens, dtype).values())
+    return plan_checkpointing(model.config.num_hidden_layers, kept, layer_input, tokens, activations)
+
+
+def resident_bytes(model, tokens: int, dtype: torch.dtype) -> dict[str, int]:
+    """Device memory of a LoRA model's step besides the activations the layers keep: its frozen weights, the
+    LoRA parameters' float32 masters, gradients and two Adam moments plus the guard's copy of masters and
+    moments (guard.LastGood), and the loss workspace: the fused loss's chunk of logits (at most
+    LOSS_WORKSPACE_BYTES, never more than all T x vocab of them) and the [T, hidden] normalised hidden states
+    and their gradient."""
     c = model.config
+    item = torch.empty((), dtype=dtype).element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * (4 + 3)
+    loss_workspace = min(LOSS_WORKSPACE_BYTES, tokens * c.vocab_size * item) + tokens * c.hidden_size * item * 2
+    return {"weights": weights, "lora": lora, "loss_workspace": loss_workspace}
+
+
+def layer_bytes_per_token(config, dtype: torch.dtype, *, lora_rank: int, lora_projections: int) -> tuple[int, int]:
+    """(bytes a kept decoder layer saves per token, bytes of a layer's input per token) for a HF config."""
+    c = config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kept = llama_layer_bytes_per_token(c.hidden_size, c.intermediate_size, c.num_attention_heads,
                                        c.num_key_value_heads, head_dim=head_dim, dtype=dtype, lora_rank=lora_rank,
                                        lora_projections=lora_projections)
-    item = torch.empty((), dtype=dtype).element_size()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * (4 + 3)
-    loss_workspace = LOSS_WORKSPACE_BYTES + tokens * c.hidden_size * item * 2
-    activations = budget_bytes - weights - lora - loss_workspace
-    return plan_checkpointing(c.num_hidden_layers, kept, c.hidden_size * item, tokens, activations)
+    return kept, c.hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
 def layer_modes(setting: str, n_layers: int) -> list[str]:

@@ -189,7 +189,7 @@ def test_every_option_has_help_and_train_help_lists_every_key():
     proc = subprocess.run([sys.executable, "-m", "lorafuse.engine.cli", "train", "--help"], capture_output=True,
                           text=True, timeout=120)
     keys = [line.split()[0] for line in config_module.describe_keys()]
-    assert len(keys) == 38 and all(f"  {key} = " in proc.stdout for key in keys)
+    assert len(keys) == 50 and all(f"  {key} = " in proc.stdout for key in keys)
     assert "train.lr = 0.0002" in proc.stdout and "peak learning rate" in proc.stdout
 
 
