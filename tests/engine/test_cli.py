@@ -70,14 +70,14 @@ def test_errors_are_one_clear_line_with_exit_code_2(tmp_path, data, tiny_model_d
     assert main(["train", str(config)]) == 2
     assert "config key 'train.lr' must be float, got 'fast'" in capsys.readouterr().err
 
-    gemma = tmp_path / "gemma"
-    shutil.copytree(tiny_model_dir, gemma)
-    cfg = json.loads((gemma / "config.json").read_text())
-    cfg.update(model_type="gemma2", architectures=["Gemma2ForCausalLM"])
-    (gemma / "config.json").write_text(json.dumps(cfg))
-    assert main(["eval", "--model", str(gemma), "--data", str(data["test"])]) == 2
+    falcon = tmp_path / "falcon"
+    shutil.copytree(tiny_model_dir, falcon)
+    cfg = json.loads((falcon / "config.json").read_text())
+    cfg.update(model_type="falcon", architectures=["FalconForCausalLM"])
+    (falcon / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", "--model", str(falcon), "--data", str(data["test"])]) == 2
     err = capsys.readouterr().err
-    assert "architecture Gemma2ForCausalLM (model_type 'gemma2') is not supported" in err
+    assert "architecture FalconForCausalLM (model_type 'falcon') is not supported" in err
 
 
 def test_console_script_help():
