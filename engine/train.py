@@ -52,6 +52,7 @@ from .model import (
 from .packing import PackedBatch, pack
 from .prepare import prepare_model
 from .step import train_step
+from .tracking import check_trackers, open_trackers
 from .train_checkpoints import (
     TrainerState,
     check_output_dir,
@@ -155,6 +156,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         log(f"[model] {note}")
     if cfg.lora.init_adapter:
         read_adapter_config(cfg.lora.init_adapter)
+    if ctx.is_main:
+        check_trackers(t.report_to)
     tokenizer = load_tokenizer(cfg.model)
     docs = load_datasets(cfg, tokenizer, log)
     identity = run_identity(cfg, ctx.world)
@@ -189,7 +192,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     barrier(ctx)  # every rank has checked the directory before rank 0 writes into it
     if ctx.is_main:
         start_run_files(out, cfg, state, fresh=resume_from is None)
-    metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines) if ctx.is_main else None
+    metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines,
+                         trackers=open_trackers(t.report_to, out, cfg)) if ctx.is_main else None
     val_batches = pack(docs["validation"], t.max_tokens_per_step) if "validation" in docs else None
     checkpointer = make_checkpointer(model, cfg, dtype, device, log)
     last_good = LastGood(params, optimizer)
@@ -209,6 +213,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
             where = f"the adapter of the last good step is in {checkpoint_now(last_good.restore())}"
         if metrics:
             metrics.write({"step": step + 1, "stopped": kind, "reason": why})
+            metrics.close()
         bar.close()
         shutdown(ctx)
         raise TrainingStopped(f"{why}; {where}")
@@ -299,6 +304,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                         break
             if interrupted():
                 saved = checkpoint_now(step + 1)
+                if metrics:
+                    metrics.close()
                 bar.close()
                 shutdown(ctx)
                 raise TrainingInterrupted(step + 1, saved)
@@ -320,6 +327,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         b, f = result.test["base"], result.test["finetuned"]
         log(f"[test] loss base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> fine-tuned {f['loss']:.4f} (ppl {f['ppl']:.2f})")
     if ctx.is_main:
+        metrics.close()
         if result.test:
             (out / "eval_results.json").write_text(json.dumps(result.test, indent=2))
         plot_losses(out / "metrics.jsonl", out / "loss.png")
