@@ -198,15 +198,18 @@ class _Patch:
         return self.prepared
 
     def _checkpointer(self, prepared: PreparedModel):
-        """Recompute every layer in backward when HF gradient checkpointing is on (Trainer's
-        gradient_checkpointing=True): our per-layer checkpointer takes the place of HF's."""
-        on = any(getattr(m, "gradient_checkpointing", False) for m in (self.backbone, *self.backbone.layers))
-        if not (on and self.backbone.training and torch.is_grad_enabled()):
+        """With HF gradient checkpointing on (Trainer's gradient_checkpointing=True), our per-layer checkpointer
+        takes the place of HF's: each layer HF would checkpoint is recomputed in backward."""
+        modes = ["recompute" if getattr(layer, "gradient_checkpointing", False) else "none"
+                 for layer in self.backbone.layers]
+        if "recompute" not in modes or not (self.backbone.training and torch.is_grad_enabled()):
             return None
         if self.checkpointer is None:
-            from .activations import LayerCheckpointer, layer_modes
+            from .activations import LayerCheckpointer
 
-            self.checkpointer = LayerCheckpointer(prepared.device, layer_modes("recompute", len(prepared.layers)))
+            self.checkpointer = LayerCheckpointer(prepared.device, modes)
+        elif self.checkpointer.modes != modes:
+            self.checkpointer.set_modes(modes)
         return self.checkpointer
 
     # ---- the routed forwards
