@@ -172,6 +172,7 @@ class _Patch:
         self.checkpointer = None
         self.active = True
         self.planted = []
+        self.warned: set = set()
         self._plant(self.backbone, self._backbone_forward, BACKBONE_KEYS)
         self._plant(lm, self._lm_forward, LM_KEYS)
 
@@ -217,6 +218,8 @@ class _Patch:
     def _batch(self, call: dict):
         batch, index = packed_from_hf(call["input_ids"], call.get("attention_mask"), call.get("position_ids"),
                                       call.get("cu_seq_lens_q"), call.get("labels"), call.get("shift_labels"))
+        if batch.num_tokens == 0:  # nothing but padding: HF's forward gives the shapes it always gives
+            return None, None, None
         if self.window is not None and batch.max_seqlen > self.window:
             warnings.warn(f"lorafuse.patch: a document of {batch.max_seqlen} tokens is longer than the model's "
                           f"sliding window ({self.window}), which lorafuse does not implement; this call runs "
@@ -276,10 +279,17 @@ class _Patch:
         if not self.active or len(args) > len(positional):
             return None
         call = dict(zip(positional, args), **kwargs)
-        if (call.get("input_ids") is None or call.get("use_cache")
+        ids, mask = call.get("input_ids"), call.get("attention_mask")
+        if (ids is None or ids.dim() != 2 or (mask is not None and mask.dim() != 2) or call.get("use_cache")
                 or any(call.get(k) is not None for k in ("inputs_embeds", "past_key_values", "cache"))
-                or call.get("output_attentions") or call.get("output_hidden_states")
-                or any(v is not None for k, v in call.items() if k not in known)):
+                or call.get("output_attentions") or call.get("output_hidden_states")):
+            return None
+        unknown = sorted(k for k, v in call.items() if k not in known and v is not None)
+        if unknown:
+            if tuple(unknown) not in self.warned and torch.is_grad_enabled():
+                self.warned.add(tuple(unknown))
+                warnings.warn(f"lorafuse.patch: a forward with {', '.join(unknown)} runs HF's forward, not lorafuse's "
+                              "(lorafuse does not know what to do with them)", stacklevel=4)
             return None
         q, k = call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k")
         if k is not None and (q is None or not torch.equal(q.cpu(), k.cpu())):

@@ -136,6 +136,21 @@ def test_lora_dropout_runs_the_unfused_path_with_peft_numbers(reference_kernels)
     assert_close(loss_and_grads(model, batch), expected, 1e-5)
 
 
+def test_peft_adapter_switches_are_read_on_every_call(reference_kernels):
+    model = tiny_peft_model()
+    batch = padded_batch([7, 5], seed=8)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**batch).loss
+    lorafuse.patch(model)
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert abs(model(**batch).loss.item() - base.item()) <= 1e-5 * base.item()
+        assert abs(model(**batch).loss.item() - base.item()) > 1e-4  # the adapter is back
+    with pytest.warns(UserWarning, match="token_type_ids runs HF's forward"):
+        out = model(**batch, token_type_ids=torch.zeros_like(batch["input_ids"]))
+    assert out.logits is not None  # HF's forward, which knows what to do with it (here: ignore it)
+
+
 def test_generate_is_unchanged_and_unpatch_restores_the_model_exactly(reference_kernels):
     model = tiny_peft_model()
     lm = model.get_base_model()
