@@ -75,6 +75,26 @@ def assert_same_losses(ours, stock):
         assert abs(a - b) <= LOSS_RTOL * abs(b), f"step {step + 1}: patched {a} vs unpatched {b}"
 
 
+# the settings both trainers' runs share: a few steps, constant lr, logged every step, float32 on the CPU
+COMMON_ARGS = {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
+               "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True, "seed": 0,
+               "disable_tqdm": True}
+
+
+def patched_and_unpatched(model_dir, make_trainer, check_patched) -> dict[bool, list[float]]:
+    """The logged losses of the same training, unpatched and patched (check_patched(trainer, model) after it)."""
+    runs = {}
+    for patched in (False, True):
+        model = peft_model(model_dir)
+        if patched:
+            lorafuse.patch(model)
+        trainer = make_trainer(model, f"run-{patched}")
+        runs[patched] = train_losses(trainer)
+        if patched:
+            check_patched(trainer, model)
+    return runs
+
+
 @pytest.mark.parametrize("layout", ["padded", "flattened"])
 def test_hf_trainer_patched_matches_unpatched(tiny_model_dir, tiny_tokenizer, tmp_path, layout, routed):
     rows = token_rows(tiny_tokenizer.vocab_size)
@@ -82,25 +102,22 @@ def test_hf_trainer_patched_matches_unpatched(tiny_model_dir, tiny_tokenizer, tm
         collator = transformers.DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)
     else:
         collator = transformers.DataCollatorWithFlattening()
-    runs = {}
-    for patched in (False, True):
-        model = peft_model(tiny_model_dir)
-        if patched:
-            lorafuse.patch(model)
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / f"run-{patched}"), max_steps=4, per_device_train_batch_size=4,
-            gradient_accumulation_steps=2, learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1,
-            save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
-            gradient_checkpointing=layout == "flattened")
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
-        runs[patched] = train_losses(trainer)
-        if patched:
-            assert routed == {"loss": 8, "backbone": 0}  # 4 steps of 2 micro-batches, each on our fused loss
-            # Trainer's gradient_checkpointing=True: our per-layer recompute in place of HF's
-            assert (patch_module.find_patch(model.get_base_model()).checkpointer is not None) == (layout == "flattened")
-            trainer.save_model(str(tmp_path / "adapter"))
-            lorafuse.unpatch(model)
-            check_saved_adapter(model, tmp_path / "adapter", tiny_model_dir)
+
+    def make_trainer(model, name):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / name), gradient_accumulation_steps=2,
+                                              dataloader_num_workers=0, gradient_checkpointing=layout == "flattened",
+                                              **COMMON_ARGS)
+        return transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+
+    def check_patched(trainer, model):
+        assert routed == {"loss": 8, "backbone": 0}  # 4 steps of 2 micro-batches, each on our fused loss
+        # Trainer's gradient_checkpointing=True: our per-layer recompute in place of HF's
+        assert (patch_module.find_patch(model.get_base_model()).checkpointer is not None) == (layout == "flattened")
+        trainer.save_model(str(tmp_path / "adapter"))
+        lorafuse.unpatch(model)
+        check_saved_adapter(model, tmp_path / "adapter", tiny_model_dir)
+
+    runs = patched_and_unpatched(tiny_model_dir, make_trainer, check_patched)
     assert_same_losses(runs[True], runs[False])
 
 
@@ -108,23 +125,20 @@ def test_trl_sft_trainer_padding_free_patched_matches_unpatched(tiny_model_dir, 
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     rows = datasets.Dataset.from_list([{"input_ids": r["input_ids"]} for r in token_rows(tiny_tokenizer.vocab_size)])
-    runs = {}
-    for patched in (False, True):
-        model = peft_model(tiny_model_dir)
-        if patched:
-            lorafuse.patch(model)
-        args = trl.SFTConfig(
-            output_dir=str(tmp_path / f"sft-{patched}"), max_steps=4, per_device_train_batch_size=4,
-            learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-            use_cpu=True, seed=0, disable_tqdm=True, padding_free=True, max_length=None, bf16=False)
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tiny_tokenizer)
-        runs[patched] = train_losses(trainer)
-        if patched:
-            # SFTTrainer wraps the causal LM's forward with its own fused log-prob head, which calls the
-            # backbone: ours, on every step
-            assert routed == {"loss": 0, "backbone": 4}
-            trainer.save_model(str(tmp_path / "sft-adapter"))
-            with pytest.warns(UserWarning, match="wrapped again after lorafuse.patch"):
-                lorafuse.unpatch(model)
-            check_saved_adapter(model, tmp_path / "sft-adapter", tiny_model_dir)
+
+    def make_trainer(model, name):
+        args = trl.SFTConfig(output_dir=str(tmp_path / name), padding_free=True, max_length=None, bf16=False,
+                             **COMMON_ARGS)
+        return trl.SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tiny_tokenizer)
+
+    def check_patched(trainer, model):
+        # SFTTrainer wraps the causal LM's forward with its own fused log-prob head, which calls the
+        # backbone: ours, on every step
+        assert routed == {"loss": 0, "backbone": 4}
+        trainer.save_model(str(tmp_path / "sft-adapter"))
+        with pytest.warns(UserWarning, match="wrapped again after lorafuse.patch"):
+            lorafuse.unpatch(model)
+        check_saved_adapter(model, tmp_path / "sft-adapter", tiny_model_dir)
+
+    runs = patched_and_unpatched(tiny_model_dir, make_trainer, check_patched)
     assert_same_losses(runs[True], runs[False])
