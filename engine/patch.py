@@ -58,8 +58,11 @@ def patch(model, *, attention: str = "auto", kernels: str = "auto"):
 
     `model`: a transformers causal LM of a supported family (llama, mistral, qwen2, qwen3), or a PEFT
     model over one (get_peft_model / PeftModel.from_pretrained) with plain LoRA on the decoder's
-    projections. A call with labels returns the loss and `logits=None`: the fused cross-entropy never
-    materialises the logits (call without labels for logits). Generation is HF's, unchanged.
+    projections. A call with labels (HF's convention: unshifted, -100 ignored; the sum over the batch
+    divided by `num_items_in_batch` when given, else the mean) returns the loss and `logits=None`, as
+    Liger-Kernel's fused loss does: the fused cross-entropy never materialises the logits (call without
+    labels for logits). Padding positions are skipped, not computed, and are no target. A routed call
+    returns no cache; generation (use_cache=True, a cache) runs HF's forward, unchanged.
     attention / kernels: as train.attention / train.kernels.
 
     Refused (PatchError naming the module or key): another architecture, LoRA on embeddings or lm_head,
