@@ -16,6 +16,9 @@ LoRA parameters and the same gradient clipping. Cases:
                       and fused linear cross-entropy patched into the HF model
   hf_packed           peer: stock without padding: each micro-batch's documents concatenated into one row,
                       position_ids restarting per document (HF builds the document mask from them)
+  hf_patched          stock's step (what a transformers Trainer step runs: the HF + PEFT model called with
+                      labels and num_items_in_batch, HF gradient checkpointing) on the same padded batches, with
+                      the model under lorafuse.patch: its forward runs on lorafuse's kernels, padding skipped
 
 Initial adapters: PEFT's initialisation (A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0) drawn per module path from
 a seeded generator and written alike into PEFT's lora_A/lora_B and lorafuse's LoraLinear parameters, so
@@ -27,11 +30,11 @@ at --doc-max), uniform random token ids, every token trained; the stream is cut 
 --tokens-per-step tokens (the document crossing a step boundary is split there). Step i is the same
 documents for every system.
 
-One model is built per group of cases that can share it: stock and hf_packed (one HF + PEFT model, only
-the batching differs), the three lorafuse modes (one model, a new checkpointer each), liger alone. Each
-case starts from the same initial adapters with a fresh optimizer. Work on a model runs in this order:
-training of the main cases, their max-context searches, then the peers' training, so that a tight
---time-budget-s cuts the peers first.
+One model is built per group of cases that can share it: stock, hf_packed and hf_patched (one HF + PEFT
+model; the batching differs, hf_patched patches it), the three lorafuse modes (one model, a new checkpointer
+each), liger alone. Each case starts from the same initial adapters with a fresh optimizer. Work on a model
+runs in this order: training of the main cases, their max-context searches, then the peers' training, so
+that a tight --time-budget-s cuts the peers first.
 
 Per case, after --warmup steps, --steps timed steps (CUDA events around the whole step: forward,
 backward, clipping, optimizer): step time (median), useful tokens/s (document tokens, no padding, per

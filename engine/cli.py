@@ -55,36 +55,18 @@ def _writable_file(path: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .config import LoraConfig
-    from .data import encode_all, read_jsonl
-    from .evaluate import evaluate_loss, exact_match, generate_answers, prompt_and_answer
-    from .lora import load_adapter, read_adapter_config
-    from .model import check_supported, load_model, load_tokenizer, resolve_device, resolve_dtype
-    from .packing import pack
-    from .prepare import prepare_model
+    from .evaluate import evaluate
+    from .lora import read_adapter_config
+    from .model import check_supported
 
     check_supported(args.model)  # the model, the adapter and the result file are checked before the data
     if args.adapter:
         read_adapter_config(args.adapter)
     if args.json:
         _writable_file(args.json)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    tokenizer = load_tokenizer(args.model)
-    examples, report = read_jsonl(args.data, "skip" if args.skip_invalid else "stop")
-    docs, enc = encode_all(tokenizer, examples, args.max_seq_len, "truncate", "assistant", args.data)
-    print(f"[data] {args.data}: {enc.summary(args.max_seq_len)}")
-    model = load_model(args.model, dtype, device)
-    lora: LoraConfig | None = load_adapter(model, args.adapter) if args.adapter else None
-    result = {"model": args.model, "adapter": args.adapter, "data": args.data}
-    result.update(evaluate_loss(prepare_model(model, stack_projections=False), pack(docs, max(args.max_seq_len, 4096))))
-    print(f"[eval] loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  over {result['target_tokens']} "
-          f"target tokens" + (f"  (adapter r={lora.r})" if lora else ""))
-    if args.generate:
-        predictions = generate_answers(model, tokenizer, examples, args.max_new_tokens)
-        references = [prompt_and_answer(ex, tokenizer)[1] for ex in examples]
-        result["exact_match"] = exact_match(predictions, references)
-        print(f"[eval] exact match {result['exact_match']:.1%} of {len(examples)} examples")
+    result = evaluate(args.model, args.data, args.adapter, generate=args.generate, max_seq_len=args.max_seq_len,
+                      max_new_tokens=args.max_new_tokens, skip_invalid=args.skip_invalid, device=args.device,
+                      dtype=args.dtype)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -156,43 +138,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    import shutil
-    import tempfile
+    from .merge import merge
 
-    import torch
-
-    from .lora import load_adapter, merge_lora, read_adapter_config
-    from .model import ModelError, check_supported, load_model, load_tokenizer
-
-    saved = check_supported(args.model)
-    read_adapter_config(args.adapter)
-    out, base = Path(args.out).resolve(), Path(args.model).resolve()
-    if not args.overwrite:
-        if out == base or base in out.parents:
-            raise ModelError(f"--out {args.out} is the base model directory or inside it; merging there would "
-                             "overwrite the base model (pass --overwrite if that is what you want)")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ModelError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
-    # "auto" keeps the dtype the base model was saved in.
-    name = args.dtype if args.dtype != "auto" else saved.get("dtype") or saved.get("torch_dtype") or "float32"
-    model = load_model(args.model, getattr(torch, name), torch.device("cpu"))
-    load_adapter(model, args.adapter)
-    n = merge_lora(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside --out and renamed into place: a crash leaves the old directory or the new one, whole.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(args.model).save_pretrained(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    n = merge(args.model, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged {n} adapted projections into {args.out}")
     return 0
 

@@ -19,6 +19,7 @@ import yaml
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_MAX_SEQ_LEN = 1024  # train, eval and data check share it
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to (tracking.py)
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,7 @@ class TrainConfig:
     checkpointing: str = "none"  # none | recompute | offload (per decoder layer; offload spares the last layer)
     memory_budget_gb: float = 0.0  # > 0: pick keep / recompute / offload per layer to fit this much GPU memory
     progress: bool = True  # tqdm progress bar
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard | wandb | mlflow (extras)
 
 
 @dataclass
@@ -216,6 +218,9 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     _validate_data_gate(cfg.data)
+    unknown = [name for name in t.report_to if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"config key 'train.report_to' must list some of {', '.join(TRACKERS)}; got {unknown}")
     return cfg
 
 

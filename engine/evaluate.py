@@ -8,11 +8,12 @@ import sys
 
 import torch
 
-from .data import Example
+from .config import DEFAULT_MAX_SEQ_LEN
+from .data import Example, encode_all, read_jsonl
 from .distributed import DistContext, all_reduce_sum
 from .forward import packed_loss
-from .packing import PackedBatch
-from .prepare import PreparedModel
+from .packing import PackedBatch, pack
+from .prepare import PreparedModel, prepare_model
 
 
 @torch.no_grad()
@@ -68,3 +69,34 @@ def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: 
 def exact_match(predictions: list[str], references: list[str]) -> float:
     hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
     return hits / max(len(references), 1)
+
+
+def evaluate(model: str, data: str, adapter: str | None = None, *, generate: bool = False,
+             max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_new_tokens: int = 32, skip_invalid: bool = False,
+             device: str = "auto", dtype: str = "auto", log=print) -> dict:
+    """Loss and perplexity of a local model directory (with a PEFT-format adapter, if given) on the target tokens
+    of a JSONL file, as training counts them; with generate, also greedy answers and their exact match.
+    Returns what `lorafuse eval --json` writes: model, adapter, data, loss, ppl, target_tokens[, exact_match]."""
+    from .lora import load_adapter, read_adapter_config
+    from .model import check_supported, load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    check_supported(model)  # the model and the adapter are checked before the data
+    if adapter:
+        read_adapter_config(adapter)
+    where = resolve_device(device)
+    tokenizer = load_tokenizer(model)
+    examples, _ = read_jsonl(data, "skip" if skip_invalid else "stop")
+    docs, enc = encode_all(tokenizer, examples, max_seq_len, "truncate", "assistant", data)
+    log(f"[data] {data}: {enc.summary(max_seq_len)}")
+    hf_model = load_model(model, resolve_dtype(dtype, where), where)
+    lora = load_adapter(hf_model, adapter) if adapter else None
+    result = {"model": model, "adapter": adapter, "data": data}
+    result.update(evaluate_loss(prepare_model(hf_model, stack_projections=False), pack(docs, max(max_seq_len, 4096))))
+    log(f"[eval] loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  over {result['target_tokens']} "
+        f"target tokens" + (f"  (adapter r={lora.r})" if lora else ""))
+    if generate:
+        predictions = generate_answers(hf_model, tokenizer, examples, max_new_tokens)
+        references = [prompt_and_answer(ex, tokenizer)[1] for ex in examples]
+        result["exact_match"] = exact_match(predictions, references)
+        log(f"[eval] exact match {result['exact_match']:.1%} of {len(examples)} examples")
+    return result

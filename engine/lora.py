@@ -8,7 +8,8 @@ are what the optimizer updates.
 
 Every LoRA projection runs through `lora_projections` (below): a LoraLinear's own forward (HF's
 forward, generation) as well as the grouped q/k/v and gate/up projections of the packed forward,
-which read their input once when the frozen weights are stacked (prepare.py).
+which read their input once when the frozen weights are stacked (prepare.py). A PEFT LoRA layer of a
+patched HF/PEFT model (patch.py) goes the same way: `active_adapter` reads its parameters.
 
 Saved adapters use PEFT's file names and keys
 (`base_model.model.<module path>.lora_A.weight`), so `PeftModel.from_pretrained` loads them.
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from .config import LoraConfig
 from .faults import crash_point
 from .ops import TRITON, KernelOps
+from .peft_lora import peft_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -61,17 +63,28 @@ class LoraLinear(nn.Module):
 # The projection path
 
 
+def active_adapter(proj) -> tuple | None:
+    """(lora_A, lora_B, scaling, dropout probability) of a projection's active adapter: a LoraLinear's, or a
+    PEFT LoRA layer's own parameters (peft_lora.py); None for a plain nn.Linear or an adapter turned off."""
+    if isinstance(proj, LoraLinear):
+        return (proj.lora_A, proj.lora_B, proj.scaling, proj.dropout) if proj.enabled else None
+    return peft_adapter(proj)
+
+
 def fusable(proj) -> bool:
     """Whether the fused kernels can run this projection. LoRA dropout feeds only the low-rank
     branch, so a kernel that reads one x for both branches cannot compute it."""
-    return not (isinstance(proj, LoraLinear) and proj.enabled and proj.dropout > 0 and proj.training)
+    adapter = active_adapter(proj)
+    return adapter is None or not (adapter[3] > 0 and proj.training)
 
 
 def adapter_args(proj, x: torch.Tensor) -> tuple:
     """(lora_a, lora_b, scaling) of a projection in x's dtype; (None, None, 0.0) without an active adapter."""
-    if isinstance(proj, LoraLinear) and proj.enabled:
-        return proj.lora_A.to(x.dtype), proj.lora_B.to(x.dtype), proj.scaling
-    return None, None, 0.0
+    adapter = active_adapter(proj)
+    if adapter is None:
+        return None, None, 0.0
+    lora_a, lora_b, scaling, _ = adapter
+    return lora_a.to(x.dtype), lora_b.to(x.dtype), scaling
 
 
 def lora_projections(x: torch.Tensor, projs, stacked=None, ops: KernelOps = TRITON) -> tuple:
@@ -92,7 +105,7 @@ def _project(proj, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
     if lora_a is None:
         return F.linear(x, proj.weight, proj.bias)
     if not fusable(proj):  # plain ops, as PEFT computes it
-        low_rank = F.linear(F.linear(F.dropout(x, proj.dropout, training=True), lora_a), lora_b)
+        low_rank = F.linear(F.linear(F.dropout(x, active_adapter(proj)[3], training=True), lora_a), lora_b)
         return F.linear(x, proj.weight, proj.bias) + scaling * low_rank
     return ops.lora_linear(x, proj.weight, lora_a, lora_b, scaling, proj.bias)
 

@@ -15,9 +15,10 @@ from .lora import LoraLinear
 class MetricsLog:
     """One JSON object per line, strict JSON (a non-finite number is written as null); flushed on every
     write so a crash loses nothing. keep_lines > 0 continues an existing file after its first keep_lines
-    lines (a resumed run: what the killed run wrote after its checkpoint is dropped, not listed twice)."""
+    lines (a resumed run: what the killed run wrote after its checkpoint is dropped, not listed twice).
+    Every record also goes to the `trackers` (tracking.py: train.report_to)."""
 
-    def __init__(self, path: str | Path, keep_lines: int = 0):
+    def __init__(self, path: str | Path, keep_lines: int = 0, trackers: list = ()):
         self.path = Path(path)
         kept = []
         if keep_lines > 0 and self.path.is_file():
@@ -27,12 +28,25 @@ class MetricsLog:
         os.replace(tmp, self.path)  # a crash here leaves the old file or the cut one, never an empty one
         self.fh = open(self.path, "a", encoding="utf-8")
         self.lines = len(kept)
+        self.trackers = list(trackers)
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.fh.write(json.dumps(clean, allow_nan=False) + "\n")
         self.fh.flush()
         self.lines += 1
+        if self.trackers and "step" in record:
+            from .tracking import numeric_values
+
+            for tracker in self.trackers:
+                tracker.log(numeric_values(record), record["step"])
+
+    def close(self) -> None:
+        """Close the file and end the trackers' runs."""
+        self.fh.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def read_metrics(path: str | Path) -> list[dict]:

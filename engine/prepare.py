@@ -10,8 +10,9 @@ modules and no process-wide setting is written, so every input of a forward is i
 Stacking: each layer's q/k/v and gate/up frozen weights are copied once into one tensor each and
 the projections' weights become views of it, so the grouped kernels read the layer input once for
 all of them with no copy per step. It works before or after LoRA injection (a LoraLinear keeps its
-base weight as `weight`, like nn.Linear). The stacked weights are not parameters: a model whose
-projections train in full (the demo's pre-training) is prepared with stack_projections=False.
+base weight as `weight`, like nn.Linear; a PEFT LoRA layer as `base_layer.weight`). The stacked
+weights are not parameters: a model whose projections train in full (the demo's pre-training) is
+prepared with stack_projections=False.
 """
 
 from __future__ import annotations
@@ -126,8 +127,11 @@ def _stack(block, names: tuple[str, ...]) -> Stacked | None:
     start = 0
     for m in mods:
         end = start + m.out_features
-        m.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
+        # The same Parameter objects, their data now views of the stack, so whatever refers to them still
+        # does (a PEFT layer's base_layer; patch.py's unpatch gives them their own storage back).
+        base = getattr(m, "base_layer", m)
+        base.weight.data = weight[start:end]
         if bias is not None:
-            m.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
+            base.bias.data = bias[start:end]
         start = end
     return Stacked(weight, bias)

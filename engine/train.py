@@ -54,6 +54,7 @@ from .model import (
 from .packing import PackedBatch, pack
 from .prepare import prepare_model
 from .step import train_step
+from .tracking import check_trackers, open_trackers
 from .train_checkpoints import (
     TrainerState,
     check_output_dir,
@@ -179,6 +180,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         log(f"[model] {note}")
     if cfg.lora.init_adapter:
         read_adapter_config(cfg.lora.init_adapter)
+    if ctx.is_main:
+        check_trackers(t.report_to)
     tokenizer = load_tokenizer(cfg.model)
     docs = load_datasets(cfg, tokenizer, log)
     identity = run_identity(cfg, ctx.world)
@@ -210,7 +213,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     if ctx.is_main:
         manifest = run_manifest(cfg, identity, device, ctx.world)
         start_run_files(out, cfg, state, fresh=resume_from is None, manifest=manifest)
-    metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines) if ctx.is_main else None
+    metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines,
+                         trackers=open_trackers(t.report_to, out, cfg)) if ctx.is_main else None
     val_batches = pack(docs["validation"], t.max_tokens_per_step) if "validation" in docs else None
     checkpointer = make_checkpointer(model, cfg, dtype, device, log)
     last_good = LastGood(params, optimizer)
@@ -237,10 +241,11 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         raise TrainingStopped(f"{why}; {where}")
 
     def finish(status: str) -> None:
-        """run.json's final entry: how the run ended, what it reached."""
+        """run.json's final entry: how the run ended, what it reached; the metrics log and trackers closed."""
         done = start_step + len(result.train_losses)
         tokens = sum(b.num_tokens for _, micro in steps[start_step:done] for b in micro)
         if ctx.is_main:
+            metrics.close()
             finish_run_file(out, final_metrics(result, status, time.perf_counter() - started, done, tokens))
 
     # ---- throughput accounting (DESIGN.md: 4 N_frozen + 6 N_lora per token, plus attention)

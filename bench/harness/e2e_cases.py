@@ -11,9 +11,12 @@ CASES: dict[str, tuple[str, str]] = {
     "lorafuse-offload": ("lorafuse", "offload"),
     "liger": ("liger", "hf"),
     "hf_packed": ("hf_packed", "hf"),
+    "hf_patched": ("hf_patched", "hf"),
 }
-HF_CASES = ("stock", "liger", "hf_packed")
-DEFAULT_CASES = ["stock", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload", "liger", "hf_packed"]
+HF_CASES = ("stock", "liger", "hf_packed", "hf_patched")
+SHARED_HF = ("stock", "hf_packed", "hf_patched")  # one HF + PEFT model: batching and lorafuse.patch differ
+DEFAULT_CASES = ["stock", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload", "liger", "hf_packed",
+                 "hf_patched"]
 DEFAULT_MAX_CONTEXT = ["stock", "lorafuse-recompute", "lorafuse-offload"]
 
 
@@ -35,16 +38,17 @@ def case_available(case: str) -> str | None:
 
 
 def groups(cases: list[str]) -> list[list[str]]:
-    """Cases that share one built model: stock and hf_packed (HF + PEFT, only the batching differs); the
-    lorafuse modes; liger alone and last (its patches of the HF classes outlive its model)."""
-    found = [[c for c in cases if c in ("stock", "hf_packed")], [c for c in cases if c.startswith("lorafuse-")],
+    """Cases that share one built model: stock, hf_packed and hf_patched (HF + PEFT; the batching differs, and
+    hf_patched runs under lorafuse.patch); the lorafuse modes; liger alone and last (its patches of the HF classes
+    outlive its model)."""
+    found = [[c for c in cases if c in SHARED_HF], [c for c in cases if c.startswith("lorafuse-")],
              [c for c in cases if c == "liger"]]
     return [g for g in found if g]
 
 
 def plan(group: list[str], max_context: list[str]) -> list[tuple[str, str]]:
-    """The order of work on one built model: training of the main cases (stock, lorafuse modes), then their
-    max-context searches, then the peers' training (so a tight time budget cuts the peers first)."""
+    """The order of work on one built model: training of the main cases (stock, hf_patched, lorafuse modes), then
+    their max-context searches, then the peers' training (so a tight time budget cuts the peers first)."""
     main = [c for c in group if c not in ("hf_packed", "liger")] or group[:1]
     peers = [c for c in group if c not in main]
     return ([("train", c) for c in main] + [("context", c) for c in group if c in max_context]

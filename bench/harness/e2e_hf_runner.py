@@ -1,6 +1,7 @@
 """The HF + PEFT systems of the end-to-end benchmark: stock (padded micro-batches), hf_packed (the same
-model without padding) and liger (Liger-Kernel's patches), each with HF's forward and loss, PEFT adapters
-and HF gradient checkpointing."""
+model without padding), hf_patched (the stock step on the same model under lorafuse.patch: what a
+transformers Trainer step becomes with one line) and liger (Liger-Kernel's patches), each with HF's forward
+and loss, PEFT adapters and HF gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from e2e_models import LORA_ALPHA, LORA_R, PROJECTIONS, build_model
 from e2e_runner import Prepared, Runner, Settings
 
 IGNORE_INDEX = -100
+SHARED = ("stock", "hf_packed", "hf_patched")  # cases of one built model
 
 
 def peft_lora_pairs(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -31,14 +33,14 @@ def peft_lora_pairs(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 class HFRunner(Runner):
-    """stock / liger / hf_packed: HF forward and loss, PEFT adapters, HF gradient checkpointing."""
+    """stock / liger / hf_packed / hf_patched: HF forward and loss, PEFT adapters, HF gradient checkpointing."""
 
     def __init__(self, settings: Settings, case: str):
         super().__init__(settings)
         from peft import LoraConfig, get_peft_model
 
-        self.case = self.system = case
-        self.batching = "packed" if case == "hf_packed" else "padded"
+        self.case = self.system = "stock" if case in SHARED else case
+        self.batching = "padded"
         model = build_model(settings.model, settings.device, settings.dtype, settings.seed, settings.layers)
         self.info["weights_fingerprint"] = weights_fingerprint(model)
         self.flops = model_flops(model)
@@ -56,6 +58,8 @@ class HFRunner(Runner):
         if len(trainable) != len(self.params):
             raise RuntimeError(f"PEFT model has {len(trainable)} trainable tensors, expected {len(self.params)}")
         self.pad_id = 0
+        if case in SHARED:
+            self.set_case(case)
 
     def prepare(self, docs) -> Prepared:
         micro, processed = [], 0
@@ -84,12 +88,25 @@ class HFRunner(Runner):
                 labels[row, :n] = torch.from_numpy(np.where(d.trained, d.input_ids, IGNORE_INDEX))
             micro.append({"input_ids": self.pin(ids), "attention_mask": self.pin(mask), "labels": self.pin(labels)})
             processed += ids.numel()
-        return Prepared(micro, target_tokens(docs), sum(len(d) for d in docs), processed)
+        useful = sum(len(d) for d in docs)
+        if self.case == "hf_patched":  # the same padded batches; the patched forward skips the padding
+            processed = useful
+        return Prepared(micro, target_tokens(docs), useful, processed)
 
     def set_case(self, case: str) -> None:
-        """stock and hf_packed share one model: only the batching differs."""
-        if case not in ("stock", "hf_packed") or self.case not in ("stock", "hf_packed"):
+        """stock, hf_packed and hf_patched share one model: the batching differs, and hf_patched runs the same
+        padded batches with the model under lorafuse.patch (its forward on our kernels, HF's gradient
+        checkpointing as our per-layer recompute)."""
+        if case not in SHARED or self.case not in SHARED:
             raise ValueError(f"the {self.case} model cannot run case {case}")
+        import lorafuse
+
+        if case == "hf_patched":
+            lorafuse.patch(self.model)
+            self.info["patched"] = True
+        else:
+            lorafuse.unpatch(self.model)
+            self.info.pop("patched", None)
         self.case = self.system = case
         self.batching = "packed" if case == "hf_packed" else "padded"
 

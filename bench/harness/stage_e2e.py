@@ -67,7 +67,7 @@ def _models(args, results: dict) -> list[str]:
 
 
 def stage_e2e(results: dict, args, budget: float, work: Path) -> dict:
-    """Per model, two processes: stock (+ its max-context search, + hf_packed) with 40% of the model's share,
+    """Per model, two processes: stock (+ hf_patched, its max-context search, hf_packed) with 40% of the model's share,
     then lorafuse none / recompute / offload (+ the max-context searches) with the rest. The models share
     the budget evenly; a later model is skipped when less than 2 minutes are left."""
     ends = time.monotonic() + budget
@@ -82,9 +82,9 @@ def stage_e2e(results: dict, args, budget: float, work: Path) -> dict:
         hf_budget = 0.4 * share
         mc_stock = [c for c in args.max_context if c == "stock"]
         mc_lorafuse = [c for c in args.max_context if c.startswith("lorafuse-")]
-        # stock, its max-context search, then hf_packed (skipped by e2e.py where transformers cannot)
-        runs[f"{model}/stock"] = _e2e_process(results, args, model, ["stock", "hf_packed"], mc_stock, hf_budget,
-                                              0.45 * hf_budget, work, "stock")
+        # stock, hf_patched, stock's max-context search, then hf_packed (skipped by e2e.py where transformers cannot)
+        runs[f"{model}/stock"] = _e2e_process(results, args, model, ["stock", "hf_patched", "hf_packed"], mc_stock,
+                                              hf_budget, 0.45 * hf_budget, work, "stock")
         # what the HF process left unused goes to lorafuse; later models keep their shares
         lorafuse_budget = ends - time.monotonic() - share * (len(models) - index - 1)
         lorafuse_cases = ["lorafuse-none", "lorafuse-recompute", "lorafuse-offload"]

@@ -16,7 +16,7 @@ def test_every_system_trains_the_same_steps_to_the_same_losses(tmp_path, cpu_ben
     results = e2e.main([*TINY, "--warmup", "1", "--steps", "2", "--out", str(out)])
     assert json.loads(out.read_text())["e2e"] == json.loads(json.dumps(results["e2e"], default=str))
     rows = {r["case"]: r for r in results["e2e"]}
-    expected = {"stock", "hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"}
+    expected = {"stock", "hf_packed", "hf_patched", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"}
     assert expected <= set(rows), (rows.keys(), results.get("errors"), results["skipped"])
     if "liger" not in rows:
         assert any(s["case"] == "liger" for s in results["skipped"])
@@ -41,9 +41,12 @@ def test_every_system_trains_the_same_steps_to_the_same_losses(tmp_path, cpu_ben
         assert row["tokens_per_s"] == pytest.approx(384 / row["step_time_s"])
     assert stock["padding_fraction"] > 0
     assert all(p > 384 for p in stock["processed_tokens_per_step"])
-    for case in ("hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"):
+    for case in ("hf_packed", "hf_patched", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"):
         assert rows[case]["padding_fraction"] == 0 and rows[case]["processed_tokens_per_step"] == [384] * 3
     assert rows["lorafuse-none"]["micro_batches_per_step"] == [1, 1, 1]
+    # hf_patched: stock's padded micro-batches and step, on the same model under lorafuse.patch
+    assert rows["hf_patched"]["patched"] and "patched" not in stock and "patched" not in rows["hf_packed"]
+    assert rows["hf_patched"]["micro_batches_per_step"] == stock["micro_batches_per_step"]
     contexts = {r["case"]: r for r in results["max_context"]}
     assert set(contexts) == {"stock", "lorafuse-recompute", "lorafuse-offload"}
     for row in contexts.values():  # nothing runs out of memory on the CPU: the search stops at its limit

@@ -27,7 +27,7 @@ def test_run_writes_results_with_the_required_keys(tmp_path, cpu_bench):
     assert results["stages"]["env"]["status"] == "ok"
     assert results["stages"]["e2e"]["status"] == "ok", results["stages"]["e2e"]
     cases = {r["case"]: r for r in results["e2e"]}
-    assert set(cases) == {"stock", "hf_packed", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"}
+    assert set(cases) == {"stock", "hf_packed", "hf_patched", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload"}
     for row in results["e2e"]:
         assert all(key in row for key in HF_KEYS) and len(row["step_losses"]) == 4  # --quick: 1 + 3 steps
     assert {r["case"] for r in results["max_context"]} == {"stock", "lorafuse-recompute", "lorafuse-offload"}

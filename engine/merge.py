@@ -1,0 +1,50 @@
+"""Merge an adapter into its base model and save the result as a plain HF model directory
+(`lorafuse merge`, `lorafuse.merge`). The fold itself (W + s B A) is lora.merge_lora."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .lora import load_adapter, merge_lora, read_adapter_config
+from .model import ModelError, check_supported, load_model, load_tokenizer
+
+
+def merge(model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str = "auto",
+          overwrite: bool = False) -> int:
+    """Fold `adapter` into the model directory `model` and write the merged model with its tokenizer to `out`;
+    returns the number of merged projections. dtype "auto" keeps the dtype the base model was saved in.
+    Refuses (ModelError) to write over the base model, or into a non-empty `out`, unless overwrite."""
+    saved = check_supported(model)
+    read_adapter_config(adapter)
+    target, base = Path(out).resolve(), Path(model).resolve()
+    if not overwrite:
+        if target == base or base in target.parents:
+            raise ModelError(f"--out {out} is the base model directory or inside it; merging there would "
+                             "overwrite the base model (pass --overwrite if that is what you want)")
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ModelError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    name = dtype if dtype != "auto" else saved.get("dtype") or saved.get("torch_dtype") or "float32"
+    hf_model = load_model(model, getattr(torch, name), torch.device("cpu"))
+    load_adapter(hf_model, adapter)
+    n = merge_lora(hf_model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed into place: a crash leaves the old directory or the new one, whole.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.merging-", dir=target.parent))
+    try:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(model).save_pretrained(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return n
