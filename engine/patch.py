@@ -37,7 +37,6 @@ import torch.nn as nn
 from .forward import packed_hidden_states, packed_loss
 from .hf_batch import packed_from_hf
 from .lora import LoraLinear
-from .model import sliding_window_limit
 from .peft_lora import is_peft_lora, unsupported_reason
 from .prepare import STACKED_GROUPS, DecoderSpec, PreparedModel, prepare_model
 
@@ -170,7 +169,6 @@ class _Patch:
     def __init__(self, lm, attention: str, kernels: str):
         self.lm, self.backbone = lm, lm.model
         self.attention, self.kernels = attention, kernels
-        self.window = sliding_window_limit(lm)
         projections = [getattr(getattr(layer, block), n) for layer in self.backbone.layers
                        for block, names in STACKED_GROUPS.items() for n in names]
         # frozen base weights only: a stacked copy is not a parameter, so it could not train
@@ -226,11 +224,6 @@ class _Patch:
         batch, index = packed_from_hf(call["input_ids"], call.get("attention_mask"), call.get("position_ids"),
                                       call.get("cu_seq_lens_q"), call.get("labels"), call.get("shift_labels"))
         if batch.num_tokens == 0:  # nothing but padding: HF's forward gives the shapes it always gives
-            return None, None, None
-        if self.window is not None and batch.max_seqlen > self.window:
-            warnings.warn(f"lorafuse.patch: a document of {batch.max_seqlen} tokens is longer than the model's "
-                          f"sliding window ({self.window}), which lorafuse does not implement; this call runs "
-                          "HF's forward", stacklevel=4)
             return None, None, None
         prepared = self.current()
         return prepared, batch.to(prepared.device), index

@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
@@ -190,10 +191,20 @@ def test_every_option_has_help_and_train_help_lists_every_key():
     proc = subprocess.run([sys.executable, "-m", "lorafuse.engine.cli", "train", "--help"], capture_output=True,
                           text=True, timeout=120)
     keys = [line.split()[0] for line in config_module.describe_keys()]
-    sections = (config_module.DataConfig, config_module.LoraConfig, config_module.TrainConfig)
-    every_key = [f for f in dataclasses.fields(config_module.Config) if f.name not in ("data", "lora", "train")] + \
-        [f for cls in sections for f in dataclasses.fields(cls)]
-    assert len(keys) == len(every_key) >= 39 and all(f"  {key} = " in proc.stdout for key in keys)
+
+    def leaves(obj, prefix=""):  # every key of the config tree, a list of small dataclasses by its item keys too
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value, f"{prefix}{f.name}.")
+                continue
+            yield prefix + f.name
+            item = typing.get_args(typing.get_type_hints(type(obj))[f.name])
+            if item and dataclasses.is_dataclass(item[0]):
+                yield from (f"{prefix}{f.name}[].{g.name}" for g in dataclasses.fields(item[0]))
+
+    assert sorted(keys) == sorted(leaves(config_module.Config())) and len(keys) >= 39
+    assert all(f"  {key} = " in proc.stdout for key in keys)
     assert "train.lr = 0.0002" in proc.stdout and "peak learning rate" in proc.stdout
 
 
