@@ -152,16 +152,31 @@ def make_example(category: str, rng: random.Random) -> dict:
 
 
 def write_dataset(out_dir: str | Path, seed: int = 0, sizes: dict | None = None) -> dict[str, Path]:
-    """train/validation/test JSONL files, categories balanced, order shuffled."""
+    """train/validation/test JSONL files, categories balanced, order shuffled. The generator reuses
+    phrasings, so a held-out ticket that nearly repeats a training one (the data gate's near-duplicate
+    test) is drawn again: the held-out splits measure what was learned, not what was seen."""
+    from ..data import Example
+    from ..data_checks import NEAR_THRESHOLD, example_parts, jaccard, normalise, shingles, words_of
+
+    def shingled(row):
+        return shingles(words_of(normalise(example_parts(Example(line=0, messages=row["messages"]))[2])))
+
     sizes = sizes or {"train": 1200, "validation": 120, "test": 240}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     names = list(CATEGORIES)
-    paths = {}
+    paths, seen = {}, []
     for split, n in sizes.items():
-        rows = [make_example(names[i % len(names)], rng) for i in range(n)]
+        rows = []
+        for i in range(n):
+            row = make_example(names[i % len(names)], rng)
+            while split != "train" and any(jaccard(shingled(row), s) >= NEAR_THRESHOLD for s in seen):
+                row = make_example(names[i % len(names)], rng)
+            rows.append(row)
         rng.shuffle(rows)
+        if split == "train":
+            seen = [shingled(r) for r in rows]
         paths[split] = out_dir / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return paths
