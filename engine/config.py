@@ -92,6 +92,7 @@ class TrainConfig:
     kernels: str = "auto"  # auto | reference: every op's PyTorch reference instead of Triton (debugging)
     checkpointing: str = "none"  # none | recompute | offload (per decoder layer; offload spares the last layer)
     memory_budget_gb: float = 0.0  # > 0: pick keep / recompute / offload per layer to fit this much GPU memory
+    parallel: str = "ddp"  # ddp: a full model per rank | fsdp: base and LoRA sharded over the ranks (FSDP2)
     progress: bool = True  # tqdm progress bar
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard | wandb | mlflow (extras)
 
@@ -114,6 +115,7 @@ _CHOICES = {
     "train.attention": ("auto", "triton", "flash_attn", "torch_varlen", "sdpa"),
     "train.kernels": ("auto", "reference"),
     "train.checkpointing": ("none", "recompute", "offload"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 
 

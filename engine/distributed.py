@@ -21,6 +21,7 @@ import torch.distributed as dist
 class DistContext:
     rank: int = 0
     world: int = 1
+    grouped: bool = False  # in a process group (torchrun, or FSDP in one process)
 
     @property
     def is_main(self) -> bool:
@@ -31,17 +32,37 @@ class DistContext:
         return self.world > 1
 
 
-def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); otherwise a single process."""
+def init_distributed(device: torch.device, process_group: bool = False) -> tuple[DistContext, torch.device]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); otherwise a single process, in a
+    process group of its own when `process_group` (FSDP needs one, even of one rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not process_group:
         return DistContext(), device
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world <= 1:
+            store = dist.HashStore()  # one process: nothing to rendezvous with
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    return DistContext(dist.get_rank(), dist.get_world_size()), device
+    return DistContext(dist.get_rank(), dist.get_world_size(), grouped=True), device
+
+
+def device_mesh(ctx: DistContext, device: torch.device):
+    """The 1-D mesh of all ranks that FSDP shards over."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (ctx.world,))
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (train.parallel: fsdp), the tensor itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -71,6 +92,14 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def all_ranks_true(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (one small all-reduce)."""
+    if not ctx.active:
+        return flag
+    falses = torch.tensor(float(not flag), device=device)
+    return all_reduce_sum(falses, ctx).item() == 0
+
+
 def shutdown(ctx: DistContext) -> None:
-    if ctx.active and dist.is_initialized():
+    if ctx.grouped and dist.is_initialized():
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ from .distributed import DistContext, all_reduce_sum
 from .forward import packed_loss
 from .packing import PackedBatch, pack
 from .prepare import PreparedModel, prepare_model
+from .step import rank_share
 
 
 @torch.no_grad()
@@ -25,7 +26,7 @@ def evaluate_loss(prepared: PreparedModel, batches: list[PackedBatch], ctx: Dist
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches[ctx.rank::ctx.world]:
+    for batch in rank_share(batches, ctx, sharded=prepared.sharded is not None):
         total += packed_loss(prepared, batch.to(device), reduction="sum").double()
     model.train(was_training)
     targets = sum(b.num_target_tokens for b in batches)

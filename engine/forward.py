@@ -97,10 +97,12 @@ def packed_hidden_states(prepared: PreparedModel, batch: PackedBatch, checkpoint
     inner = prepared.model.model
     hidden = inner.embed_tokens(batch.input_ids)  # Gemma's embedding module scales by sqrt(hidden) itself
     for i, layer in enumerate(prepared.layers):
+        # sharded (fsdp): the layer's FSDP module gathers its weights, then runs decoder_layer
+        run = prepared.sharded.layers[i] if prepared.sharded is not None else decoder_layer
         if checkpointer is None:
-            hidden = decoder_layer(hidden, layer, batch, prepared)
+            hidden = run(hidden, layer, batch, prepared)
         else:
-            hidden = checkpointer.checkpoint(i, decoder_layer, hidden, layer, batch, prepared)
+            hidden = checkpointer.checkpoint(i, run, hidden, layer, batch, prepared)
     return prepared.ops.rms_norm(hidden, inner.norm.weight, prepared.spec.eps, prepared.spec.family.norm_offset)
 
 
@@ -108,6 +110,13 @@ def packed_loss(prepared: PreparedModel, batch: PackedBatch, reduction: str = "s
                 ) -> torch.Tensor:
     """Cross-entropy over the batch's target tokens ("sum": the loop divides by the tokens of the
     whole accumulated step)."""
+    if prepared.sharded is not None:  # the FSDP root gathers the embeddings and head, then runs the loss
+        return prepared.sharded(prepared, batch, reduction, checkpointer)
+    return unsharded_loss(prepared, batch, reduction, checkpointer)
+
+
+def unsharded_loss(prepared: PreparedModel, batch: PackedBatch, reduction: str = "sum", checkpointer=None,
+                   ) -> torch.Tensor:
     hidden = packed_hidden_states(prepared, batch, checkpointer)
     head = prepared.model.lm_head
     return prepared.ops.linear_cross_entropy(hidden, head.weight, batch.labels, ignore_index=IGNORE_INDEX,

@@ -17,12 +17,15 @@ import math
 
 import torch
 
+from .distributed import local
+
 
 def weights_finite(params: list[torch.Tensor]) -> torch.Tensor:
-    """A device bool: every element of every tensor is finite (a NaN or inf anywhere makes its norm so)."""
+    """A device bool: every element of every tensor is finite (a NaN or inf anywhere makes its norm so);
+    of this rank's shards when the parameters are sharded."""
     if not params:
         return torch.ones((), dtype=torch.bool)
-    return torch.stack(torch._foreach_norm([p.detach() for p in params])).isfinite().all()
+    return torch.stack(torch._foreach_norm([local(p).detach() for p in params])).isfinite().all()
 
 
 class LastGood:
@@ -41,15 +44,16 @@ class LastGood:
     def keep(self, step: int) -> None:
         """Copy the current state: it is good, and `step` updates have been applied to it."""
         live = self.optimizer.state_dict()
-        live_tensors = [v for s in live["state"].values() for v in s.values() if torch.is_tensor(v)]
+        live_tensors = [local(v) for s in live["state"].values() for v in s.values() if torch.is_tensor(v)]
         if not self._state or [(t.shape, t.dtype, t.device) for t in live_tensors] != [
                 (t.shape, t.dtype, t.device) for t in self._state_buffers]:
             self._state = copy.deepcopy(live)  # the state's layout changed (its first step): new buffers
-            self._state_buffers = [v for s in self._state["state"].values() for v in s.values() if torch.is_tensor(v)]
+            self._state_buffers = [local(v) for s in self._state["state"].values() for v in s.values()
+                                   if torch.is_tensor(v)]
         with torch.no_grad():
             if not self._weights:
-                self._weights = [torch.empty_like(p) for p in self.params]
-            torch._foreach_copy_(self._weights, [p.detach() for p in self.params])
+                self._weights = [torch.empty_like(local(p)) for p in self.params]
+            torch._foreach_copy_(self._weights, [local(p).detach() for p in self.params])
             if live_tensors:
                 torch._foreach_copy_(self._state_buffers, live_tensors)
         for key, entry in live["state"].items():  # values that are not tensors, if an optimizer keeps any
@@ -62,7 +66,7 @@ class LastGood:
         if self.step is None:
             raise RuntimeError("no good state to restore: the run went wrong before its first update")
         with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in self.params], self._weights)
+            torch._foreach_copy_([local(p).detach() for p in self.params], self._weights)
         self.optimizer.load_state_dict(copy.deepcopy(self._state))  # a copy: the optimizer must not alias ours
         for p in self.params:
             p.grad = None
@@ -120,10 +124,8 @@ def finite_after_update(prepared, micro_batches, params: list[torch.Tensor]) -> 
     first micro-batch of the last step (a forward only)."""
     from .forward import packed_loss
 
-    if not bool(weights_finite(params)):
-        return False
     was_training = prepared.model.training
     prepared.model.eval()
-    loss = packed_loss(prepared, micro_batches[0].to(prepared.device), reduction="sum")
-    prepared.model.train(was_training)
-    return bool(torch.isfinite(loss))
+    loss = packed_loss(prepared, micro_batches[0].to(prepared.device), reduction="sum")  # every rank: sharded,
+    prepared.model.train(was_training)                                                   # they gather together
+    return bool(weights_finite(params)) and bool(torch.isfinite(loss))

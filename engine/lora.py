@@ -180,11 +180,19 @@ def adapters_disabled(model):
 
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapters in PEFT's keys, float32 on the CPU. Sharded (train.parallel: fsdp) each tensor is
+    gathered whole: a collective, so every rank calls this."""
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu", torch.float32).contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu", torch.float32).contiguous()
+        for attr in ("lora_A", "lora_B"):
+            out[f"{PEFT_PREFIX}{name}.{attr}.weight"] = _whole(getattr(m, attr)).to("cpu", torch.float32).contiguous()
     return out
+
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()
 
 
 def adapter_config(cfg: LoraConfig, base_model_path: str, target_modules: list[str]) -> dict:
@@ -208,13 +216,17 @@ def adapter_config(cfg: LoraConfig, base_model_path: str, target_modules: list[s
     }
 
 
-def save_adapter(model, cfg: LoraConfig, out_dir: str | Path, base_model_path: str) -> None:
+def save_adapter(model, cfg: LoraConfig, out_dir: str | Path, base_model_path: str, write: bool = True) -> None:
     """Write adapter_config.json and adapter_model.safetensors into out_dir. Each file is written
-    beside its final name and renamed, so a crash never leaves a half-written adapter."""
+    beside its final name and renamed, so a crash never leaves a half-written adapter. Sharded, every
+    rank calls it (the weights are gathered) and the one with write=True writes."""
+    state = adapter_state_dict(model)
+    if not write:
+        return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_tmp = out_dir / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(adapter_state_dict(model), str(weights_tmp), metadata={"format": "pt"})
+    save_file(state, str(weights_tmp), metadata={"format": "pt"})
     config_tmp = out_dir / (ADAPTER_CONFIG + ".tmp")
     # the projections that carry an adapter, in the model's own names (Phi-3: qkv_proj, not q_proj)
     targets = sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)})
@@ -258,7 +270,7 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
     if not weights_path.is_file():
         raise ValueError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
     state = load_file(str(weights_path))
-    expected = adapter_state_dict(model)
+    expected = {f"{PEFT_PREFIX}{name}.{attr}.weight" for name in lora_modules(model) for attr in ("lora_A", "lora_B")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -272,7 +284,20 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
                 raise ValueError(f"{weights_path}: {name}.{attr} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(param.shape)}")
             with torch.no_grad():
-                param.copy_(tensor)
+                _load_into(param, tensor)
+
+
+def _load_into(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, or into this rank's rows of a sharded one."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        from .sharding import shard_rows
+
+        start, end = shard_rows(param.shape[0], param.device_mesh.get_local_rank(), param.device_mesh.size())
+        param.to_local().copy_(whole[start:end])
+    else:
+        param.copy_(whole)
 
 
 def load_adapter(model, adapter_dir: str | Path) -> LoraConfig:

@@ -86,6 +86,7 @@ class PreparedModel:
     attention: Callable  # (q, k, v, cu_seqlens, max_seqlen, scale, window, softcap) -> out; attention.py
     ops: KernelOps
     device: torch.device
+    sharded: torch.nn.Module | None = None  # train.parallel: fsdp: the FSDP2 modules that run it (sharding.py)
 
 
 def prepare_model(model, *, attention: str = "auto", kernels: str = "auto",

@@ -19,7 +19,7 @@ from .activations import make_checkpointer
 from .config import Config
 from .data import encode_all, read_jsonl, split_examples
 from .data_checks import Source, gate
-from .distributed import barrier, init_distributed, shutdown
+from .distributed import all_ranks_true, barrier, device_mesh, init_distributed, local, shutdown
 from .evaluate import evaluate_loss
 from .faults import crash_point
 from .guard import CollapseWatch, LastGood, OverfitWatch, finite_after_update
@@ -53,6 +53,7 @@ from .model import (
 )
 from .packing import PackedBatch, pack
 from .prepare import prepare_model
+from .sharded_load import load_sharded
 from .step import train_step
 from .tracking import check_trackers, open_trackers
 from .train_checkpoints import (
@@ -149,18 +150,21 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def plan_steps(docs, cfg, micro_per_step: int | None = None,
-               mixture: Mixture | None = None) -> list[tuple[int, list[PackedBatch]]]:
+def plan_steps(docs, cfg, micro_per_step: int | None = None, mixture: Mixture | None = None,
+               start: tuple[int, int] = (0, 0)) -> list[tuple[int, list[PackedBatch]]]:
     """Every optimizer step of the run as (epoch, micro-batches); each epoch is re-packed with its own seed
-    (with data.mix, after this epoch's draw of the mixed-in files joins the documents).
-    A step has grad_accum micro-batches (times the number of ranks when data-parallel)."""
+    (with data.mix, after this epoch's draw of the mixed-in files joins the documents), so the order of
+    micro-batches does not depend on how many ranks run them. A step has grad_accum micro-batches (times
+    the number of ranks when data-parallel). start=(epoch, micro-batches of it done): the rest of the run
+    from there (a resumed run), cut at max_steps by the caller."""
     per_step = micro_per_step or cfg.grad_accum
     steps = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(start[0], cfg.epochs):
         epoch_docs = mixture.epoch(docs, epoch) if mixture else docs
         batches = pack(epoch_docs, cfg.max_tokens_per_step, seed=cfg.seed + epoch, shuffle=True)
-        steps += [(epoch, batches[i:i + per_step]) for i in range(0, len(batches), per_step)]
-    return steps[: cfg.max_steps] if cfg.max_steps > 0 else steps
+        first = start[1] if epoch == start[0] else 0
+        steps += [(epoch, batches[i:i + per_step]) for i in range(first, len(batches), per_step)]
+    return steps[: cfg.max_steps] if cfg.max_steps > 0 and start == (0, 0) else steps
 
 
 def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = False, force: bool = False) -> TrainResult:
@@ -169,7 +173,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     t, out = cfg.train, Path(cfg.output_dir)
     started = time.perf_counter()
     torch.manual_seed(t.seed)
-    ctx, device = init_distributed(resolve_device(t.device))
+    ctx, device = init_distributed(resolve_device(t.device), process_group=t.parallel == "fsdp")
     dtype = resolve_dtype(t.dtype, device)
     if not ctx.is_main:
         log = _quiet  # rank 0 speaks and writes for everyone
@@ -184,31 +188,45 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         check_trackers(t.report_to)
     tokenizer = load_tokenizer(cfg.model)
     docs = load_datasets(cfg, tokenizer, log)
-    identity = run_identity(cfg, ctx.world)
+    identity = run_identity(cfg)
     resume_from = find_resume_point(out, identity, resume, overwrite, force, log)
 
-    # ---- model: frozen base, LoRA adapters in float32
-    model = load_model(cfg.model, dtype, device)
-    prepared = prepare_model(model, attention=t.attention, kernels=t.kernels)
-    inject_lora(model, cfg.lora)
+    # ---- model: frozen base, LoRA adapters in float32 (fsdp: each rank loads and keeps its shards only)
+    if t.parallel == "fsdp":
+        model, prepared = load_sharded(cfg.model, dtype, device, cfg.lora, device_mesh(ctx, device),
+                                       attention=t.attention, kernels=t.kernels)
+    else:
+        model = load_model(cfg.model, dtype, device)
+        prepared = prepare_model(model, attention=t.attention, kernels=t.kernels)
+        inject_lora(model, cfg.lora)
     if cfg.lora.init_adapter:
         load_adapter_weights(model, cfg.lora.init_adapter)
         log(f"[model] LoRA weights initialised from {cfg.lora.init_adapter}")
     params = lora_parameters(model)
-    n_frozen, n_lora = count_parameters(model)
+    n_frozen, n_lora = count_parameters(prepared.sharded or model)
     log(f"[model] {model.config.model_type} {n_frozen / 1e6:.1f}M frozen + {n_lora / 1e6:.2f}M LoRA parameters "
         f"(r={cfg.lora.r}, {len(cfg.lora.target_modules)} projections per layer), {dtype}, {device}")
+    if prepared.sharded is not None:
+        held = sum(local(p).numel() * p.element_size() for p in prepared.sharded.parameters())
+        whole = sum(p.numel() * p.element_size() for p in prepared.sharded.parameters())
+        log(f"[memory] fsdp over {ctx.world} rank(s): this rank holds {held / 2**20:.1f} MiB of the "
+            f"{whole / 2**20:.1f} MiB of parameters")
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
 
     # ---- the run: where it starts, its files
-    steps = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * ctx.world, mixture=docs.get("mix"))
-    total = len(steps)
-    state = TrainerState(step=0, run_id=new_run_id(), identity=identity)
+    state = TrainerState(step=0, run_id=new_run_id(), identity=identity, ranks=ctx.world)
     if resume_from is not None:
-        state = load_checkpoint(model, optimizer, resume_from, device)
+        state = load_checkpoint(model, optimizer, resume_from, device, ctx, prepared.sharded)
         state.identity = identity  # accepted as this run's (it differs only with --force)
-        log(f"[train] resumed from {resume_from} at step {state.step}")
+        log(f"[train] resumed from {resume_from} at step {state.step}"
+            + (f" (trained on {state.ranks} rank(s), now {ctx.world})" if state.ranks != ctx.world else ""))
+    later = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * ctx.world, mixture=docs.get("mix"),
+                       start=(state.epoch, state.micro_in_epoch))
+    if t.max_steps > 0:
+        later = later[: max(0, t.max_steps - state.step)]
+    total = state.step + len(later)
+    steps = [None] * state.step + later  # steps[i] is step i; the done ones are not needed again
     barrier(ctx)  # every rank has checked the directory before rank 0 writes into it
     if ctx.is_main:
         manifest = run_manifest(cfg, identity, device, ctx.world)
@@ -216,14 +234,19 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     metrics = MetricsLog(out / "metrics.jsonl", keep_lines=state.metrics_lines,
                          trackers=open_trackers(t.report_to, out, cfg)) if ctx.is_main else None
     val_batches = pack(docs["validation"], t.max_tokens_per_step) if "validation" in docs else None
-    checkpointer = make_checkpointer(model, cfg, dtype, device, log)
+    checkpointer = make_checkpointer(model, cfg, dtype, device, log, sharded=prepared.sharded)
     last_good = LastGood(params, optimizer)
     collapse = CollapseWatch(model.config.vocab_size)
     overfit = OverfitWatch()
 
+    # where the data stands when step k starts: (epoch, its micro-batches done), kept for every step of this
+    # process so a checkpoint (of this step, or of the last good one) can say where to go on from
+    position_at = {state.step: (state.epoch, state.micro_in_epoch)}
+
     def checkpoint_now(step: int) -> Path:
-        state.step, state.metrics_lines = step, metrics.lines if metrics else 0
-        return save_checkpoint(model, cfg, optimizer, state, out) if ctx.is_main else out / f"checkpoint-{step}"
+        state.step, state.metrics_lines, state.ranks = step, metrics.lines if metrics else 0, ctx.world
+        state.epoch, state.micro_in_epoch = position_at[step]
+        return save_checkpoint(model, cfg, optimizer, state, out, ctx, prepared.sharded)
 
     def stop(kind: str, why: str, keep_last_good: bool = True):
         """Undo the update that went wrong (back to the last state whose loss was finite), save that, stop."""
@@ -271,6 +294,9 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
             for group in optimizer.param_groups:
                 group["lr"] = lr
             epoch, micro = steps[step]
+            at_epoch, done_in_epoch = position_at[step]
+            position_at[step] = (epoch, done_in_epoch if epoch == at_epoch else 0)  # a new epoch starts at 0
+            position_at[step + 1] = (epoch, position_at[step][1] + len(micro))
             step_targets = sum(b.num_target_tokens for b in micro)
             step_tokens = sum(b.num_tokens for b in micro)
             if device.type == "cuda":
@@ -312,7 +338,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
 
             # ---- validate, save, stop early
             last = step + 1 == total
-            if last and not finite_after_update(prepared, micro, params):
+            if last and not all_ranks_true(finite_after_update(prepared, micro, params), ctx, device):
                 stop("non-finite", f"step {step + 1}: the final update made the adapter evaluate non-finite")
             if val_batches and ((t.eval_every and (step + 1) % t.eval_every == 0) or last):
                 val = evaluate_loss(prepared, val_batches, ctx)
@@ -328,8 +354,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                     log_line(f"[train] warning: {warning}")
                 if val["loss"] < best:
                     best, state.best_val_loss, state.bad_evals = val["loss"], val["loss"], 0
-                    if ctx.is_main:
-                        save_adapter(model, cfg.lora, out / "best", cfg.model)
+                    save_adapter(model, cfg.lora, out / "best", cfg.model, write=ctx.is_main)
                 else:
                     state.bad_evals += 1
                     if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
@@ -350,9 +375,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     result.best_val_loss = best if math.isfinite(best) else None
 
     # ---- the end: adapter, held-out comparison, plot
-    if ctx.is_main:
-        save_adapter(model, cfg.lora, out, cfg.model)
-        log(f"[train] adapter saved to {out} (adapter_config.json, adapter_model.safetensors)")
+    save_adapter(model, cfg.lora, out, cfg.model, write=ctx.is_main)
+    log(f"[train] adapter saved to {out} (adapter_config.json, adapter_model.safetensors)")
     if "test" in docs:
         test_batches = pack(docs["test"], t.max_tokens_per_step)
         with adapters_disabled(model):

@@ -8,11 +8,14 @@ so a crash never leaves a broken one.
 
 A run's identity is what decides which steps it trains: the model, the data files (their
 contents), the data and LoRA settings, the packing (token budget, accumulation, sequence length,
-seed) and the number of ranks. A checkpoint of another identity is refused on resume, naming what
-differs. Optimisation settings (learning rate, schedule, clipping, evaluation and saving cadence,
+seed) and the parallel mode. A checkpoint of another identity is refused on resume, naming what
+differs. The number of ranks may change: a checkpoint records where the run was in the data (epoch
+and micro-batch), and the run goes on from there with its steps grouped for the ranks it has now.
+Optimisation settings (learning rate, schedule, clipping, evaluation and saving cadence,
 checkpointing mode) may change on resume: lowering the learning rate after a divergence is the
-point of resuming. OUTPUT_DIR/run.json records the identity of the run that owns the directory, and its
-manifest (manifest.py: config, data and model fingerprints, versions, device, and at the end its results).
+point of resuming. OUTPUT_DIR/run.json records the identity of the run that owns the directory, and
+its manifest (manifest.py: config, data and model fingerprints, versions, device, and at the end its
+results).
 
 Not to be confused with activation checkpointing (what backward recomputes): engine/activations/.
 """
@@ -23,14 +26,17 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from .config import Config
+from .distributed import DistContext, barrier
 from .faults import crash_point
 from .lora import load_adapter_weights, save_adapter
 
@@ -56,9 +62,12 @@ class TrainerState:
     best_val_loss: float | None = None
     bad_evals: int = 0
     metrics_lines: int = 0
+    epoch: int = 0  # where the run is in the data: the epoch, and the micro-batches of it already trained
+    micro_in_epoch: int = 0
+    ranks: int = 1  # how many ranks trained up to here
 
 
-def run_identity(cfg: Config, world: int) -> dict:
+def run_identity(cfg: Config) -> dict:
     """What makes two runs train the same steps (module docstring)."""
     files = {split: getattr(cfg.data, split) for split in ("train", "validation", "test") if getattr(cfg.data, split)}
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in (*files, "checks", "mix")}
@@ -69,7 +78,7 @@ def run_identity(cfg: Config, world: int) -> dict:
             "data_files": {split: _sha256(path) for split, path in files.items()},
             "lora": {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k != "init_adapter"},
             "train": {k: getattr(cfg.train, k) for k in IDENTITY_TRAIN_KEYS},
-            "ranks": world}
+            "parallel": cfg.train.parallel}
 
 
 def identity_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
@@ -141,7 +150,12 @@ def find_resume_point(out: Path, identity: dict, resume: bool, overwrite: bool, 
     """The checkpoint to resume from (None: start at step 0); refuses another run's checkpoint unless force."""
     if not resume:
         return None
-    checkpoint = latest_checkpoint(out)
+    checkpoint = None
+    for candidate in reversed(checkpoints(out)):
+        if read_trainer_state(candidate) is not None:
+            checkpoint = candidate
+            break
+        log(f"[train] --resume: {candidate} is incomplete (no readable {TRAINER_STATE}); skipped")
     if checkpoint is None:
         owner = read_run_file(out)
         if (found := run_artifacts(out)) and not overwrite and (owner or {}).get("identity") != identity:
@@ -150,8 +164,6 @@ def find_resume_point(out: Path, identity: dict, resume: bool, overwrite: bool, 
         log(f"[train] --resume: no checkpoint in {out}; starting from step 0")
         return None
     state = read_trainer_state(checkpoint)
-    if state is None:
-        raise RunMismatch(f"{checkpoint}: no readable {TRAINER_STATE}; not a lorafuse checkpoint")
     differences = identity_differences(state.identity, identity)
     if differences and not force:
         raise RunMismatch(f"{checkpoint} is of another run: {'; '.join(differences)}. Pass --force to resume it "
@@ -171,20 +183,39 @@ def start_run_files(out: Path, cfg: Config, state: TrainerState, fresh: bool, ma
     write_run_file(out, state.run_id, state.identity, manifest)
 
 
-def save_checkpoint(model, cfg: Config, optimizer, state: TrainerState, out: Path) -> Path:
-    """OUTPUT_DIR/checkpoint-STEP; keeps the newest CHECKPOINTS_KEPT of this run (never another run's)."""
+def save_checkpoint(model, cfg: Config, optimizer, state: TrainerState, out: Path, ctx: DistContext | None = None,
+                    sharded=None) -> Path:
+    """OUTPUT_DIR/checkpoint-STEP; keeps the newest CHECKPOINTS_KEPT of this run (never another run's).
+
+    Every rank calls it. Unsharded, rank 0 writes the adapter and the optimizer state; sharded (fsdp),
+    the adapter is gathered for rank 0 and the LoRA weights and optimizer state are written with
+    torch.distributed.checkpoint, each rank its part. Each rank keeps its RNG state. Everything goes into
+    a temporary directory that rank 0 renames once all have finished."""
+    ctx = ctx or DistContext()
     final = out / f"checkpoint-{state.step}"
     tmp = out / f".checkpoint-{state.step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, cfg.lora, tmp, cfg.model)
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(ctx)
+    save_adapter(model, cfg.lora, tmp, cfg.model, write=ctx.is_main)
     crash_point("checkpoint")
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
-    (tmp / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(state)))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    ours = [p for p in checkpoints(out) if (s := read_trainer_state(p)) is not None and s.run_id == state.run_id]
-    for old in ours[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
+    if sharded is not None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_sharded_state(sharded, optimizer), checkpoint_id=str(tmp / SHARDS))
+    elif ctx.is_main:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
+    torch.save(_rng_state(), tmp / f"rng-{ctx.rank}.pt")
+    barrier(ctx)
+    if ctx.is_main:
+        (tmp / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(state)))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        ours = [p for p in checkpoints(out) if (s := read_trainer_state(p)) is not None and s.run_id == state.run_id]
+        for old in ours[:-CHECKPOINTS_KEPT]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(ctx)
     return final
 
 
@@ -208,14 +239,67 @@ def read_trainer_state(checkpoint: Path) -> TrainerState | None:
         return None
 
 
-def load_checkpoint(model, optimizer, checkpoint: Path, device: torch.device) -> TrainerState:
-    """Restore the adapter and optimizer state of a checkpoint; returns its trainer state."""
+def load_checkpoint(model, optimizer, checkpoint: Path, device: torch.device, ctx: DistContext | None = None,
+                    sharded=None) -> TrainerState:
+    """Restore the adapter, optimizer and RNG state of a checkpoint; returns its trainer state. A sharded
+    checkpoint is read back on any number of ranks (torch.distributed.checkpoint reshards it)."""
+    ctx = ctx or DistContext()
     state = read_trainer_state(checkpoint)
     if state is None:
         raise RunMismatch(f"{checkpoint}: no readable {TRAINER_STATE}; not a lorafuse checkpoint")
-    load_adapter_weights(model, checkpoint)
-    optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_STATE, map_location=device, weights_only=True))
+    if sharded is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        wanted = _sharded_state(sharded, optimizer)
+        dcp.load(wanted, checkpoint_id=str(checkpoint / SHARDS))
+        keys = set_state_dict(sharded, optimizer, model_state_dict=wanted["lora"], optim_state_dict=wanted["optim"],
+                              options=_STATE_OPTIONS())
+        missing = sorted({n for n, p in sharded.named_parameters() if p.requires_grad} & set(keys.missing_keys))
+        if keys.unexpected_keys or missing:
+            raise RunMismatch(f"{checkpoint}: its LoRA weights do not fit the model (missing {missing[:2]}, "
+                              f"unexpected {keys.unexpected_keys[:2]})")
+    else:
+        load_adapter_weights(model, checkpoint)
+        optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_STATE, map_location=device, weights_only=True))
+    rng = checkpoint / f"rng-{ctx.rank}.pt"
+    if rng.is_file():  # the same rank of the same number of ranks: its dropout draws go on as they would have
+        _set_rng_state(torch.load(rng, weights_only=True))
     return state
+
+
+SHARDS = "shards"
+
+
+def _STATE_OPTIONS():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # the LoRA weights only (the base is read from the model directory), so loading leaves the frozen ones alone
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _sharded_state(sharded, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    lora, optim = get_state_dict(sharded, optimizer, options=_STATE_OPTIONS())
+    return {"lora": lora, "optim": optim}
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    np.random.set_state(tuple(np.asarray(x, dtype=np.uint32) if i == 1 else x
+                              for i, x in enumerate(state["numpy"])))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _sha256(path: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import local
 from .arena import HOST_SHARE, default_host_limit
 from .checkpointer import DEFAULT_MIN_OFFLOAD_BYTES, MODES, LayerCheckpointer
 
@@ -26,16 +27,18 @@ logger = logging.getLogger(__name__)
 LOSS_WORKSPACE_BYTES = 256 * 2**20  # the fused loss's chunk of logits, besides its [T, hidden] gradient
 
 
-def make_checkpointer(model, cfg, dtype: torch.dtype, device: torch.device, log) -> LayerCheckpointer | None:
+def make_checkpointer(model, cfg, dtype: torch.dtype, device: torch.device, log,
+                      sharded=None) -> LayerCheckpointer | None:
     """The run's per-layer policy: train.checkpointing for every layer, or, with train.memory_budget_gb,
-    keep / recompute / offload chosen per layer to fit the budget. None when every layer keeps all."""
+    keep / recompute / offload chosen per layer to fit the budget. None when every layer keeps all.
+    sharded: the FSDP modules of train.parallel: fsdp, whose shards are what a rank holds."""
     t = cfg.train
     if t.checkpointing == "none" and t.memory_budget_gb <= 0:
         return None
     n_layers = model.config.num_hidden_layers
     if t.memory_budget_gb > 0:
         modes = plan_for_model(model, t.memory_budget_gb * 2**30, t.max_tokens_per_step, dtype,
-                               lora_rank=cfg.lora.r, lora_projections=len(cfg.lora.target_modules))
+                               lora_rank=cfg.lora.r, lora_projections=len(cfg.lora.target_modules), sharded=sharded)
         counts = {m: modes.count(m) for m in MODES}
         log(f"[memory] budget {t.memory_budget_gb:g} GB: keep {counts['none']}, recompute {counts['recompute']}, "
             f"offload {counts['offload']} of {n_layers} layers")
@@ -50,16 +53,16 @@ def make_checkpointer(model, cfg, dtype: torch.dtype, device: torch.device, log)
 
 
 def plan_for_model(model, budget_bytes: float, tokens: int, dtype: torch.dtype, *, lora_rank: int,
-                   lora_projections: int) -> list[str]:
+                   lora_projections: int, sharded=None) -> list[str]:
     """plan_checkpointing for a loaded LoRA model: the device budget less what is not activations
     (resident_bytes: weights, LoRA state, the loss workspace)."""
     kept, layer_input = layer_bytes_per_token(model.config, dtype, lora_rank=lora_rank,
                                               lora_projections=lora_projections)
-    activations = budget_bytes - sum(resident_bytes(model, tokens, dtype).values())
+    activations = budget_bytes - sum(resident_bytes(model, tokens, dtype, sharded=sharded).values())
     return plan_checkpointing(model.config.num_hidden_layers, kept, layer_input, tokens, activations)
 
 
-def resident_bytes(model, tokens: int, dtype: torch.dtype) -> dict[str, int]:
+def resident_bytes(model, tokens: int, dtype: torch.dtype, sharded=None) -> dict[str, int]:
     """Device memory of a LoRA model's step besides the activations the layers keep: its frozen weights, the
     LoRA parameters' float32 masters, gradients and two Adam moments plus the guard's copy of masters and
     moments (guard.LastGood), and the loss workspace: the fused loss's chunk of logits (at most
@@ -67,8 +70,11 @@ def resident_bytes(model, tokens: int, dtype: torch.dtype) -> dict[str, int]:
     and their gradient."""
     c = model.config
     item = torch.empty((), dtype=dtype).element_size()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * (4 + 3)
+    params = list((sharded or model).parameters())
+    weights = sum(local(p).numel() * p.element_size() for p in params if not p.requires_grad)
+    lora = sum(local(p).numel() for p in params if p.requires_grad) * 4 * (4 + 3)
+    if sharded is not None:  # each rank's shards, and whole: the layer computing and the next one arriving
+        weights += 2 * sum(p.numel() * p.element_size() for p in sharded.layers[0].parameters())
     loss_workspace = min(LOSS_WORKSPACE_BYTES, tokens * c.vocab_size * item) + tokens * c.hidden_size * item * 2
     return {"weights": weights, "lora": lora, "loss_workspace": loss_workspace}
 

@@ -53,12 +53,12 @@ def test_run_json_says_what_the_run_was_and_how_it_ended(tiny_model_dir, tmp_pat
     assert final["tokens"] > 0 and final["seconds"] > 0
 
     # the identity still decides what --resume accepts
-    identity = run_identity(cfg, world=1)
+    identity = run_identity(cfg)
     assert read_run_file(out)["identity"] == identity
     assert find_resume_point(out, identity, resume=True, overwrite=False, force=False, log=QUIET) is None
     cfg.lora.r = 8
     with pytest.raises(RunMismatch, match="are another run's"):
-        find_resume_point(out, run_identity(cfg, world=1), resume=True, overwrite=False, force=False, log=QUIET)
+        find_resume_point(out, run_identity(cfg), resume=True, overwrite=False, force=False, log=QUIET)
 
 
 def test_a_stopped_run_says_why_in_run_json(tiny_model_dir, tmp_path, monkeypatch):
