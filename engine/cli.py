@@ -265,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except TrainingStopped as e:
         _debug_raise()
-        print(f"lorafuse: stopped: {e}", file=sys.stderr)
+        _say(f"lorafuse: stopped: {e}")
         return 3
     except TrainingInterrupted as e:
-        print(f"lorafuse: {e}; continue with: {resume_command(args)}", file=sys.stderr)
+        _say(f"lorafuse: {e}; continue with: {resume_command(args)}")
         return 130
     except (ConfigError, DataError, ModelError, RunMismatch, ValueError) as e:
         _debug_raise()
@@ -282,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorafuse: interrupted", file=sys.stderr)
         return 130
+
+
+def _say(message: str) -> None:
+    """A run's ending, told once: by rank 0 when torchrun started several ranks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 def _debug_raise() -> None:

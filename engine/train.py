@@ -59,6 +59,7 @@ from .tracking import check_trackers, open_trackers
 from .train_checkpoints import (
     TrainerState,
     check_output_dir,
+    drop_checkpoints_after,
     find_resume_point,
     finish_run_file,
     load_checkpoint,
@@ -255,7 +256,12 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         elif last_good.step is None:
             where = "nothing was saved: no step of this run had a finite loss before it"
         else:
-            where = f"the adapter of the last good step is in {checkpoint_now(last_good.restore())}"
+            good = last_good.restore()
+            where = f"the adapter of the last good step is in {checkpoint_now(good)}"
+            # checkpoints saved since hold weights the bad update made (a huge but finite update shows only
+            # at the next step): --resume must not pick them
+            if ctx.is_main and (dropped := drop_checkpoints_after(out, good, state.run_id)):
+                where += f" (removed {', '.join(p.name for p in dropped)}: saved after the update that went wrong)"
         if metrics:
             metrics.write({"step": step + 1, "stopped": kind, "reason": why})
         finish(f"stopped: {kind}")

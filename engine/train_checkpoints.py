@@ -219,6 +219,15 @@ def save_checkpoint(model, cfg: Config, optimizer, state: TrainerState, out: Pat
     return final
 
 
+def drop_checkpoints_after(out: Path, step: int, run_id: str) -> list[Path]:
+    """Remove this run's checkpoints of steps after `step` (they hold what a bad update made); returns them."""
+    dropped = [p for p in checkpoints(out) if int(p.name.split("-", 1)[1]) > step
+               and (s := read_trainer_state(p)) is not None and s.run_id == run_id]
+    for path in dropped:
+        shutil.rmtree(path, ignore_errors=True)
+    return dropped
+
+
 def checkpoints(out: Path) -> list[Path]:
     """checkpoint-STEP directories, oldest first."""
     found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]

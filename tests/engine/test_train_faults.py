@@ -248,3 +248,12 @@ def test_crashes_at_random_points_resume_to_the_same_adapter(tiny_model_dir, fil
     assert [r["step"] for r in read_metrics(crashed / "metrics.jsonl")] == list(range(1, 9))
     assert json.loads((crashed / "run.json").read_text())["run_id"] == read_trainer_state(
         crashed / "checkpoint-7").run_id
+
+
+def test_checkpoints_saved_after_the_bad_update_are_removed(tiny_model_dir, files, tmp_path):
+    """A huge but finite update shows only at the next step, after checkpoint-1 was written from it: that
+    checkpoint goes, so --resume finds the restored one."""
+    out = tmp_path / "out"
+    with pytest.raises(TrainingStopped, match=r"checkpoint-0 \(removed checkpoint-1: saved after the update"):
+        train(tiny_train_config(tiny_model_dir, {"train": files["train"]}, out, lr=1e20, save_every=1), log=QUIET)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0"]
