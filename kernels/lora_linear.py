@@ -34,6 +34,11 @@ Saved for backward: x and U only (plus the parameters). U carries the scale, so 
 Not handled here: LoRA dropout > 0 (the low-rank branch then sees another input than the base);
 the engine runs plain PyTorch ops for that case and these kernels for dropout 0.
 
+A frozen weight may be an nf4.NF4Weight (QLoRA): each Function dequantizes it (nf4.py's kernel) into a
+dense buffer right before the GEMMs that read it, in forward and again in backward, and keeps only the
+NF4 weight for backward; the buffer is freed after its GEMMs (the MLP holds one of its two weights at a
+time), so the caching allocator hands the same memory to the next layer.
+
 Tiling of the kernel: output tiles [BLOCK_M, BLOCK_N] in grouped (GROUP_M) order for L2 reuse of
 the x row block; the low-rank product E F is accumulated first (before the main loop, so its
 loads overlap the pipeline's prologue instead of trailing it), then the main loop over K in
@@ -54,18 +59,29 @@ import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
 from ._launch import aot_spec, count, dot_precision, empty_output, launch
+from .nf4 import dense_weight, is_nf4, nf4_linear_reference
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
 
 # ----------------------------------------------------------------------------- PyTorch references
 
 
+def _base_reference(x, weight, bias=None):
+    """x W^T + bias; an NF4 weight is dequantized per call (and in backward), never kept dense."""
+    return nf4_linear_reference(x, weight, bias) if is_nf4(weight) else F.linear(x, weight, bias)
+
+
 def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
-    """Plain PyTorch: the definition above, differentiated by autograd."""
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_a), lora_b)
+    """Plain PyTorch: the definition above, differentiated by autograd (lora_a None: the frozen linear)."""
+    base = _base_reference(x, weight, bias)
+    return base if lora_a is None else base + scaling * F.linear(F.linear(x, lora_a), lora_b)
 
 
 def lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None):
     """Each projection of the stacked weight on its own: y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T."""
+    if is_nf4(weight):  # one dequantized base product, split
+        bases = _base_reference(x, weight, bias).split(list(out_splits), -1)
+        return tuple(y if a is None else y + s * F.linear(F.linear(x, a), b)
+                     for y, a, b, s in zip(bases, lora_as, lora_bs, scalings, strict=True))
     weights = weight.split(list(out_splits), 0)
     biases = bias.split(list(out_splits), 0) if bias is not None else [None] * len(out_splits)
     outs = []
@@ -80,8 +96,6 @@ def lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up
     gate, up = lora_linear_group_reference(x, gate_up_weight, [gate_a, up_a], [gate_b, up_b],
                                            [gate_scaling, up_scaling], [inter, inter])
     h = GLU_REFERENCES[check_activation(activation)](gate, up)
-    if down_a is None:
-        return F.linear(h, down_weight)
     return lora_linear_reference(h, down_weight, down_a, down_b, down_scaling)
 
 
@@ -426,6 +440,7 @@ def _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, scale, need_d
         _mm(v, segs, b_stack, (b_stack.stride(0), b_stack.stride(1)), scale=scale, skinny=True)
     if need_dx and segs:
         lowrank = (v, a_stack, (a_stack.stride(0), a_stack.stride(1))) if v is not None else None
+        assert weight is not None
         _mm(dx, segs, weight, (weight.stride(0), weight.stride(1)), lowrank=lowrank)
     if v is not None and any(need_ab):
         da_stack = v.t() @ x2d
@@ -460,9 +475,10 @@ class LoraGroupFunction(torch.autograd.Function):
         scale = _scale_vector(plan.ranks, plan.scalings, x.device) if a_stack is not None else None
         n_total = sum(plan.splits)
         out = empty_output((*x.shape[:-1], n_total), x.dtype, x.device)
-        u = _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out.view(-1, n_total))
+        u = _lowrank_forward(x2d, dense_weight(weight, x.dtype), bias, a_stack, b_stack, scale, out.view(-1, n_total))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2d, weight, a_stack, b_stack, u)
+        ctx.nf4 = weight if is_nf4(weight) else None  # dequantized again in backward, not kept dense
+        ctx.save_for_backward(x2d, None if ctx.nf4 is not None else weight, a_stack, b_stack, u)
         ctx.plan, ctx.scale, ctx.x_shape = plan, scale, x.shape
         if len(plan.splits) == 1:
             return out
@@ -475,6 +491,8 @@ class LoraGroupFunction(torch.autograd.Function):
         dys = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         needs = ctx.needs_input_grad
         need_ab = [needs[4 + 2 * i] or needs[5 + 2 * i] for i in range(len(plan.splits))]
+        if ctx.nf4 is not None:
+            weight = dense_weight(ctx.nf4, x2d.dtype) if needs[0] else None
         dx, dw, dbias, das, dbs = _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, ctx.scale,
                                                     needs[0], needs[1], needs[2], need_ab)
         if dx is not None:
@@ -495,13 +513,18 @@ class LoraMLPFunction(torch.autograd.Function):
         a_gu, b_gu = _stack_adapters(plan_gu, [gate_a, up_a], [gate_b, up_b])
         scale_gu = _scale_vector(plan_gu.ranks, plan_gu.scalings, x.device) if a_gu is not None else None
         gu = empty_output((T, 2 * inter), x.dtype, x.device)
-        u_gu = _lowrank_forward(x2d, gate_up_weight, None, a_gu, b_gu, scale_gu, gu)
+        u_gu = _lowrank_forward(x2d, dense_weight(gate_up_weight, x.dtype), None, a_gu, b_gu, scale_gu, gu)
         h = glu_forward_triton(gu[:, :inter], gu[:, inter:], out=empty_output((T, inter), x.dtype, x.device),
                                activation=activation)
         scale_d = _scale_vector(plan_down.ranks, plan_down.scalings, x.device) if down_a is not None else None
         out = empty_output((*x.shape[:-1], hidden), x.dtype, x.device)
-        u_d = _lowrank_forward(h, down_weight, None, down_a, down_b, scale_d, out.view(-1, hidden))
-        ctx.save_for_backward(x2d, gate_up_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
+        u_d = _lowrank_forward(h, dense_weight(down_weight, x.dtype), None, down_a, down_b, scale_d,
+                               out.view(-1, hidden))
+        # NF4 weights are dequantized again in backward, one at a time; dense ones are saved
+        weights = (gate_up_weight, down_weight)
+        ctx.nf4 = tuple(w if is_nf4(w) else None for w in weights)
+        saved = [None if is_nf4(w) else w for w in weights]
+        ctx.save_for_backward(x2d, *saved, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
         ctx.plan_gu, ctx.scales, ctx.x_shape, ctx.activation = plan_gu, (scale_gu, scale_d), x.shape, activation
         return out
 
@@ -510,6 +533,8 @@ class LoraMLPFunction(torch.autograd.Function):
         x2d, gu_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d = ctx.saved_tensors
         plan_gu, (scale_gu, scale_d) = ctx.plan_gu, ctx.scales
         needs = ctx.needs_input_grad
+        if ctx.nf4[1] is not None:
+            down_weight = dense_weight(ctx.nf4[1], x2d.dtype)
         inter = down_weight.shape[1]
         T = x2d.shape[0]
         dy = dy.reshape(-1, dy.shape[-1])
@@ -533,6 +558,9 @@ class LoraMLPFunction(torch.autograd.Function):
         if needs[2]:
             d_down_w = dy.t() @ h
 
+        del down_weight  # before the gate/up weight is dequantized: one dense weight at a time
+        if ctx.nf4[0] is not None:
+            gu_weight = dense_weight(ctx.nf4[0], x2d.dtype) if needs[0] else None
         dys = [dgu[:, :inter], dgu[:, inter:]]
         need_ab = [needs[5] or needs[6], needs[7] or needs[8]]
         dx, d_gu_w, _, das, dbs = _lowrank_backward(plan_gu, dys, x2d, gu_weight, a_gu, b_gu, u_gu, scale_gu,
@@ -546,7 +574,7 @@ class LoraMLPFunction(torch.autograd.Function):
 
 
 def _cast(t, dtype):
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+    return t if t is None or is_nf4(t) or t.dtype == dtype else t.to(dtype)  # NF4: dequantized to dtype
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -578,7 +606,8 @@ def _check_adapter(name, a, b, n_out, n_in):
 def lora_linear(x, weight, lora_a, lora_b, scaling: float, bias=None):
     """y = x @ weight.T + bias + scaling * (x @ lora_a.T) @ lora_b.T (see module docstring).
 
-    x [..., in] (any strides); weight [out, in]; lora_a [r, in]; lora_b [out, r]; bias [out] or None.
+    x [..., in] (any strides); weight [out, in], a tensor or an nf4.NF4Weight (frozen); lora_a [r, in];
+    lora_b [out, r] (both None: the frozen linear alone); bias [out] or None.
     Differentiable in x, lora_a, lora_b, and in weight / bias when they require grad.
     """
     if not use_triton(x):
