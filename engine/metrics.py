@@ -58,7 +58,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def matmul_parameters(model) -> int:
     """Weights that multiply every token: each nn.Linear's (LoRA's frozen base included; lm_head too)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, LoraLinear)))
+    from .quantize import NF4Linear
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, LoraLinear, NF4Linear)))
 
 
 def training_flops(n_matmul: int, n_lora: int, tokens: int, attention_flops: float = 0.0) -> float:

@@ -53,6 +53,7 @@ from .model import (
 )
 from .packing import PackedBatch, pack
 from .prepare import prepare_model
+from .quantize import describe_weights, frozen_weight_bytes
 from .step import train_step
 from .tracking import check_trackers, open_trackers
 from .train_checkpoints import (
@@ -188,7 +189,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     resume_from = find_resume_point(out, identity, resume, overwrite, force, log)
 
     # ---- model: frozen base, LoRA adapters in float32
-    model = load_model(cfg.model, dtype, device)
+    model = load_model(cfg.model, dtype, device, quantize=cfg.quantize)
     prepared = prepare_model(model, attention=t.attention, kernels=t.kernels)
     inject_lora(model, cfg.lora)
     if cfg.lora.init_adapter:
@@ -196,8 +197,10 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         log(f"[model] LoRA weights initialised from {cfg.lora.init_adapter}")
     params = lora_parameters(model)
     n_frozen, n_lora = count_parameters(model)
+    weight_bytes = frozen_weight_bytes(model)
     log(f"[model] {model.config.model_type} {n_frozen / 1e6:.1f}M frozen + {n_lora / 1e6:.2f}M LoRA parameters "
-        f"(r={cfg.lora.r}, {len(cfg.lora.target_modules)} projections per layer), {dtype}, {device}")
+        f"(r={cfg.lora.r}, {len(cfg.lora.target_modules)} projections per layer), {dtype}, {device}, "
+        f"{describe_weights(model, dtype)}")
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
 
@@ -294,7 +297,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
             dt = time.perf_counter() - t0
             record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
                       "grad_norm": norm_value, "tokens": step_tokens, "target_tokens": step_targets,
-                      "tokens_per_s": step_tokens / dt}
+                      "tokens_per_s": step_tokens / dt, "frozen_weight_bytes": weight_bytes}
             if device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # this rank's
                 lengths = [n for b in micro for n in b.doc_lengths]

@@ -214,10 +214,12 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
 
 def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain PyTorch: the dense weight [out, in] in dtype (default w.dtype)."""
-    n = w.numel()
-    codes = torch.stack([w.packed >> 4, w.packed & 15], 1).view(-1)[:n].long()
-    scale = block_absmax(w).repeat_interleave(w.blocksize)[:n]
-    return (w.code[codes] * scale).to(dtype or w.dtype).view(w.shape)
+    n, blocks = w.numel(), w.absmax.numel()
+    byte = torch.arange(256, device=w.device)
+    pairs = torch.stack([w.code[byte >> 4], w.code[byte & 15]], 1)  # the two values of each byte, high nibble first
+    values = F.pad(pairs[w.packed.long()].view(-1), (0, blocks * w.blocksize - 2 * w.packed.numel()))
+    values = values.view(blocks, w.blocksize) * block_absmax(w)[:, None]
+    return values.view(-1)[:n].to(dtype or w.dtype).view(w.shape)
 
 
 def stack_nf4(parts: list[NF4Weight]) -> NF4Weight | None:

@@ -60,14 +60,18 @@ def plan_for_model(model, budget_bytes: float, tokens: int, dtype: torch.dtype, 
 
 
 def resident_bytes(model, tokens: int, dtype: torch.dtype) -> dict[str, int]:
-    """Device memory of a LoRA model's step besides the activations the layers keep: its frozen weights, the
+    """Device memory of a LoRA model's step besides the activations the layers keep: its frozen weights (NF4 ones
+    as stored, with the dense buffer one of them is dequantized into), the
     LoRA parameters' float32 masters, gradients and two Adam moments plus the guard's copy of masters and
     moments (guard.LastGood), and the loss workspace: the fused loss's chunk of logits (at most
     LOSS_WORKSPACE_BYTES, never more than all T x vocab of them) and the [T, hidden] normalised hidden states
     and their gradient."""
     c = model.config
     item = torch.empty((), dtype=dtype).element_size()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    from ..quantize import dequantize_workspace_bytes, frozen_weight_bytes
+
+    # NF4 weights as stored, plus the dense copy of the largest one while its GEMMs run
+    weights = frozen_weight_bytes(model) + dequantize_workspace_bytes(model, dtype)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * (4 + 3)
     loss_workspace = min(LOSS_WORKSPACE_BYTES, tokens * c.vocab_size * item) + tokens * c.hidden_size * item * 2
     return {"weights": weights, "lora": lora, "loss_workspace": loss_workspace}
