@@ -34,10 +34,11 @@ Saved for backward: x and U only (plus the parameters). U carries the scale, so 
 Not handled here: LoRA dropout > 0 (the low-rank branch then sees another input than the base);
 the engine runs plain PyTorch ops for that case and these kernels for dropout 0.
 
-A frozen weight may be an nf4.NF4Weight (QLoRA): each Function dequantizes it (nf4.py's kernel) into a
-dense buffer right before the GEMMs that read it, in forward and again in backward, and keeps only the
-NF4 weight for backward; the buffer is freed after its GEMMs (the MLP holds one of its two weights at a
-time), so the caching allocator hands the same memory to the next layer.
+A frozen weight may be an nf4.NF4Weight (QLoRA): it is dequantized (nf4.py's kernel) into a dense buffer
+right before the GEMM that reads it, in forward and again in backward, and only the NF4 weight is kept for
+backward; the buffer is freed after its GEMM (one dense weight at a time), so the caching allocator hands
+the same memory to the next one. With LORAFUSE_NF4_GEMM=fused, x W^T and dY W read the NF4 weight in their
+tiles instead (nf4.nf4_matmul), no dense copy at all; the MLP's dH GEMM (GLU epilogue) always dequantizes.
 
 Tiling of the kernel: output tiles [BLOCK_M, BLOCK_N] in grouped (GROUP_M) order for L2 reuse of
 the x row block; the low-rank product E F is accumulated first (before the main loop, so its
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
 from ._launch import aot_spec, count, dot_precision, empty_output, launch
-from .nf4 import dense_weight, is_nf4, nf4_linear_reference
+from .nf4 import dense_weight, gemm_mode, is_nf4, nf4_linear_reference, nf4_matmul
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
 
 # ----------------------------------------------------------------------------- PyTorch references
@@ -390,13 +391,23 @@ def _stack_adapters(plan: _Plan, lora_as, lora_bs):
     return a_stack, torch.block_diag(*blocks)
 
 
+def _fused_nf4(weight) -> bool:
+    """Whether this GEMM reads the NF4 weight in its tiles (LORAFUSE_NF4_GEMM=fused) instead of a dequantized copy."""
+    return is_nf4(weight) and weight.nested and gemm_mode() == "fused"
+
+
 def _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out):
-    """out = x W^T + bias + U B^T with U = x A^T diag(s); returns U (None without adapters)."""
+    """out = x W^T + bias + U B^T with U = x A^T diag(s); returns U (None without adapters). An NF4 weight is
+    dequantized here, for this GEMM only (or read by the fused NF4 GEMM)."""
     u = None
     if a_stack is not None:
         u = empty_output((x2d.shape[0], a_stack.shape[0]), x2d.dtype, x2d.device)
         _mm(u, [(x2d, 0)], a_stack, (a_stack.stride(1), a_stack.stride(0)), scale=scale, skinny=True)
     lowrank = (u, b_stack, (b_stack.stride(1), b_stack.stride(0))) if u is not None else None
+    if _fused_nf4(weight):
+        nf4_matmul(out, x2d, weight, transpose=True, bias=bias, lowrank=lowrank)
+        return u
+    weight = dense_weight(weight, x2d.dtype)
     _mm(out, [(x2d, 0)], weight, (weight.stride(1), weight.stride(0)), bias=bias, lowrank=lowrank)
     return u
 
@@ -440,15 +451,21 @@ def _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, scale, need_d
         _mm(v, segs, b_stack, (b_stack.stride(0), b_stack.stride(1)), scale=scale, skinny=True)
     if need_dx and segs:
         lowrank = (v, a_stack, (a_stack.stride(0), a_stack.stride(1))) if v is not None else None
-        assert weight is not None
-        _mm(dx, segs, weight, (weight.stride(0), weight.stride(1)), lowrank=lowrank)
+        if _fused_nf4(weight):  # one dY: the fused GEMM reads a single segment
+            dy_all = segs[0][0] if len(segs) == 1 and segs[0][1] == 0 and segs[0][0].shape[1] == weight.shape[0] \
+                else torch.cat([dy if dy is not None else x2d.new_zeros(T, n) for dy, n in zip(dys, plan.splits,
+                                                                                               strict=True)], 1)
+            nf4_matmul(dx, dy_all, weight, transpose=False, lowrank=lowrank)
+        else:
+            weight = dense_weight(weight, x2d.dtype)
+            _mm(dx, segs, weight, (weight.stride(0), weight.stride(1)), lowrank=lowrank)
     if v is not None and any(need_ab):
         da_stack = v.t() @ x2d
     for i, (n, r, r_off) in enumerate(zip(plan.splits, plan.ranks, plan.r_offsets, strict=True)):
         if r and need_ab[i]:
             das[i] = da_stack[r_off:r_off + r] if v is not None else x2d.new_zeros(r, K)
             dbs[i] = dys[i].t() @ u[:, r_off:r_off + r] if dys[i] is not None else x2d.new_zeros(n, r)
-    if need_dw:
+    if need_dw:  # a dense weight that trains (never an NF4 one)
         dw = torch.empty_like(weight)
         for dy, off, n in zip(dys, plan.offsets, plan.splits, strict=True):
             if dy is None:
@@ -475,7 +492,7 @@ class LoraGroupFunction(torch.autograd.Function):
         scale = _scale_vector(plan.ranks, plan.scalings, x.device) if a_stack is not None else None
         n_total = sum(plan.splits)
         out = empty_output((*x.shape[:-1], n_total), x.dtype, x.device)
-        u = _lowrank_forward(x2d, dense_weight(weight, x.dtype), bias, a_stack, b_stack, scale, out.view(-1, n_total))
+        u = _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out.view(-1, n_total))
         ctx.set_materialize_grads(False)
         ctx.nf4 = weight if is_nf4(weight) else None  # dequantized again in backward, not kept dense
         ctx.save_for_backward(x2d, None if ctx.nf4 is not None else weight, a_stack, b_stack, u)
@@ -492,7 +509,7 @@ class LoraGroupFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         need_ab = [needs[4 + 2 * i] or needs[5 + 2 * i] for i in range(len(plan.splits))]
         if ctx.nf4 is not None:
-            weight = dense_weight(ctx.nf4, x2d.dtype) if needs[0] else None
+            weight = ctx.nf4
         dx, dw, dbias, das, dbs = _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, ctx.scale,
                                                     needs[0], needs[1], needs[2], need_ab)
         if dx is not None:
@@ -513,13 +530,12 @@ class LoraMLPFunction(torch.autograd.Function):
         a_gu, b_gu = _stack_adapters(plan_gu, [gate_a, up_a], [gate_b, up_b])
         scale_gu = _scale_vector(plan_gu.ranks, plan_gu.scalings, x.device) if a_gu is not None else None
         gu = empty_output((T, 2 * inter), x.dtype, x.device)
-        u_gu = _lowrank_forward(x2d, dense_weight(gate_up_weight, x.dtype), None, a_gu, b_gu, scale_gu, gu)
+        u_gu = _lowrank_forward(x2d, gate_up_weight, None, a_gu, b_gu, scale_gu, gu)
         h = glu_forward_triton(gu[:, :inter], gu[:, inter:], out=empty_output((T, inter), x.dtype, x.device),
                                activation=activation)
         scale_d = _scale_vector(plan_down.ranks, plan_down.scalings, x.device) if down_a is not None else None
         out = empty_output((*x.shape[:-1], hidden), x.dtype, x.device)
-        u_d = _lowrank_forward(h, dense_weight(down_weight, x.dtype), None, down_a, down_b, scale_d,
-                               out.view(-1, hidden))
+        u_d = _lowrank_forward(h, down_weight, None, down_a, down_b, scale_d, out.view(-1, hidden))
         # NF4 weights are dequantized again in backward, one at a time; dense ones are saved
         weights = (gate_up_weight, down_weight)
         ctx.nf4 = tuple(w if is_nf4(w) else None for w in weights)
@@ -533,7 +549,7 @@ class LoraMLPFunction(torch.autograd.Function):
         x2d, gu_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d = ctx.saved_tensors
         plan_gu, (scale_gu, scale_d) = ctx.plan_gu, ctx.scales
         needs = ctx.needs_input_grad
-        if ctx.nf4[1] is not None:
+        if ctx.nf4[1] is not None:  # the dH GEMM with the GLU epilogue reads a dense weight, in both NF4 modes
             down_weight = dense_weight(ctx.nf4[1], x2d.dtype)
         inter = down_weight.shape[1]
         T = x2d.shape[0]
@@ -560,7 +576,7 @@ class LoraMLPFunction(torch.autograd.Function):
 
         del down_weight  # before the gate/up weight is dequantized: one dense weight at a time
         if ctx.nf4[0] is not None:
-            gu_weight = dense_weight(ctx.nf4[0], x2d.dtype) if needs[0] else None
+            gu_weight = ctx.nf4[0]
         dys = [dgu[:, :inter], dgu[:, inter:]]
         need_ab = [needs[5] or needs[6], needs[7] or needs[8]]
         dx, d_gu_w, _, das, dbs = _lowrank_backward(plan_gu, dys, x2d, gu_weight, a_gu, b_gu, u_gu, scale_gu,

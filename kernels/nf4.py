@@ -39,6 +39,7 @@ values of each byte are joined and stored as one contiguous run. Memory-bound: 0
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -294,7 +295,142 @@ if HAVE_TRITON:
     AOT_SPECS = _aot_specs()
 
 
+    # ------------------------------------------------------------------------- the fused variant: NF4 in the GEMM
+
+    @triton.jit
+    def _nf4_values(packed_ptr, absmax_ptr, nested_absmax_ptr, offsets_ptr, code_ptr, nested_code_ptr, elem,
+                    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+        """float32 values of a double-quantized NF4 weight at the flat indices `elem` (any shape), computed as
+        the dequantize kernel computes them."""
+        packed = tl.load(packed_ptr + (elem >> 1))
+        nibble = tl.where((elem & 1) == 0, packed >> 4, packed & 15).to(tl.int32)
+        block = elem // BLOCKSIZE
+        group = block // NESTED_BLOCKSIZE
+        scale = tl.load(nested_code_ptr + tl.load(absmax_ptr + block).to(tl.int32)) * tl.load(nested_absmax_ptr + group)
+        scale = scale + tl.load(offsets_ptr + group)
+        return tl.load(code_ptr + nibble) * scale
+
+    @triton.jit
+    def _nf4_mm_kernel(
+        a_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, offsets_ptr, code_ptr, nested_code_ptr, c_ptr, bias_ptr,
+        e_ptr, f_ptr, M, N, K, R, stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_em,
+        stride_er, stride_fr, stride_fn,
+        HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCKSIZE: tl.constexpr,
+        NESTED_BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """C[M, N] = A[M, K] @ W'[K, N] (+ E[M, R] @ F[R, N]) (+ bias[n]), W'[k, n] the NF4 weight's value at flat
+        index k * stride_wk + n * stride_wn: x W^T with strides (1, in), dY W with (in, 1). Each W' tile is
+        dequantized in registers, cast to A's dtype (the values the dequantize kernel would have stored) and fed
+        to tl.dot; nothing dense is written. Tiles in grouped (GROUP_M) order; rows and columns of the loads
+        wrap (modulo M, N), the K tail is masked."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pids_per_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // pids_per_group) * GROUP_M
+        group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+        pid_n = (pid % pids_per_group) // group_rows
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (offs_m % M).to(tl.int64)
+        cols = (offs_n % N).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_LOWRANK:
+            offs_r = tl.arange(0, BLOCK_R)
+            for r0 in range(0, R, BLOCK_R):
+                r_ok = (r0 + offs_r) < R
+                e = tl.load(e_ptr + rows[:, None] * stride_em + (r0 + offs_r)[None, :] * stride_er,
+                            mask=r_ok[None, :], other=0.0)
+                f = tl.load(f_ptr + (r0 + offs_r)[:, None] * stride_fr + cols[None, :] * stride_fn,
+                            mask=r_ok[:, None], other=0.0)
+                acc = tl.dot(e, f, acc, input_precision=DOT_PRECISION)
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < K
+            a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+            elem = (k % K).to(tl.int64)[:, None] * stride_wk + cols[None, :] * stride_wn  # wraps: masked below
+            w = _nf4_values(packed_ptr, absmax_ptr, nested_absmax_ptr, offsets_ptr, code_ptr, nested_code_ptr, elem,
+                            BLOCKSIZE, NESTED_BLOCKSIZE)
+            w = tl.where(k_ok[:, None], w, 0.0).to(a.dtype)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        col_ok = offs_n < N
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & col_ok[None, :])
+
+    def _mm_config(bm, bn, bk, stages, warps):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
+                             num_warps=warps)
+
+    # Few pipeline stages: each stage buffers the tile's gathered codes and absmax in shared memory too (three
+    # stages of 128 x 128 x 64 need 290 KB on sm_90; these need 32-115 KB, so they fit sm_80 as well).
+    MM_CONFIGS = [_mm_config(128, 128, 32, 2, 8), _mm_config(128, 128, 64, 1, 8), _mm_config(128, 64, 64, 2, 4),
+                  _mm_config(64, 64, 32, 2, 4), _mm_config(32, 64, 64, 2, 4)]
+    _tuned_mm = triton.autotune(configs=MM_CONFIGS, key=["N", "K", "R", "stride_wk", "HAS_LOWRANK"])(_nf4_mm_kernel)
+    INTERPRETER_MM = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+    def _aot_mm_specs():
+        specs = []
+        for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+            for unit in ("stride_wk", "stride_wn"):  # x W^T (forward) and dY W (dX)
+                consts = {unit: 1, "stride_ak": 1, "stride_cn": 1, "HAS_BIAS": False, "HAS_LOWRANK": True,
+                          "DOT_PRECISION": precision, "BLOCKSIZE": BLOCKSIZE, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
+                          "BLOCK_R": 16}
+                config = MM_CONFIGS[0] if dtype == "bf16" else MM_CONFIGS[-1]
+                spec = aot_spec(_nf4_mm_kernel, dtype, consts, types={**_AOT_TYPES, "absmax_ptr": "*u8"},
+                                config=config)
+                specs.append(spec._replace(options={**spec.options, "enable_fp_fusion": False}))
+        return specs
+
+    AOT_SPECS = AOT_SPECS + _aot_mm_specs()
+
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GEMM_MODES = ("dequantize", "fused")
+
+
+def gemm_mode() -> str:
+    """How the LoRA kernels multiply by an NF4 weight (LORAFUSE_NF4_GEMM): "dequantize" (the default: the dequantize
+    kernel writes the dense weight, the GEMM reads it) or "fused" (nf4_matmul dequantizes each tile in the GEMM)."""
+    mode = os.environ.get("LORAFUSE_NF4_GEMM", "dequantize")
+    if mode not in GEMM_MODES:
+        raise ValueError(f"LORAFUSE_NF4_GEMM must be one of {', '.join(GEMM_MODES)}; got {mode!r}")
+    return mode
+
+
+def nf4_matmul(out, a, w: NF4Weight, *, transpose: bool, bias=None, lowrank=None):
+    """out[M, N] = a @ W^T (transpose, N = out features) or a @ W (N = in features), + E @ F (lowrank: (E [M, R], F,
+    (stride_fr, stride_fn))) + bias, with W's tiles dequantized inside the GEMM (double-quantized NF4 only)."""
+    from ._launch import dot_precision
+
+    assert w.nested, "the fused NF4 GEMM reads double-quantized weights"
+    count("nf4_matmul")
+    M, N = out.shape
+    K = a.shape[1]
+    if M == 0 or N == 0:
+        return out
+    stride_wk, stride_wn = (1, w.shape[1]) if transpose else (w.shape[1], 1)
+    if lowrank is not None:
+        e, f, (stride_fr, stride_fn) = lowrank
+        R = e.shape[1]
+    else:
+        e, f, stride_fr, stride_fn, R = out, out, 0, 0, 0
+    args = (a, w.packed, w.absmax, w.nested_absmax, w.offsets, w.code, w.nested_code, out,
+            bias if bias is not None else out, e, f, M, N, K, R, a.stride(0), a.stride(1), stride_wk, stride_wn,
+            out.stride(0), out.stride(1), e.stride(0), e.stride(1), stride_fr, stride_fn)
+    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=R > 0, DOT_PRECISION=dot_precision(out.dtype),
+                 BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize,
+                 BLOCK_R=min(64, max(16, 1 << max(R - 1, 0).bit_length())))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    launch(_nf4_mm_kernel, _tuned_mm, grid, *args, interpreted=INTERPRETER_MM, enable_fp_fusion=False, **flags)
+    return out
 
 
 def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:

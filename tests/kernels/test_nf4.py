@@ -258,8 +258,9 @@ def _no_dense_weight_saved(fn, weight_shape):
     return out
 
 
-def _check(op, run, inputs64, weight_shapes, dtype):
-    """run(inputs, dense) in dtype on NF4 weights (Triton) against float64 on the dequantized weights."""
+def _check(op, run, inputs64, weight_shapes, dtype, nf4_op="dequantize_nf4"):
+    """run(inputs, dense) in dtype on NF4 weights (Triton) against float64 on the dequantized weights; nf4_op is
+    the kernel that reads the NF4 weight (dequantize_nf4, or nf4_matmul with LORAFUSE_NF4_GEMM=fused)."""
     ref_out = run(inputs64, True)
     dys = [torch.randn(o.shape).to(dtype).double() for o in ref_out]
     leaves = [t for t in inputs64.values() if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -267,7 +268,7 @@ def _check(op, run, inputs64, weight_shapes, dtype):
     low = {k: v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v
            for k, v in inputs64.items()}
     low_leaves = [low[k] for k, v in inputs64.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    with expect_triton(op), expect_triton("dequantize_nf4", at_least=2):  # forward, and again in backward
+    with expect_triton(op), expect_triton(nf4_op, at_least=2):  # forward, and again in backward
         outs = _no_dense_weight_saved(lambda: run(low, False), weight_shapes[0])
         grads = torch.autograd.grad(outs, low_leaves, [d.to(dtype) for d in dys])
     for i, (o, r) in enumerate(zip(outs, ref_out, strict=True)):
@@ -283,10 +284,15 @@ def _weights(shapes):
     return qs, [nf4.dequantize_nf4_reference(q, torch.float64) for q in qs]
 
 
+MODES = [("dequantize", "dequantize_nf4"), ("fused", "nf4_matmul")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rank", [0, 3])
-def test_lora_linear_on_an_nf4_weight(monkeypatch, dtype, rank):
+@pytest.mark.parametrize("mode,nf4_op", MODES)
+def test_lora_linear_on_an_nf4_weight(monkeypatch, dtype, rank, mode, nf4_op):
     poison_outputs(monkeypatch)
+    monkeypatch.setenv("LORAFUSE_NF4_GEMM", mode)
     T, K, N = 33, 70, 45
     (q,), (dense,) = _weights([(N, K)])
     inputs = dict(x=_rand(T, K, dtype=dtype), bias=_rand(N, dtype=dtype))
@@ -297,12 +303,14 @@ def test_lora_linear_on_an_nf4_weight(monkeypatch, dtype, rank):
         fn = lora_module.lora_linear_reference if dense_path else lora_module.lora_linear
         return (fn(t["x"], dense if dense_path else q, t.get("a"), t.get("b"), 2.0, t["bias"]),)
 
-    _check("lora_linear", run, inputs, [(N, K)], dtype)
+    _check("lora_linear", run, inputs, [(N, K)], dtype, nf4_op)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_lora_linear_group_on_a_stacked_nf4_weight(monkeypatch, dtype):
+@pytest.mark.parametrize("mode,nf4_op", MODES)
+def test_lora_linear_group_on_a_stacked_nf4_weight(monkeypatch, dtype, mode, nf4_op):
     poison_outputs(monkeypatch)
+    monkeypatch.setenv("LORAFUSE_NF4_GEMM", mode)
     T, K, splits, ranks = 21, 64, (256, 256, 64), (2, 0, 3)  # parts of 16384 values: they stack
     qs, denses = _weights([(n, K) for n in splits])
     stacked = nf4.stack_nf4(qs)
@@ -320,12 +328,14 @@ def test_lora_linear_group_on_a_stacked_nf4_weight(monkeypatch, dtype):
         fn = lora_module.lora_linear_group_reference if dense_path else lora_module.lora_linear_group
         return fn(t["x"], dense if dense_path else stacked, lora_as, lora_bs, [2.0, 1.0, 0.5], splits)
 
-    _check("lora_linear_group", run, inputs, [(sum(splits), K)], dtype)
+    _check("lora_linear_group", run, inputs, [(sum(splits), K)], dtype, nf4_op)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_lora_mlp_on_nf4_weights(monkeypatch, dtype):
+@pytest.mark.parametrize("mode,nf4_op", MODES)
+def test_lora_mlp_on_nf4_weights(monkeypatch, dtype, mode, nf4_op):
     poison_outputs(monkeypatch)
+    monkeypatch.setenv("LORAFUSE_NF4_GEMM", mode)
     T, H, I = 17, 48, 40
     (gate_up, down), (gate_up64, down64) = _weights([(2 * I, H), (H, I)])
     inputs = dict(x=_rand(T, H, dtype=dtype), ga=_rand(2, H, dtype=dtype, scale=H ** -0.5),
@@ -337,7 +347,7 @@ def test_lora_mlp_on_nf4_weights(monkeypatch, dtype):
         gu, dn = (gate_up64, down64) if dense_path else (gate_up, down)
         return (fn(t["x"], gu, t["ga"], t["gb"], 2.0, None, None, 0.0, dn, t["da"], t["db"], 1.5),)
 
-    _check("lora_mlp", run, inputs, [(2 * I, H)], dtype)
+    _check("lora_mlp", run, inputs, [(2 * I, H)], dtype, nf4_op)
 
 
 def test_the_reference_path_keeps_no_dense_weight_either():
@@ -347,3 +357,21 @@ def test_the_reference_path_keeps_no_dense_weight_either():
     (dx,) = torch.autograd.grad(y.sum(), [x])
     dense = nf4.dequantize_nf4_reference(q, torch.float32)
     assert torch.allclose(y, x @ dense.T) and torch.allclose(dx, torch.ones(9, 40) @ dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_the_fused_nf4_gemm_equals_dequantize_then_matmul(monkeypatch, dtype, transpose):
+    poison_outputs(monkeypatch)
+    M, out_f, in_f = 33, 45, 70
+    q = nf4.quantize_nf4(torch.randn(out_f, in_f))
+    dense = nf4.dequantize_nf4_reference(q, torch.float64)
+    K, N = (in_f, out_f) if transpose else (out_f, in_f)
+    a = torch.randn(M, K).to(dtype)
+    e, f = torch.randn(M, 5).to(dtype), torch.randn(5, N).to(dtype)
+    bias = torch.randn(N).to(dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    with expect_triton("nf4_matmul"):
+        nf4.nf4_matmul(out, a, q, transpose=transpose, bias=bias, lowrank=(e, f, (f.stride(0), f.stride(1))))
+    ref = a.double() @ (dense.T if transpose else dense) + e.double() @ f.double() + bias.double()
+    assert_close(out, ref, dtype)
