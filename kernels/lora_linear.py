@@ -108,6 +108,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from ._gemm import grouped_tile, lowrank_tile
     from .swiglu import ACTIVATIONS, _glu_terms
 
     @triton.jit
@@ -146,32 +147,13 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        # GROUP_M row blocks sweep the columns together, so their x rows stay in L2.
-        pids_per_group = GROUP_M * num_pid_n
-        first_pid_m = (pid // pids_per_group) * GROUP_M
-        group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-        pid_n = (pid % pids_per_group) // group_rows
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # Loads wrap instead of masking rows and columns: the extra rows/columns are never stored.
-        rows_a = (offs_m % M).to(tl.int64)
-        cols_b = (offs_n % N).to(tl.int64)
+        # GROUP_M row blocks sweep the columns together (x rows stay in L2); loads wrap at M and N (rows_a, cols_b)
+        offs_m, offs_n, rows_a, cols_b = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
         if HAS_LOWRANK:
-            offs_r = tl.arange(0, BLOCK_R)
-            for r0 in range(0, R, BLOCK_R):
-                r_ok = (r0 + offs_r) < R
-                e_tile = tl.load(e_ptr + rows_a[:, None] * stride_em + (r0 + offs_r)[None, :] * stride_er,
-                                 mask=r_ok[None, :], other=0.0)
-                f_tile = tl.load(f_ptr + (r0 + offs_r)[:, None] * stride_fr + cols_b[None, :] * stride_fn,
-                                 mask=r_ok[:, None], other=0.0)
-                acc = tl.dot(e_tile, f_tile, acc, input_precision=DOT_PRECISION)
+            acc = lowrank_tile(acc, e_ptr, stride_em, stride_er, f_ptr, stride_fr, stride_fn, rows_a, cols_b, R,
+                               BLOCK_R, DOT_PRECISION)
 
         b_cols = cols_b * stride_bn
         acc = _accumulate_segment(acc, a0_ptr, stride_a0m, stride_a0k, b_ptr, stride_bk, b_off0, K0, rows_a,

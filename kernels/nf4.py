@@ -255,6 +255,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from ._gemm import grouped_tile, lowrank_tile
+
     @triton.jit
     def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, offsets_ptr, code_ptr, nested_code_ptr,
                                out_ptr, n_elements, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
@@ -324,28 +326,11 @@ if HAVE_TRITON:
         dequantized in registers, cast to A's dtype (the values the dequantize kernel would have stored) and fed
         to tl.dot; nothing dense is written. Tiles in grouped (GROUP_M) order; rows and columns of the loads
         wrap (modulo M, N), the K tail is masked."""
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        pids_per_group = GROUP_M * num_pid_n
-        first_pid_m = (pid // pids_per_group) * GROUP_M
-        group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-        pid_n = (pid % pids_per_group) // group_rows
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = (offs_m % M).to(tl.int64)
-        cols = (offs_n % N).to(tl.int64)
+        offs_m, offs_n, rows, cols = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_LOWRANK:
-            offs_r = tl.arange(0, BLOCK_R)
-            for r0 in range(0, R, BLOCK_R):
-                r_ok = (r0 + offs_r) < R
-                e = tl.load(e_ptr + rows[:, None] * stride_em + (r0 + offs_r)[None, :] * stride_er,
-                            mask=r_ok[None, :], other=0.0)
-                f = tl.load(f_ptr + (r0 + offs_r)[:, None] * stride_fr + cols[None, :] * stride_fn,
-                            mask=r_ok[:, None], other=0.0)
-                acc = tl.dot(e, f, acc, input_precision=DOT_PRECISION)
+            acc = lowrank_tile(acc, e_ptr, stride_em, stride_er, f_ptr, stride_fr, stride_fn, rows, cols, R, BLOCK_R,
+                               DOT_PRECISION)
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k

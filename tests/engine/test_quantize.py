@@ -19,7 +19,7 @@ from lorafuse.engine.quantize import (
 )
 from lorafuse.kernels.nf4 import NF4Weight, dequantize_nf4_reference, quantize_nf4
 
-from engine_utils import QUIET, tiny_train_config, write_ticket_files
+from engine_utils import QUIET, llama_8b_dir, tiny_train_config, write_ticket_files
 
 CPU = torch.device("cpu")
 # Frozen bytes of the NF4 model over those of the same model in bfloat16; the model below is projections for
@@ -290,12 +290,7 @@ def test_plan_of_an_8b_model_in_nf4(tmp_path, tiny_model_dir):
     """Llama-3.1-8B's shapes from its config alone: projections in NF4, embeddings and lm_head in bf16."""
     from lorafuse.engine.plan import make_plan
 
-    model_dir = tmp_path / "llama-8b"
-    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
-    config = json.loads((model_dir / "config.json").read_text())
-    config.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, head_dim=128, vocab_size=128256)
-    (model_dir / "config.json").write_text(json.dumps(config))
+    model_dir = llama_8b_dir(tiny_model_dir, tmp_path / "llama-8b")
     files = write_ticket_files(tmp_path, sizes=(("train", 60),))
     base = {"model": str(model_dir), "output_dir": str(tmp_path / "out"), "data": {"train": str(files["train"])},
             "train": {"max_tokens_per_step": 8192}}
