@@ -66,7 +66,7 @@ def cmd_eval(args) -> int:
         _writable_file(args.json)
     result = evaluate(args.model, args.data, args.adapter, generate=args.generate, max_seq_len=args.max_seq_len,
                       max_new_tokens=args.max_new_tokens, skip_invalid=args.skip_invalid, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, quantize=args.quantize)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -140,7 +140,7 @@ def cmd_plan(args) -> int:
 def cmd_merge(args) -> int:
     from .merge import merge
 
-    n = merge(args.model, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    n = merge(args.model, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite, quantize=args.quantize)
     print(f"merged {n} adapted projections into {args.out}")
     return 0
 
@@ -152,8 +152,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+QUANTIZE_HELP = ("nf4: the base's projections in 4-bit NF4, as a QLoRA run (config key quantize) trained the "
+                 "adapter (a directory bitsandbytes quantized to NF4 is read as such either way)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_MAX_SEQ_LEN, describe_keys
+    from .config import DEFAULT_MAX_SEQ_LEN, QUANTIZE, describe_keys
     from .gpus import GPUS
 
     dtypes = ["auto", "bfloat16", "float16", "float32"]
@@ -190,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (a GPU if there is one) | cpu | cuda | cuda:N")
     e.add_argument("--dtype", default="auto", choices=dtypes, help="auto: bfloat16 on GPU, float32 on CPU")
     e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--quantize", default="none", choices=QUANTIZE, help=QUANTIZE_HELP)
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("data", help="data tools", description="Data tools: `lorafuse data check FILE`.")
@@ -242,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=dtypes, help="auto: the dtype the base model was saved in")
     m.add_argument("--overwrite", action="store_true",
                    help="allow --out to exist, or to be (or lie inside) the base model directory")
+    m.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help=QUANTIZE_HELP + "; merging writes them dequantized, as a plain HF model")
     m.set_defaults(fn=cmd_merge)
 
     demo = sub.add_parser("demo", help="build a small model locally, fine-tune it on support tickets, compare",

@@ -20,6 +20,7 @@ import yaml
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_MAX_SEQ_LEN = 1024  # train, eval and data check share it
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to (tracking.py)
+QUANTIZE = ("none", "nf4")  # quantize (quantize.py)
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,7 @@ class TrainConfig:
 @dataclass
 class Config:
     model: str = ""  # local HuggingFace model directory (config.json, *.safetensors, tokenizer files)
+    quantize: str = "none"  # none | nf4: the decoder's frozen projections in 4-bit NF4 (QLoRA, bitsandbytes' format)
     output_dir: str = "runs/lorafuse"  # adapter, checkpoints, metrics.jsonl, loss.png
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -193,6 +195,11 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"config key '{path}' must be one of {', '.join(choices)}; got {value!r}")
+    if cfg.quantize not in QUANTIZE:
+        raise ConfigError(f"config key 'quantize' must be one of {', '.join(QUANTIZE)}; got {cfg.quantize!r}")
+    if cfg.quantize != "none" and cfg.train.parallel == "fsdp":
+        raise ConfigError("config keys 'quantize: nf4' and 'train.parallel: fsdp' do not combine yet (FSDP would "
+                          "shard the packed 4-bit bytes, not weights); use train.parallel=ddp for QLoRA")
     t, lo = cfg.train, cfg.lora
     positive = {"lora.r": lo.r, "train.max_tokens_per_step": t.max_tokens_per_step,
                 "train.max_seq_len": t.max_seq_len, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,

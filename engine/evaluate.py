@@ -74,10 +74,11 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 def evaluate(model: str, data: str, adapter: str | None = None, *, generate: bool = False,
              max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_new_tokens: int = 32, skip_invalid: bool = False,
-             device: str = "auto", dtype: str = "auto", log=print) -> dict:
+             device: str = "auto", dtype: str = "auto", quantize: str = "none", log=print) -> dict:
     """Loss and perplexity of a local model directory (with a PEFT-format adapter, if given) on the target tokens
     of a JSONL file, as training counts them; with generate, also greedy answers and their exact match.
-    Returns what `lorafuse eval --json` writes: model, adapter, data, loss, ppl, target_tokens[, exact_match]."""
+    Returns what `lorafuse eval --json` writes: model, adapter, data, loss, ppl, target_tokens[, exact_match].
+    quantize "nf4": the base's projections in NF4, as QLoRA trained the adapter (quantize.py)."""
     from .lora import load_adapter, read_adapter_config
     from .model import check_supported, load_model, load_tokenizer, resolve_device, resolve_dtype
 
@@ -89,7 +90,7 @@ def evaluate(model: str, data: str, adapter: str | None = None, *, generate: boo
     examples, _ = read_jsonl(data, "skip" if skip_invalid else "stop")
     docs, enc = encode_all(tokenizer, examples, max_seq_len, "truncate", "assistant", data)
     log(f"[data] {data}: {enc.summary(max_seq_len)}")
-    hf_model = load_model(model, resolve_dtype(dtype, where), where)
+    hf_model = load_model(model, resolve_dtype(dtype, where), where, quantize=quantize)
     lora = load_adapter(hf_model, adapter) if adapter else None
     result = {"model": model, "adapter": adapter, "data": data}
     result.update(evaluate_loss(prepare_model(hf_model, stack_projections=False), pack(docs, max(max_seq_len, 4096))))

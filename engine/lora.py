@@ -28,10 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lorafuse.kernels.nf4 import dequantize_nf4, is_nf4
+
 from .config import LoraConfig
 from .faults import crash_point
 from .ops import TRITON, KernelOps
 from .peft_lora import peft_adapter
+from .quantize import NF4Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -103,11 +106,18 @@ def lora_projections(x: torch.Tensor, projs, stacked=None, ops: KernelOps = TRIT
 def _project(proj, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
     lora_a, lora_b, scaling = adapter_args(proj, x)
     if lora_a is None:
-        return F.linear(x, proj.weight, proj.bias)
+        return _frozen(proj, x, ops)
     if not fusable(proj):  # plain ops, as PEFT computes it
         low_rank = F.linear(F.linear(F.dropout(x, active_adapter(proj)[3], training=True), lora_a), lora_b)
-        return F.linear(x, proj.weight, proj.bias) + scaling * low_rank
+        return _frozen(proj, x, ops) + scaling * low_rank
     return ops.lora_linear(x, proj.weight, lora_a, lora_b, scaling, proj.bias)
+
+
+def _frozen(proj, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+    """x W^T + b of the frozen base alone; an NF4 weight (QLoRA) runs our kernels, which dequantize it per call."""
+    if is_nf4(proj.weight):
+        return ops.lora_linear(x, proj.weight, None, None, 0.0, proj.bias)
+    return F.linear(x, proj.weight, proj.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +155,7 @@ def inject_lora(model, cfg: LoraConfig) -> list[str]:
     names = []
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in targets and isinstance(module, nn.Linear):
+        if leaf in targets and isinstance(module, (nn.Linear, NF4Linear)):  # NF4Linear: QLoRA (quantize.py)
             parent = model.get_submodule(name.rsplit(".", 1)[0])
             setattr(parent, leaf, LoraLinear(module, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
             names.append(name)
@@ -309,14 +319,16 @@ def load_adapter(model, adapter_dir: str | Path) -> LoraConfig:
 
 
 def merge_lora(model) -> int:
-    """Fold every adapter into its base weight (W += s B A) and put plain nn.Linear layers back."""
+    """Fold every adapter into its base weight (W += s B A; an NF4 base dequantized first, in float32) and put
+    plain nn.Linear layers back."""
     merged = 0
     for name, m in list(lora_modules(model).items()):
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                            device=m.weight.device, dtype=m.weight.dtype)
         with torch.no_grad():
             delta = m.scaling * (m.lora_B.float() @ m.lora_A.float())
-            linear.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
+            base = dequantize_nf4(m.weight, torch.float32) if is_nf4(m.weight) else m.weight.float()
+            linear.weight.copy_((base + delta).to(m.weight.dtype))
             if m.bias is not None:
                 linear.bias.copy_(m.bias)
         linear.requires_grad_(False)

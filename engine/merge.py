@@ -12,12 +12,15 @@ import torch
 
 from .lora import load_adapter, merge_lora, read_adapter_config
 from .model import ModelError, check_supported, load_model, load_tokenizer
+from .quantize import dequantize_model
 
 
 def merge(model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str = "auto",
-          overwrite: bool = False) -> int:
+          overwrite: bool = False, quantize: str = "none") -> int:
     """Fold `adapter` into the model directory `model` and write the merged model with its tokenizer to `out`;
     returns the number of merged projections. dtype "auto" keeps the dtype the base model was saved in.
+    quantize "nf4" (an adapter trained with QLoRA) or a base that bitsandbytes quantized: the adapters fold into
+    the dequantized NF4 weights the adapter was trained on, and every projection is written dense.
     Refuses (ModelError) to write over the base model, or into a non-empty `out`, unless overwrite."""
     saved = check_supported(model)
     read_adapter_config(adapter)
@@ -29,9 +32,10 @@ def merge(model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise ModelError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     name = dtype if dtype != "auto" else saved.get("dtype") or saved.get("torch_dtype") or "float32"
-    hf_model = load_model(model, getattr(torch, name), torch.device("cpu"))
+    hf_model = load_model(model, getattr(torch, name), torch.device("cpu"), quantize=quantize)
     load_adapter(hf_model, adapter)
     n = merge_lora(hf_model)
+    dequantize_model(hf_model)  # the projections without adapter: a normal HF directory has no NF4 in it
     target.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place: a crash leaves the old directory or the new one, whole.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.merging-", dir=target.parent))

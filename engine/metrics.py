@@ -58,8 +58,11 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def matmul_parameters(model) -> int:
     """Weights that multiply every token: each nn.Linear's (LoRA's frozen base included; lm_head too)."""
+    from .quantize import NF4Linear
+
     # from the shapes: a sharded (fsdp) model's projections hold no weight between calls
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (torch.nn.Linear, LoraLinear)))
+    kinds = (torch.nn.Linear, LoraLinear, NF4Linear)
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, kinds))
 
 
 def training_flops(n_matmul: int, n_lora: int, tokens: int, attention_flops: float = 0.0) -> float:

@@ -85,6 +85,9 @@ def check_supported(path: str | Path, weights: bool = True) -> dict:
     if weights and not list(Path(path).glob("*.safetensors")):
         raise ModelError(f"{path}: no *.safetensors weights (lorafuse does not load pickled .bin weights; "
                          "convert them with safetensors first)")
+    from .quantize import checkpoint_quantization
+
+    checkpoint_quantization(raw, path)  # bitsandbytes NF4, or plain weights; any other quantization is refused
     stock = family.hf_class
     custom = [a for a in raw.get("architectures") or [] if a != stock]
     if raw.get("auto_map") and custom:
@@ -131,13 +134,18 @@ def load_tokenizer(path: str | Path):
         raise ModelError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device):
-    """The HF model with every weight frozen, in `dtype`, on `device`."""
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, quantize: str = "none"):
+    """The HF model with every weight frozen, in `dtype`, on `device`. quantize "nf4", or a checkpoint that
+    bitsandbytes quantized to NF4: the projections in NF4, read tensor by tensor (quantize.py)."""
     from transformers import AutoModelForCausalLM
+
+    from .quantize import check_quantize, checkpoint_quantization, load_quantized
 
     raw = check_supported(path)
     # HF's SDPA path ignores attention-logit softcapping (Gemma 2): its eager path computes the model exactly
     attention = "eager" if raw.get("attn_logit_softcapping") else "sdpa"
+    if check_quantize(quantize) != "none" or checkpoint_quantization(raw, path):
+        return load_quantized(path, raw, dtype, device, quantize, attention)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation=attention)
     model.to(device)
@@ -160,7 +168,9 @@ def layer_window(config, layer: int) -> int | None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(frozen, trainable) parameter counts, embeddings included in frozen."""
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    """(frozen, trainable) parameter counts, embeddings and NF4 weights (their values) included in frozen."""
+    from .quantize import quantized_numel
+
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + quantized_numel(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return frozen, trainable

@@ -40,6 +40,7 @@ from .activations.planner import (
 from .config import Config
 from .gpus import Gpu, gpu_spec
 from .metrics import causal_attention_flops, matmul_parameters, training_flops
+from .model import count_parameters
 
 GIB = 2**30
 HEADROOM_BYTES = 1 * GIB  # CUDA context and cuBLAS workspaces: on the GPU, not in torch's count
@@ -100,15 +101,23 @@ def largest_tokens_that_fit(fits, low: int, high: int = SEARCHED_UP_TO) -> int |
 
 
 def meta_model(cfg: Config, dtype: torch.dtype):
-    """The model of cfg.model with its LoRA adapters, on the meta device: every shape, no memory, no weights."""
+    """The model of cfg.model with its LoRA adapters, on the meta device: every shape, no memory, no weights (with
+    quantize: nf4, or a bitsandbytes NF4 checkpoint, its projections as NF4 buffers of the sizes a load gives)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .lora import inject_lora
+    from .model import read_config
+    from .quantize import checkpoint_quantization, quantize_meta
 
     config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+    stored = checkpoint_quantization(read_config(cfg.model), cfg.model)
+    if hasattr(config, "quantization_config"):  # counted below as NF4; HF would want bitsandbytes for it
+        del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.requires_grad_(False)
+    if cfg.quantize == "nf4" or stored:
+        quantize_meta(model)
     inject_lora(model, cfg.lora)
     return model
 
@@ -184,8 +193,7 @@ def make_plan(cfg: Config, gpu: str = "H100", gpus: int = 1, price_per_hour: flo
     steps = plan_steps(docs["train"], t, micro_per_step=t.grad_accum * gpus, mixture=docs.get("mix"))
     dtype = torch.bfloat16 if t.dtype == "auto" else getattr(torch, t.dtype)
     model = meta_model(cfg, dtype)
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for p in model.parameters()) - n_lora
+    n_frozen, n_lora = count_parameters(model)
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     plan: dict = {"gpu": gpu.upper(), "gpus": gpus, "dtype": str(dtype).removeprefix("torch."),

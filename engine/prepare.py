@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafuse.kernels.nf4 import is_nf4, stack_nf4
+
 from .attention import attention_function, sdpa_attention
 from .model import ACTIVATIONS, SUPPORTED, Family, ModelError, layer_window
 from .ops import KernelOps, kernel_ops
@@ -123,16 +125,30 @@ def _stack(block, names: tuple[str, ...]) -> Stacked | None:
     mods = [getattr(block, n) for n in names]
     if any(m.bias is None for m in mods) and any(m.bias is not None for m in mods):
         return None
+    quantized = [is_nf4(m.weight) for m in mods]
+    if any(quantized):  # QLoRA: one NF4Weight whose buffers the parts' become views of, when their blocks line up
+        weight = stack_nf4([m.weight for m in mods]) if all(quantized) else None
+        if weight is None:
+            return None
+        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+        _share(mods, None, bias)
+        return Stacked(weight, bias)
     weight = torch.cat([m.weight.detach() for m in mods])
     bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+    _share(mods, weight, bias)
+    return Stacked(weight, bias)
+
+
+def _share(mods, weight, bias) -> None:
+    """Make the projections' weights (unless None) and biases views of the stacked ones."""
     start = 0
     for m in mods:
         end = start + m.out_features
         # The same Parameter objects, their data now views of the stack, so whatever refers to them still
         # does (a PEFT layer's base_layer; patch.py's unpatch gives them their own storage back).
         base = getattr(m, "base_layer", m)
-        base.weight.data = weight[start:end]
+        if weight is not None:
+            base.weight.data = weight[start:end]
         if bias is not None:
             base.bias.data = bias[start:end]
         start = end
-    return Stacked(weight, bias)

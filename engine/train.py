@@ -53,6 +53,7 @@ from .model import (
 )
 from .packing import PackedBatch, pack
 from .prepare import prepare_model
+from .quantize import describe_weights, frozen_weight_bytes
 from .sharded_load import load_sharded
 from .step import train_step
 from .tracking import check_trackers, open_trackers
@@ -192,12 +193,13 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     identity = run_identity(cfg)
     resume_from = find_resume_point(out, identity, resume, overwrite, force, log)
 
-    # ---- model: frozen base, LoRA adapters in float32 (fsdp: each rank loads and keeps its shards only)
+    # ---- model: frozen base (NF4 with quantize: nf4), LoRA adapters in float32 (fsdp: each rank loads and keeps
+    # its shards only)
     if t.parallel == "fsdp":
         model, prepared = load_sharded(cfg.model, dtype, device, cfg.lora, device_mesh(ctx, device),
                                        attention=t.attention, kernels=t.kernels)
     else:
-        model = load_model(cfg.model, dtype, device)
+        model = load_model(cfg.model, dtype, device, quantize=cfg.quantize)
         prepared = prepare_model(model, attention=t.attention, kernels=t.kernels)
         inject_lora(model, cfg.lora)
     if cfg.lora.init_adapter:
@@ -205,13 +207,16 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         log(f"[model] LoRA weights initialised from {cfg.lora.init_adapter}")
     params = lora_parameters(model)
     n_frozen, n_lora = count_parameters(prepared.sharded or model)
+    if prepared.sharded is None:
+        weight_bytes, weights = frozen_weight_bytes(model), describe_weights(model, dtype)
+    else:
+        frozen = [p for p in prepared.sharded.parameters() if not p.requires_grad]
+        weight_bytes = sum(p.numel() * p.element_size() for p in frozen)
+        held = sum(local(p).numel() * p.element_size() for p in frozen)
+        weights = f"fsdp over {ctx.world} rank(s): this rank holds {held / 2**20:.1f} MiB of the " \
+                  f"{weight_bytes / 2**20:.1f} MiB of frozen weights"
     log(f"[model] {model.config.model_type} {n_frozen / 1e6:.1f}M frozen + {n_lora / 1e6:.2f}M LoRA parameters "
-        f"(r={cfg.lora.r}, {len(cfg.lora.target_modules)} projections per layer), {dtype}, {device}")
-    if prepared.sharded is not None:
-        held = sum(local(p).numel() * p.element_size() for p in prepared.sharded.parameters())
-        whole = sum(p.numel() * p.element_size() for p in prepared.sharded.parameters())
-        log(f"[memory] fsdp over {ctx.world} rank(s): this rank holds {held / 2**20:.1f} MiB of the "
-            f"{whole / 2**20:.1f} MiB of parameters")
+        f"(r={cfg.lora.r}, {len(cfg.lora.target_modules)} projections per layer), {dtype}, {device}, {weights}")
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
 
@@ -326,7 +331,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
             dt = time.perf_counter() - t0
             record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
                       "grad_norm": norm_value, "tokens": step_tokens, "target_tokens": step_targets,
-                      "tokens_per_s": step_tokens / dt}
+                      "tokens_per_s": step_tokens / dt, "frozen_weight_bytes": weight_bytes}
             if device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # this rank's
                 lengths = [n for b in micro for n in b.doc_lengths]

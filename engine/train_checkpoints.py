@@ -74,7 +74,8 @@ def run_identity(cfg: Config) -> dict:
     if cfg.data.mix:  # the files by content, below; absent without mixing, as before data.mix existed
         data["mix"] = [m.fraction for m in cfg.data.mix]
         files.update({f"mix[{i}]": m.path for i, m in enumerate(cfg.data.mix)})
-    return {"model": str(Path(cfg.model).resolve()), "data": data,
+    quantized = {"quantize": cfg.quantize} if cfg.quantize != "none" else {}  # absent unquantized, as before
+    return {"model": str(Path(cfg.model).resolve()), **quantized, "data": data,
             "data_files": {split: _sha256(path) for split, path in files.items()},
             "lora": {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k != "init_adapter"},
             "train": {k: getattr(cfg.train, k) for k in IDENTITY_TRAIN_KEYS},

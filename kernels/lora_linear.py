@@ -34,6 +34,12 @@ Saved for backward: x and U only (plus the parameters). U carries the scale, so 
 Not handled here: LoRA dropout > 0 (the low-rank branch then sees another input than the base);
 the engine runs plain PyTorch ops for that case and these kernels for dropout 0.
 
+A frozen weight may be an nf4.NF4Weight (QLoRA): it is dequantized (nf4.py's kernel) into a dense buffer
+right before the GEMM that reads it, in forward and again in backward, and only the NF4 weight is kept for
+backward; the buffer is freed after its GEMM (one dense weight at a time), so the caching allocator hands
+the same memory to the next one. With LORAFUSE_NF4_GEMM=fused, x W^T and dY W read the NF4 weight in their
+tiles instead (nf4.nf4_matmul), no dense copy at all; the MLP's dH GEMM (GLU epilogue) always dequantizes.
+
 Tiling of the kernel: output tiles [BLOCK_M, BLOCK_N] in grouped (GROUP_M) order for L2 reuse of
 the x row block; the low-rank product E F is accumulated first (before the main loop, so its
 loads overlap the pipeline's prologue instead of trailing it), then the main loop over K in
@@ -54,18 +60,29 @@ import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
 from ._launch import aot_spec, count, dot_precision, empty_output, launch
+from .nf4 import dense_weight, gemm_mode, is_nf4, nf4_linear_reference, nf4_matmul
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
 
 # ----------------------------------------------------------------------------- PyTorch references
 
 
+def _base_reference(x, weight, bias=None):
+    """x W^T + bias; an NF4 weight is dequantized per call (and in backward), never kept dense."""
+    return nf4_linear_reference(x, weight, bias) if is_nf4(weight) else F.linear(x, weight, bias)
+
+
 def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
-    """Plain PyTorch: the definition above, differentiated by autograd."""
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_a), lora_b)
+    """Plain PyTorch: the definition above, differentiated by autograd (lora_a None: the frozen linear)."""
+    base = _base_reference(x, weight, bias)
+    return base if lora_a is None else base + scaling * F.linear(F.linear(x, lora_a), lora_b)
 
 
 def lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None):
     """Each projection of the stacked weight on its own: y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T."""
+    if is_nf4(weight):  # one dequantized base product, split
+        bases = _base_reference(x, weight, bias).split(list(out_splits), -1)
+        return tuple(y if a is None else y + s * F.linear(F.linear(x, a), b)
+                     for y, a, b, s in zip(bases, lora_as, lora_bs, scalings, strict=True))
     weights = weight.split(list(out_splits), 0)
     biases = bias.split(list(out_splits), 0) if bias is not None else [None] * len(out_splits)
     outs = []
@@ -80,8 +97,6 @@ def lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up
     gate, up = lora_linear_group_reference(x, gate_up_weight, [gate_a, up_a], [gate_b, up_b],
                                            [gate_scaling, up_scaling], [inter, inter])
     h = GLU_REFERENCES[check_activation(activation)](gate, up)
-    if down_a is None:
-        return F.linear(h, down_weight)
     return lora_linear_reference(h, down_weight, down_a, down_b, down_scaling)
 
 
@@ -93,6 +108,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from ._gemm import grouped_tile, lowrank_tile
     from .swiglu import ACTIVATIONS, _glu_terms
 
     @triton.jit
@@ -131,32 +147,13 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        # GROUP_M row blocks sweep the columns together, so their x rows stay in L2.
-        pids_per_group = GROUP_M * num_pid_n
-        first_pid_m = (pid // pids_per_group) * GROUP_M
-        group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-        pid_n = (pid % pids_per_group) // group_rows
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # Loads wrap instead of masking rows and columns: the extra rows/columns are never stored.
-        rows_a = (offs_m % M).to(tl.int64)
-        cols_b = (offs_n % N).to(tl.int64)
+        # GROUP_M row blocks sweep the columns together (x rows stay in L2); loads wrap at M and N (rows_a, cols_b)
+        offs_m, offs_n, rows_a, cols_b = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
         if HAS_LOWRANK:
-            offs_r = tl.arange(0, BLOCK_R)
-            for r0 in range(0, R, BLOCK_R):
-                r_ok = (r0 + offs_r) < R
-                e_tile = tl.load(e_ptr + rows_a[:, None] * stride_em + (r0 + offs_r)[None, :] * stride_er,
-                                 mask=r_ok[None, :], other=0.0)
-                f_tile = tl.load(f_ptr + (r0 + offs_r)[:, None] * stride_fr + cols_b[None, :] * stride_fn,
-                                 mask=r_ok[:, None], other=0.0)
-                acc = tl.dot(e_tile, f_tile, acc, input_precision=DOT_PRECISION)
+            acc = lowrank_tile(acc, e_ptr, stride_em, stride_er, f_ptr, stride_fr, stride_fn, rows_a, cols_b, R,
+                               BLOCK_R, DOT_PRECISION)
 
         b_cols = cols_b * stride_bn
         acc = _accumulate_segment(acc, a0_ptr, stride_a0m, stride_a0k, b_ptr, stride_bk, b_off0, K0, rows_a,
@@ -376,13 +373,23 @@ def _stack_adapters(plan: _Plan, lora_as, lora_bs):
     return a_stack, torch.block_diag(*blocks)
 
 
+def _fused_nf4(weight) -> bool:
+    """Whether this GEMM reads the NF4 weight in its tiles (LORAFUSE_NF4_GEMM=fused) instead of a dequantized copy."""
+    return is_nf4(weight) and weight.nested and gemm_mode() == "fused"
+
+
 def _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out):
-    """out = x W^T + bias + U B^T with U = x A^T diag(s); returns U (None without adapters)."""
+    """out = x W^T + bias + U B^T with U = x A^T diag(s); returns U (None without adapters). An NF4 weight is
+    dequantized here, for this GEMM only (or read by the fused NF4 GEMM)."""
     u = None
     if a_stack is not None:
         u = empty_output((x2d.shape[0], a_stack.shape[0]), x2d.dtype, x2d.device)
         _mm(u, [(x2d, 0)], a_stack, (a_stack.stride(1), a_stack.stride(0)), scale=scale, skinny=True)
     lowrank = (u, b_stack, (b_stack.stride(1), b_stack.stride(0))) if u is not None else None
+    if _fused_nf4(weight):
+        nf4_matmul(out, x2d, weight, transpose=True, bias=bias, lowrank=lowrank)
+        return u
+    weight = dense_weight(weight, x2d.dtype)
     _mm(out, [(x2d, 0)], weight, (weight.stride(1), weight.stride(0)), bias=bias, lowrank=lowrank)
     return u
 
@@ -426,14 +433,21 @@ def _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, scale, need_d
         _mm(v, segs, b_stack, (b_stack.stride(0), b_stack.stride(1)), scale=scale, skinny=True)
     if need_dx and segs:
         lowrank = (v, a_stack, (a_stack.stride(0), a_stack.stride(1))) if v is not None else None
-        _mm(dx, segs, weight, (weight.stride(0), weight.stride(1)), lowrank=lowrank)
+        if _fused_nf4(weight):  # one dY: the fused GEMM reads a single segment
+            dy_all = segs[0][0] if len(segs) == 1 and segs[0][1] == 0 and segs[0][0].shape[1] == weight.shape[0] \
+                else torch.cat([dy if dy is not None else x2d.new_zeros(T, n) for dy, n in zip(dys, plan.splits,
+                                                                                               strict=True)], 1)
+            nf4_matmul(dx, dy_all, weight, transpose=False, lowrank=lowrank)
+        else:
+            weight = dense_weight(weight, x2d.dtype)
+            _mm(dx, segs, weight, (weight.stride(0), weight.stride(1)), lowrank=lowrank)
     if v is not None and any(need_ab):
         da_stack = v.t() @ x2d
     for i, (n, r, r_off) in enumerate(zip(plan.splits, plan.ranks, plan.r_offsets, strict=True)):
         if r and need_ab[i]:
             das[i] = da_stack[r_off:r_off + r] if v is not None else x2d.new_zeros(r, K)
             dbs[i] = dys[i].t() @ u[:, r_off:r_off + r] if dys[i] is not None else x2d.new_zeros(n, r)
-    if need_dw:
+    if need_dw:  # a dense weight that trains (never an NF4 one)
         dw = torch.empty_like(weight)
         for dy, off, n in zip(dys, plan.offsets, plan.splits, strict=True):
             if dy is None:
@@ -462,7 +476,8 @@ class LoraGroupFunction(torch.autograd.Function):
         out = empty_output((*x.shape[:-1], n_total), x.dtype, x.device)
         u = _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out.view(-1, n_total))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2d, weight, a_stack, b_stack, u)
+        ctx.nf4 = weight if is_nf4(weight) else None  # dequantized again in backward, not kept dense
+        ctx.save_for_backward(x2d, None if ctx.nf4 is not None else weight, a_stack, b_stack, u)
         ctx.plan, ctx.scale, ctx.x_shape = plan, scale, x.shape
         if len(plan.splits) == 1:
             return out
@@ -475,6 +490,8 @@ class LoraGroupFunction(torch.autograd.Function):
         dys = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         needs = ctx.needs_input_grad
         need_ab = [needs[4 + 2 * i] or needs[5 + 2 * i] for i in range(len(plan.splits))]
+        if ctx.nf4 is not None:
+            weight = ctx.nf4
         dx, dw, dbias, das, dbs = _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, ctx.scale,
                                                     needs[0], needs[1], needs[2], need_ab)
         if dx is not None:
@@ -501,7 +518,11 @@ class LoraMLPFunction(torch.autograd.Function):
         scale_d = _scale_vector(plan_down.ranks, plan_down.scalings, x.device) if down_a is not None else None
         out = empty_output((*x.shape[:-1], hidden), x.dtype, x.device)
         u_d = _lowrank_forward(h, down_weight, None, down_a, down_b, scale_d, out.view(-1, hidden))
-        ctx.save_for_backward(x2d, gate_up_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
+        # NF4 weights are dequantized again in backward, one at a time; dense ones are saved
+        weights = (gate_up_weight, down_weight)
+        ctx.nf4 = tuple(w if is_nf4(w) else None for w in weights)
+        saved = [None if is_nf4(w) else w for w in weights]
+        ctx.save_for_backward(x2d, *saved, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
         ctx.plan_gu, ctx.scales, ctx.x_shape, ctx.activation = plan_gu, (scale_gu, scale_d), x.shape, activation
         return out
 
@@ -510,6 +531,8 @@ class LoraMLPFunction(torch.autograd.Function):
         x2d, gu_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d = ctx.saved_tensors
         plan_gu, (scale_gu, scale_d) = ctx.plan_gu, ctx.scales
         needs = ctx.needs_input_grad
+        if ctx.nf4[1] is not None:  # the dH GEMM with the GLU epilogue reads a dense weight, in both NF4 modes
+            down_weight = dense_weight(ctx.nf4[1], x2d.dtype)
         inter = down_weight.shape[1]
         T = x2d.shape[0]
         dy = dy.reshape(-1, dy.shape[-1])
@@ -533,6 +556,9 @@ class LoraMLPFunction(torch.autograd.Function):
         if needs[2]:
             d_down_w = dy.t() @ h
 
+        del down_weight  # before the gate/up weight is dequantized: one dense weight at a time
+        if ctx.nf4[0] is not None:
+            gu_weight = ctx.nf4[0]
         dys = [dgu[:, :inter], dgu[:, inter:]]
         need_ab = [needs[5] or needs[6], needs[7] or needs[8]]
         dx, d_gu_w, _, das, dbs = _lowrank_backward(plan_gu, dys, x2d, gu_weight, a_gu, b_gu, u_gu, scale_gu,
@@ -546,7 +572,7 @@ class LoraMLPFunction(torch.autograd.Function):
 
 
 def _cast(t, dtype):
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+    return t if t is None or is_nf4(t) or t.dtype == dtype else t.to(dtype)  # NF4: dequantized to dtype
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -578,7 +604,8 @@ def _check_adapter(name, a, b, n_out, n_in):
 def lora_linear(x, weight, lora_a, lora_b, scaling: float, bias=None):
     """y = x @ weight.T + bias + scaling * (x @ lora_a.T) @ lora_b.T (see module docstring).
 
-    x [..., in] (any strides); weight [out, in]; lora_a [r, in]; lora_b [out, r]; bias [out] or None.
+    x [..., in] (any strides); weight [out, in], a tensor or an nf4.NF4Weight (frozen); lora_a [r, in];
+    lora_b [out, r] (both None: the frozen linear alone); bias [out] or None.
     Differentiable in x, lora_a, lora_b, and in weight / bias when they require grad.
     """
     if not use_triton(x):

@@ -12,8 +12,12 @@ CASES: dict[str, tuple[str, str]] = {
     "liger": ("liger", "hf"),
     "hf_packed": ("hf_packed", "hf"),
     "hf_patched": ("hf_patched", "hf"),
+    # QLoRA: the same model with its projections in NF4 (double-quantized absmax, blocksize 64)
+    "qlora-lorafuse": ("lorafuse-nf4", "recompute"),  # quantize: nf4, our dequantize kernel, per-layer recompute
+    "qlora-peft": ("peft-bnb", "hf"),  # HF + PEFT on bitsandbytes Linear4bit, HF gradient checkpointing
 }
-HF_CASES = ("stock", "liger", "hf_packed", "hf_patched")
+HF_CASES = ("stock", "liger", "hf_packed", "hf_patched", "qlora-peft")
+QLORA_CASES = ("qlora-lorafuse", "qlora-peft")
 SHARED_HF = ("stock", "hf_packed", "hf_patched")  # one HF + PEFT model: batching and lorafuse.patch differ
 DEFAULT_CASES = ["stock", "lorafuse-none", "lorafuse-recompute", "lorafuse-offload", "liger", "hf_packed",
                  "hf_patched"]
@@ -27,6 +31,11 @@ def case_available(case: str) -> str | None:
 
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger_kernel is not installed"
+    if case == "qlora-peft":
+        try:
+            import bitsandbytes  # noqa: F401 - a benchmark peer only, never a dependency of lorafuse
+        except Exception as e:  # noqa: BLE001 - not installed, or its library does not load here
+            return f"bitsandbytes does not import ({type(e).__name__}: {str(e)[:120]})"
     if case == "hf_packed":
         try:
             from transformers import masking_utils
@@ -39,10 +48,10 @@ def case_available(case: str) -> str | None:
 
 def groups(cases: list[str]) -> list[list[str]]:
     """Cases that share one built model: stock, hf_packed and hf_patched (HF + PEFT; the batching differs, and
-    hf_patched runs under lorafuse.patch); the lorafuse modes; liger alone and last (its patches of the HF classes
-    outlive its model)."""
+    hf_patched runs under lorafuse.patch); the lorafuse modes; each QLoRA case alone (its model quantized); liger
+    alone and last (its patches of the HF classes outlive its model)."""
     found = [[c for c in cases if c in SHARED_HF], [c for c in cases if c.startswith("lorafuse-")],
-             [c for c in cases if c == "liger"]]
+             *([c] for c in cases if c in QLORA_CASES), [c for c in cases if c == "liger"]]
     return [g for g in found if g]
 
 

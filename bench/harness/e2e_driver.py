@@ -71,7 +71,10 @@ def run(args, log=print) -> dict:
         try:
             log(f"[e2e] {args.model}: building for {', '.join(group)}")
             built = time.monotonic()
-            runner = LorafuseRunner(settings) if group[0].startswith("lorafuse-") else HFRunner(settings, group[0])
+            if group[0].startswith("lorafuse-") or group[0] == "qlora-lorafuse":
+                runner = LorafuseRunner(settings, quantize="nf4" if group[0] == "qlora-lorafuse" else "none")
+            else:
+                runner = HFRunner(settings, group[0])
             runner.info["build_s"] = time.monotonic() - built
             for kind, case in plan(group, args.max_context):
                 if kind == "train":

@@ -45,8 +45,11 @@ class HFRunner(Runner):
         self.info["weights_fingerprint"] = weights_fingerprint(model)
         self.flops = model_flops(model)
         self.config = model.config
+        n_frozen = sum(p.numel() for p in model.parameters())
         if case == "liger":
             self.info["liger"] = apply_liger(model)
+        if case == "qlora-peft":
+            self.info["bitsandbytes"] = quantize_with_bitsandbytes(model, settings.dtype)
         self.info["hf_checkpointing"] = enable_hf_checkpointing(model)
         model.enable_input_require_grads()
         lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(PROJECTIONS),
@@ -54,6 +57,7 @@ class HFRunner(Runner):
         self.model = get_peft_model(model, lora)
         self.model.train()
         self._finish_setup(model, peft_lora_pairs(self.model))
+        self.info["n_frozen"] = n_frozen  # before quantization: bitsandbytes packs two values per uint8 parameter
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if len(trainable) != len(self.params):
             raise RuntimeError(f"PEFT model has {len(trainable)} trainable tensors, expected {len(self.params)}")
@@ -97,6 +101,8 @@ class HFRunner(Runner):
         """stock, hf_packed and hf_patched share one model: the batching differs, and hf_patched runs the same
         padded batches with the model under lorafuse.patch (its forward on our kernels, HF's gradient
         checkpointing as our per-layer recompute)."""
+        if case == self.case and case not in SHARED:  # a model of its own (liger, qlora-peft): nothing to switch
+            return
         if case not in SHARED or self.case not in SHARED:
             raise ValueError(f"the {self.case} model cannot run case {case}")
         import lorafuse
@@ -131,6 +137,27 @@ def enable_hf_checkpointing(model) -> str:
         return "activation_checkpointing_enable(use_reentrant=False)"
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return "gradient_checkpointing_enable(use_reentrant=False)"
+
+
+def quantize_with_bitsandbytes(model, dtype) -> str:
+    """PEFT + bitsandbytes QLoRA as its recipe builds it: every projection of PROJECTIONS a bitsandbytes Linear4bit
+    (NF4, double quantization, blocksize 64, compute in `dtype`), quantized from this model's own weights on its
+    device; returns bitsandbytes' version. Imported only here: bitsandbytes is a peer, never a dependency."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] not in PROJECTIONS or not isinstance(module, torch.nn.Linear):
+            continue
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", blocksize=64)
+        if module.bias is not None:
+            layer.bias = module.bias
+        layer = layer.to(module.weight.device)  # quantizes
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, layer)
+    return getattr(bnb, "__version__", "?")
 
 
 def apply_liger(model) -> str:

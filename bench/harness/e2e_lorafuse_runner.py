@@ -45,7 +45,7 @@ class LorafuseRunner(Runner):
 
     system = "lorafuse"
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, quantize: str = "none"):
         super().__init__(settings)
         from lorafuse.engine.config import LoraConfig
         from lorafuse.engine.lora import inject_lora
@@ -55,11 +55,19 @@ class LorafuseRunner(Runner):
         self.info["weights_fingerprint"] = weights_fingerprint(model)
         self.flops = model_flops(model)
         self.config = model.config
+        self.quantize = quantize
+        n_frozen = sum(p.numel() for p in model.parameters())
+        if quantize == "nf4":  # QLoRA: the projections in NF4, quantized from the same bf16 weights
+            from lorafuse.engine.quantize import frozen_weight_bytes, quantize_model
+
+            quantize_model(model)
+            self.info.update(quantize="nf4", frozen_weight_bytes=frozen_weight_bytes(model))
         self.prepared = prepare_model(model)
         inject_lora(model, LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=list(PROJECTIONS)))
         model.eval()  # as the engine: no HF dropout; LoRA dropout is 0
         self.model = model
         self._finish_setup(model, lorafuse_lora_pairs(model))
+        self.info["n_frozen"] = n_frozen  # NF4 weights are buffers: count their values as the dense model's
         self.checkpointer = None
         self.mode = "none"
 
@@ -75,7 +83,7 @@ class LorafuseRunner(Runner):
                 kwargs["min_offload_bytes"] = self.s.min_offload_bytes
             self.checkpointer = LayerCheckpointer(self.device, layer_modes(mode, self.config.num_hidden_layers),
                                                   **kwargs)
-        self.case = f"lorafuse-{mode}"
+        self.case = "qlora-lorafuse" if self.quantize == "nf4" else f"lorafuse-{mode}"
 
     def prepare(self, docs) -> Prepared:
         from lorafuse.engine.packing import pack

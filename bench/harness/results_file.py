@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stage_process import ROOT
 
-PEER_CASES = ("liger",)  # e2e rows the peers stage makes
+PEER_CASES = ("liger", "qlora-lorafuse", "qlora-peft")  # e2e rows the peers stage makes
 
 
 def merge_stage(case: str | None) -> str:

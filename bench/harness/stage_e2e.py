@@ -98,12 +98,14 @@ def stage_e2e(results: dict, args, budget: float, work: Path) -> dict:
 
 
 def available_peers(results: dict) -> list[str]:
-    """Peers that need their own process (hf_packed runs with stock, on the same model)."""
-    return ["liger"] if results.get("liger_kernel") else []
+    """Peers that need their own process (hf_packed runs with stock, on the same model): liger where installed,
+    QLoRA (lorafuse on NF4 weights, and PEFT + bitsandbytes where bitsandbytes imports)."""
+    return (["liger"] if results.get("liger_kernel") else []) + ["qlora-lorafuse"] + \
+        (["qlora-peft"] if results.get("bitsandbytes") else [])
 
 
 def stage_peers(results: dict, args, budget: float, work: Path) -> dict:
-    """liger (where installed) on the first model."""
+    """liger (where installed) and the QLoRA cases on the first model, each in its own process."""
     peers = available_peers(results)
     if not peers:
         return {"status": "skipped: no peer available"}

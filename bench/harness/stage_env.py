@@ -14,7 +14,7 @@ from stage_process import BENCH, gpu_env, run_logged, status, tail
 
 ENV_KEYS = ("gpu", "gpu_memory_gb", "capability", "torch", "cuda", "triton", "transformers", "peft", "liger_kernel",
             "flash_attn", "python", "platform", "peak_bf16_tflops", "copy_bandwidth_gbs", "offload_extension",
-            "nvidia_smi", "hf_packed_supported")
+            "nvidia_smi", "hf_packed_supported", "bitsandbytes")
 
 
 def worker_env(out: str) -> None:
@@ -24,7 +24,7 @@ def worker_env(out: str) -> None:
 
     info: dict = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
                   "cuda": torch.version.cuda}
-    for name in ("triton", "transformers", "peft", "liger_kernel", "flash_attn", "pytest_benchmark"):
+    for name in ("triton", "transformers", "peft", "liger_kernel", "flash_attn", "pytest_benchmark", "bitsandbytes"):
         try:
             module = __import__(name)
             info[name] = getattr(module, "__version__", None) or _dist_version(name)

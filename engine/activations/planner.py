@@ -63,18 +63,25 @@ def plan_for_model(model, budget_bytes: float, tokens: int, dtype: torch.dtype, 
 
 
 def resident_bytes(model, tokens: int, dtype: torch.dtype, sharded=None) -> dict[str, int]:
-    """Device memory of a LoRA model's step besides the activations the layers keep: its frozen weights, the
+    """Device memory of a LoRA model's step besides the activations the layers keep: its frozen weights (NF4 ones
+    as stored, with the dense buffer one of them is dequantized into; sharded, this rank's shards), the
     LoRA parameters' float32 masters, gradients and two Adam moments plus the guard's copy of masters and
     moments (guard.LastGood), and the loss workspace: the fused loss's chunk of logits (at most
     LOSS_WORKSPACE_BYTES, never more than all T x vocab of them) and the [T, hidden] normalised hidden states
     and their gradient."""
     c = model.config
     item = torch.empty((), dtype=dtype).element_size()
-    params = list((sharded or model).parameters())
-    weights = sum(local(p).numel() * p.element_size() for p in params if not p.requires_grad)
-    lora = sum(local(p).numel() for p in params if p.requires_grad) * 4 * (4 + 3)
     if sharded is not None:  # each rank's shards, and whole: the layer computing and the next one arriving
+        params = list(sharded.parameters())
+        weights = sum(local(p).numel() * p.element_size() for p in params if not p.requires_grad)
         weights += 2 * sum(p.numel() * p.element_size() for p in sharded.layers[0].parameters())
+        lora = sum(local(p).numel() for p in params if p.requires_grad) * 4 * (4 + 3)
+    else:
+        from ..quantize import dequantize_workspace_bytes, frozen_weight_bytes
+
+        # NF4 weights as stored, plus the dense copy of the largest one while its GEMMs run
+        weights = frozen_weight_bytes(model) + dequantize_workspace_bytes(model, dtype)
+        lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * (4 + 3)
     loss_workspace = min(LOSS_WORKSPACE_BYTES, tokens * c.vocab_size * item) + tokens * c.hidden_size * item * 2
     return {"weights": weights, "lora": lora, "loss_workspace": loss_workspace}
 

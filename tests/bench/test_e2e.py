@@ -52,3 +52,22 @@ def test_every_system_trains_the_same_steps_to_the_same_losses(tmp_path, cpu_ben
     for row in contexts.values():  # nothing runs out of memory on the CPU: the search stops at its limit
         assert row["largest_tokens"] == 256 and row["limited_by"] == "limit"
         assert [p["tokens"] for p in row["probes"]] == [64, 128, 256]
+
+
+def test_qlora_cases_train_the_same_nf4_model(tmp_path, cpu_bench):
+    """lorafuse on NF4 weights (quantize: nf4) and, where bitsandbytes imports, PEFT on its Linear4bit: the same
+    quantized numbers, so the same first loss; both near the unquantized model's."""
+    results = e2e.main([*TINY, "--warmup", "1", "--steps", "1", "--systems", "stock", "qlora-lorafuse", "qlora-peft",
+                        "--max-context", "none", "--out", str(tmp_path / "e2e.json")])
+    rows = {r["case"]: r for r in results["e2e"]}
+    ours, stock = rows["qlora-lorafuse"], rows["stock"]
+    assert "error" not in ours and ours["system"] == "lorafuse-nf4" and ours["checkpointing"] == "recompute"
+    assert ours["weights_fingerprint"] == stock["weights_fingerprint"] and ours["n_frozen"] == stock["n_frozen"]
+    assert ours["frozen_weight_bytes"] < stock["n_frozen"] * 4  # float32 on the CPU
+    assert abs(ours["step_losses"][0] - stock["step_losses"][0]) <= 1e-3 * stock["step_losses"][0]
+    if "qlora-peft" in rows:
+        peft = rows["qlora-peft"]
+        assert "error" not in peft, peft.get("error")
+        assert abs(peft["step_losses"][0] - ours["step_losses"][0]) <= 1e-4 * ours["step_losses"][0]
+    else:
+        assert any(s["case"] == "qlora-peft" and "bitsandbytes" in s["reason"] for s in results["skipped"])

@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 from lorafuse.engine.config import load_config
 from lorafuse.engine.demo.tickets import make_example
@@ -38,3 +39,13 @@ def tiny_train_config(model_dir, files, out, **train_overrides):
             "train": {"lr": 2e-3, "warmup_steps": 1, "max_tokens_per_step": 640, "max_seq_len": 256,
                       "eval_every": 0, "save_every": 0, "progress": False, **train_overrides}}
     return load_config(None, base=base)
+
+
+def llama_8b_dir(tiny_model_dir, path):
+    """Llama-3.1-8B's config (its shapes) with the tiny model's tokenizer and no weights: what lorafuse plan reads."""
+    shutil.copytree(tiny_model_dir, path, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    (path / "config.json").write_text(json.dumps(config))
+    return path

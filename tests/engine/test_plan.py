@@ -3,7 +3,6 @@ what a training step allocates), the largest token budget that fits, time and mo
 benchmark or from the FLOP count."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from lorafuse.engine.config import LoraConfig
 from lorafuse.engine.data import Document
 from lorafuse.engine.plan import GIB, estimate_memory, make_plan, padded_batches
 
-from engine_utils import QUIET, write_ticket_files
+from engine_utils import QUIET, llama_8b_dir, write_ticket_files
 
 MARGIN = 0.10  # the estimate is within 10% of the allocations measured (it was within 3% when written)
 
@@ -118,12 +117,7 @@ def test_plan_uses_a_recorded_benchmark_of_the_gpu(run_yaml, tmp_path):
 
 def test_plan_of_an_8b_model_from_its_config_alone(run_yaml, tmp_path, tiny_model_dir):
     """Llama-3.1-8B's shapes, no weights (config and tokenizer only): bf16 weights of 8.03B parameters."""
-    model_dir = tmp_path / "llama-8b"
-    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
-    config = json.loads((model_dir / "config.json").read_text())
-    config.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, head_dim=128, vocab_size=128256)
-    (model_dir / "config.json").write_text(json.dumps(config))
+    model_dir = llama_8b_dir(tiny_model_dir, tmp_path / "llama-8b")
     from lorafuse.engine.config import load_config
 
     cfg = load_config(run_yaml, [f"model={model_dir}", "lora.r=16", "train.max_tokens_per_step=8192"])
