@@ -1,0 +1,45 @@
+"""The static gate: no shipped config spills registers or needs more shared memory than the GPU has.
+
+`python -m lorafuse.kernels.aot --gate` records the launches of a training step at the headline shapes on meta
+tensors (Llama-3.1-8B at 16,384 tokens, LoRA r=16, bf16; a Gemma-2 local layer for head dim 256, window, softcap
+and GeGLU), compiles every config of each launch's autotune list for sm_80 and sm_90 as the launcher would
+(integers divisible by 16 and unit strides specialised), and reads ptxas's register, spill and shared-memory
+figures. No GPU needed: Triton compiles ahead of time. It takes minutes on two cores (hundreds of variants),
+hence `slow`; it still runs in `make test`.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.slow
+def test_no_shipped_config_spills_or_overflows_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "lorafuse.kernels.aot", "--gate", "--jobs", "2"], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    failing = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert proc.returncode == 0 and not failing, "\n".join(failing[:40]) + proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert " variant(s), 0 failure(s)" in proc.stdout
+
+
+def test_the_gate_reads_spills_and_tensor_core_shapes_from_ptxas():
+    """The figures the gate checks come from ptxas's own log and the SASS, parsed as they print them."""
+    static = importlib.import_module("lorafuse.kernels.aot_static")
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\nptxas info    : Function properties for k\n"
+           "    4728 bytes stack frame, 4992 bytes spill stores, 5108 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 98304 bytes smem")
+    assert static.parse_ptxas(log) == {"registers": 255, "stack_bytes": 4728, "spill_stores": 4992,
+                                       "spill_loads": 5108}
+    assert static.parse_ptxas("nothing compiled") is None
+    assert static._shape_name("HGMMA.64x128x16.F32.BF16") == "wgmma m64n128k16"
+    assert static._shape_name("HMMA.16816.F32.BF16") == "mma m16n8k16"
+    assert static._shape_name("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == "wgmma m64n64k16"
+    # registers limit blocks per SM: 255 registers x 256 threads leave room for one block on either GPU
+    assert static.ctas_per_sm(90, 255, 8, 98304) == 1
+    assert static.ctas_per_sm(80, 128, 4, 49152) == 3
