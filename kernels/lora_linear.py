@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
-from ._launch import aot_spec, count, dot_precision, empty_output, launch
+from ._launch import aot_spec, arch_autotune, count, dot_precision, empty_output, launch
 from .nf4 import dense_weight, gemm_mode, is_nf4, nf4_linear_reference, nf4_matmul
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
 
@@ -108,8 +108,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._gemm import grouped_tile, lowrank_tile
-    from .swiglu import ACTIVATIONS, _glu_terms
+    from ._gemm import grouped_pid, grouped_tile, lowrank_tile
+    from .swiglu import ACTIVATIONS, _activation_and_grad
 
     @triton.jit
     def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, b_off, K, rows_a, b_cols,
@@ -171,20 +171,31 @@ if HAVE_TRITON:
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
-        rows = offs_m.to(tl.int64)[:, None]
-        cols = offs_n[None, :]
-        c_ptrs = c_ptr + rows * stride_cm + cols * stride_cn
         out_mask = (offs_m < M)[:, None] & col_ok[None, :]
         if GLU_BWD:
-            # acc is dH of h = act(g) * u: store dG (at c) and dU, and h for dA of the down LoRA.
-            g = tl.load(g_ptr + rows * stride_gm + cols, mask=out_mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + rows * stride_um + cols, mask=out_mask, other=0.0).to(tl.float32)
-            dg, du, h = _glu_terms(acc, g, u, ACTIVATION)
-            tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(du_ptr + rows * stride_dum + cols, du.to(du_ptr.dtype.element_ty), mask=out_mask)
+            # acc is dH of h = act(g) * u: store dG (at c) and dU, and h for dA of the down LoRA. The epilogue
+            # is where this kernel runs out of registers (acc, g, u, three results, five pointer tiles): every
+            # buffer is addressed from an int64 pointer to the tile's first row plus int32 tile-local offsets
+            # (BLOCK_M rows of one stride fit in 32 bits), not a 64-bit address per element.
+            pid_m, _ = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            row0 = (pid_m * BLOCK_M).to(tl.int64)
+            local_m = tl.arange(0, BLOCK_M)[:, None]
+            cols = offs_n[None, :]
+            g = tl.load(g_ptr + row0 * stride_gm + (local_m * stride_gm + cols), mask=out_mask,
+                        other=0.0).to(tl.float32)
+            # each result is stored as soon as it is computed, so at most acc, g, u and one result are live
+            act, d_act = _activation_and_grad(g, ACTIVATION)
+            tl.store(du_ptr + row0 * stride_dum + (local_m * stride_dum + cols),
+                     (acc * act).to(du_ptr.dtype.element_ty), mask=out_mask)
+            u = tl.load(u_ptr + row0 * stride_um + (local_m * stride_um + cols), mask=out_mask,
+                        other=0.0).to(tl.float32)
             if STORE_H:
-                tl.store(h_ptr + rows * stride_hm + cols, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(h_ptr + row0 * stride_hm + (local_m * stride_hm + cols),
+                         (act * u).to(h_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(c_ptr + row0 * stride_cm + (local_m * stride_cm + cols * stride_cn),
+                     (acc * u * d_act).to(c_ptr.dtype.element_ty), mask=out_mask)
         else:
+            c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
     def _even_k(args) -> bool:
@@ -223,8 +234,23 @@ if HAVE_TRITON:
         _skinny_config(32, 32, 3, 4),
     ]
 
-    _tuned_main = triton.autotune(configs=MAIN_CONFIGS, key=_KEY)(_lowrank_mm)
-    _tuned_skinny = triton.autotune(configs=SKINNY_CONFIGS, key=_KEY + ["BLOCK_N"])(_lowrank_mm)
+    # The dH GEMM with the GLU backward in its epilogue holds acc, g, u and act(g) per element at once: at 64
+    # accumulator elements per thread (128 x 128 on 8 warps, 128 x 64 on 4) it spills on sm_80 and sm_90 however
+    # the epilogue is ordered, so its tiles keep 32 per thread (BLOCK_M * BLOCK_N / (32 * warps)).
+    GLU_CONFIGS = [
+        _main_config(128, 64, 64, 4, 8),
+        _main_config(64, 128, 64, 4, 8),
+        _main_config(128, 64, 64, 3, 8),
+        _main_config(64, 64, 64, 4, 4),
+    ]
+
+    # sm_80 keeps both dot operands of mma.sync in registers: 128 x 128 and 128 x 64 tiles on 4 warps spill there
+    # (12-108 B per thread at the headline shapes), so its list leaves them out
+    MAIN_CONFIGS_SM80 = [c for c in MAIN_CONFIGS if not (c.num_warps == 4 and c.kwargs["BLOCK_M"] == 128)]
+
+    _tuned_main = arch_autotune({80: MAIN_CONFIGS_SM80, 90: MAIN_CONFIGS}, key=_KEY)(_lowrank_mm)
+    _tuned_glu = arch_autotune({80: GLU_CONFIGS, 90: GLU_CONFIGS}, key=_KEY)(_lowrank_mm)
+    _tuned_skinny = arch_autotune({80: SKINNY_CONFIGS, 90: SKINNY_CONFIGS}, key=_KEY + ["BLOCK_N"])(_lowrank_mm)
 
     # The interpreter is slow: one small config, and no tuning.
     INTERPRETER_MAIN = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
@@ -321,7 +347,8 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    launch(_lowrank_mm, _tuned_skinny if skinny else _tuned_main, grid, *args,
+    tuned = _tuned_skinny if skinny else _tuned_glu if glu is not None else _tuned_main
+    launch(_lowrank_mm, tuned, grid, *args,
            interpreted=INTERPRETER_SKINNY if skinny else INTERPRETER_MAIN, **flags)
     return out
 

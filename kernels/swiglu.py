@@ -68,6 +68,19 @@ if HAVE_TRITON:
         return act
 
     @triton.jit
+    def _activation_and_grad(g, ACTIVATION: tl.constexpr):
+        """float32 g -> (act(g), act'(g)), the terms _glu_terms combines."""
+        if ACTIVATION == "gelu_tanh":
+            t = tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+            act = 0.5 * g * (1.0 + t)
+            d_act = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+        else:
+            sg = tl.sigmoid(g)
+            act = g * sg
+            d_act = sg * (1.0 + g * (1.0 - sg))
+        return act, d_act
+
+    @triton.jit
     def _glu_terms(dh, g, u, ACTIVATION: tl.constexpr):
         """float32 dh, g, u -> (dg, du, h) of h = act(g) * u."""
         if ACTIVATION == "gelu_tanh":
