@@ -159,7 +159,7 @@ def arch_autotune(configs_by_arch: dict, key: list, prune=None, **kwargs):
     def by_arch(configs, named_args, **kw):
         arch = device_arch()
         if arch is not None:  # without a GPU (aot.py) the list given is already the architecture's
-            configs = [c for c in configs if any(c is mine for mine in configs_by_arch[arch])]
+            configs = [mine for mine in configs_by_arch[arch] if any(c is mine for c in configs)]
         return prune(configs, named_args, **kw) if prune is not None else configs
 
     tuner_factory = triton.autotune(configs=every, key=key, prune_configs_by={"early_config_prune": by_arch},

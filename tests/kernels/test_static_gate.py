@@ -43,3 +43,18 @@ def test_the_gate_reads_spills_and_tensor_core_shapes_from_ptxas():
     # registers limit blocks per SM: 255 registers x 256 threads leave room for one block on either GPU
     assert static.ctas_per_sm(90, 255, 8, 98304) == 1
     assert static.ctas_per_sm(80, 128, 4, 49152) == 3
+
+
+def test_autotune_lists_follow_the_gpu_architecture(monkeypatch):
+    """An sm_80 GPU tries the sm_80 list, an sm_90 one the sm_90 list (the configs the gate compiled for each)."""
+    launch = importlib.import_module("lorafuse.kernels._launch")
+    lora = importlib.import_module("lorafuse.kernels.lora_linear")
+    attention = importlib.import_module("lorafuse.kernels.varlen_attention")
+    for tuner in (lora._tuned_main, lora._tuned_glu, attention._TUNED_DKDV[128], attention._TUNED_FWD[256]):
+        for arch in (80, 90):
+            monkeypatch.setattr(launch, "ASSUMED_ARCH", arch)
+            kept = tuner.early_config_prune(tuner.configs, {})
+            assert [id(c) for c in kept] == [id(c) for c in tuner.arch_configs[arch]]
+    assert lora._tuned_main.arch_configs[80] != lora._tuned_main.arch_configs[90]  # sm_80 drops 4-warp 128-row tiles
+    monkeypatch.setattr(launch, "ASSUMED_ARCH", 80)
+    assert attention._tiles(128) in ((32, 64), attention.TILES[80][128])  # the interpreter's tiles, else sm_80's
