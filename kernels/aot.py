@@ -241,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results", help="folder of the report's files")
     parser.add_argument("--name", default=None, help="file name without .json (default static-<date>)")
     parser.add_argument("--readme", default=None, help="refresh this README's static summary")
+    parser.add_argument("--baseline", default=None,
+                        help="an earlier static-*.json in the same folder (before a change), shown beside this one")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
     if interpreter_requested():
@@ -261,6 +263,8 @@ def main(argv=None) -> int:
                 "r=16 on all seven projections, bf16; and a Gemma-2-9B local layer (head dim 256, window, softcap, "
                 "GeGLU)", "command": "python -m lorafuse.kernels.aot --report", "environment": environment(),
                 "shared_limit": {str(a): SHARED_LIMIT[a] for a in ARCHS}, "variants": results}
+        if args.baseline:
+            data["baseline"] = args.baseline
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{args.name or 'static-' + date}.json"
