@@ -553,7 +553,8 @@ if HAVE_TRITON:
     # dK/dV at D = 128 on sm_90: the score and dP dots of a 64-key tile with 32-query blocks are wgmma m64n16.
     # Every tiling that makes them m64n64 spills with Triton 3.9 (both [tile, D] float32 accumulators and the
     # key and value tiles stay in registers): a 128-key tile on 8 warps with 64-query blocks, 828-1,376 B per
-    # thread; a 64-key tile on 4 warps, 2,040 B; scores laid out [queries, keys], 6,212 B. So one config ships.
+    # thread; a 64-key tile on 4 warps, 2,040 B (1,644 B with dV and dK in two passes, one accumulator live at a
+    # time); scores laid out [queries, keys], 6,212 B. So one config ships.
     _DKDV_OPTIONS = {
         80: {64: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
              128: [(32, 8, 2), (32, 8, 3)],
