@@ -95,7 +95,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, ignore_index: int, reduction: str, softcap=None,
                 label_smoothing: float = 0.0, z_loss_weight: float = 0.0):
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        vocab = weight.shape[0]
         need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         eps, zw = float(label_smoothing), float(z_loss_weight)
@@ -104,10 +104,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         lse_sq = torch.zeros((), dtype=acc, device=hidden.device)
-        step = _chunk_rows(n_rows, vocab)
-        for start in range(0, n_rows, step):
-            h = hidden[start:start + step]
-            y = labels[start:start + step]
+        # Ignored rows add nothing to the loss or to any gradient: only the targets' logits are computed
+        # (in supervised fine-tuning most rows are prompt tokens). Finding them syncs, which the reference may.
+        rows = (labels != ignore_index).nonzero()[:, 0]
+        step = _chunk_rows(len(rows), vocab)
+        for start in range(0, len(rows), step):
+            picked_rows = rows[start:start + step]
+            h = hidden.index_select(0, picked_rows)
+            y = labels.index_select(0, picked_rows)
             z = (h @ weight.T).to(acc)
             if bias is not None:
                 z = z + bias.to(acc)
@@ -125,7 +129,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits *= 1 - (c / softcap) ** 2
             grad_logits *= keep[:, None]
             if need_h:
-                grad_h[start:start + step] = (grad_logits.to(hidden.dtype) @ weight).to(hidden.dtype)
+                grad_h.index_copy_(0, picked_rows, (grad_logits.to(hidden.dtype) @ weight).to(hidden.dtype))
             if need_w:
                 grad_w += grad_logits.T @ h.to(acc)
             if need_b:
