@@ -88,8 +88,8 @@ def test_console_script_help():
     assert proc.returncode == 0 and "key.sub=value" in proc.stdout and "max_tokens_per_step" in proc.stdout
 
 
-def test_demo_quick_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+def test_tiny_demo_quick_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--tiny", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "fine-tuned" in out
     summary = json.loads((tmp_path / "demo_results.json").read_text())
