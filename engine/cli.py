@@ -36,9 +36,13 @@ def cmd_train(args) -> int:
 
 
 def resume_command(args) -> str:
-    """The command that continues an interrupted `lorafuse train`."""
+    """The command that continues an interrupted `lorafuse train`; for `lorafuse demo`, the one that runs it
+    again (it has no resume: it is minutes long and starts afresh)."""
     import shlex
 
+    if args.fn is cmd_demo:
+        flags = [flag for flag, on in (("--tiny", args.tiny), ("--quick", args.quick)) if on]
+        return shlex.join(["lorafuse", "demo", "--out", args.out, *flags]) + " (the demo starts again)"
     return shlex.join(["lorafuse", "train", args.config, *args.overrides, "--resume"])
 
 
