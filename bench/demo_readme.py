@@ -66,8 +66,10 @@ def section(path: Path) -> str:
         f"| loss on their answer tokens | {b['loss']:.2f} | {f['loss']:.2f} |",
     ]
     if g:
-        lines += [f"| general answers unchanged ({g['prompts']} prompts outside the task) | (the reference) | "
-                  f"{g['unchanged']} of {g['prompts']} |",
+        lines += [f"| general answers word for word the same ({g['prompts']} prompts outside the task) | (the "
+                  f"reference) | {g['unchanged']} of {g['prompts']} |",
+                  f"| positions of the base's general answers where the base's token is still the first choice "
+                  f"| {g['base_token_agreement']:.1%} | {g['token_agreement']:.1%} |",
                   f"| loss on the base model's general answers | {g['base_loss_on_base_answers']:.2f} | "
                   f"{g['finetuned_loss_on_base_answers']:.2f} |"]
     files = s.get("files", {})

@@ -102,6 +102,9 @@ def _compare(args) -> int:
         cells = ["reference"] + [f"{general[n]['unchanged']} of {general[n]['prompts']}" for n in list(systems)[1:]]
         print(f"  {'general answers unchanged':28}" + "".join(f"{c:>18}" for c in cells))
         adapters = list(systems)[1:]
+        cells = [f"{general[adapters[0]]['base_token_agreement']:.1%}"]
+        cells += [f"{general[n]['token_agreement']:.1%}" for n in adapters]
+        print(f"  {'base next token kept':28}" + "".join(f"{c:>18}" for c in cells))
         cells = [f"{general[adapters[0]]['base_loss_on_base_answers']:.3f}"]
         cells += [f"{general[n]['finetuned_loss_on_base_answers']:.3f}" for n in adapters]
         print(f"  {'loss on the base general answers':28}" + "".join(f"{c:>18}" for c in cells))
@@ -253,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--general", metavar="JSONL",
                    help="general prompts outside the task: each adapter's answers against the base's (forgetting)")
     e.add_argument("--general-max-change", type=float, default=0.1,
-                   help="warn when more than this share of the general answers changed (default 0.1)")
+                   help="warn when the fine-tuned model prefers another token than the base at more than this "
+                        "share of the positions of the base's general answers (default 0.1)")
     e.add_argument("--ratings", nargs="+", metavar="JSON",
                    help="summarise ratings exported from a report (win rate with a 95%% Wilson interval)")
     e.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,

@@ -121,4 +121,6 @@ def summary_lines(systems: dict, general_results: dict) -> list[tuple[str, dict]
     if general_results:
         lines.append(("general answers unchanged", {"base": "(reference)", **{
             n: f"{r['unchanged']} of {r['prompts']}" for n, r in general_results.items()}}))
+        lines.append(("base next token kept (general)", {"base": "(reference)", **{
+            n: f"{r['token_agreement']:.1%}" for n, r in general_results.items()}}))
     return lines

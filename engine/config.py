@@ -99,7 +99,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     general: str | None = None  # JSONL of prompts outside the task: the fine-tuned model's answers vs the base's
-    general_max_change: float = 0.1  # warn when more than this share of the general answers changed (forgetting)
+    general_max_change: float = 0.1  # warn when it prefers another token at more than this share of base answers
     max_new_tokens: int = 48  # tokens generated per general answer
 
 

@@ -4,10 +4,15 @@ model answers outside the task?
 A file of general prompts (geography, arithmetic, writing, code: anything but the task) is answered
 greedily by the base model: those answers are the reference, whatever their quality. The fine-tuned model
 answers the same prompts, and the check reports its agreement with the base:
-  - unchanged: answers identical to the base's (after stripping spaces), "unchanged on 47 of 50";
+  - unchanged: answers identical to the base's (after stripping spaces), "unchanged on 47 of 50". Greedy
+    answers of a small model are fragile: one different word and the rest of the answer differs, so a model
+    that moved a little can change most answers while still answering in the same way;
+  - token agreement: at how many positions of the base's answers the fine-tuned model's first choice is
+    still the base's token (teacher forcing, every position judged on the base's own prefix);
   - the fine-tuned model's loss on the base's answers (per answer token), beside the base's own: a model
     that still gives the base's answers finds them about as likely as the base does.
-When more than eval.general_max_change of the answers changed, a warning names the usual remedies.
+When the fine-tuned model prefers another token at more than eval.general_max_change of the positions, a
+warning names the usual remedies.
 
 Lines of the file (JSONL): {"prompt": "..."} (one user turn through the chat template, the raw text when
 the tokenizer has none) or {"messages": [...]} ending in a user turn (later assistant turns are ignored:
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .data import ROLES, DataError, Document
 
@@ -95,6 +101,24 @@ def answer_loss(prepared, prompts: list[list[int]], answers: list[list[int]], ma
     return evaluate_loss(prepared, pack(docs, max(max_tokens, max(map(len, docs)))))["loss"]
 
 
+@torch.no_grad()
+def token_agreement(model, prompts: list[list[int]], answers: list[list[int]]) -> float:
+    """Share of the answers' tokens that are the model's own first choice (argmax) given everything before
+    them (teacher forcing). Of the base model on its greedy answers it is 1 (ties aside). Unlike comparing
+    free-running answers, where one different word early on changes all that follows, it measures how far the
+    model moved at each position."""
+    device = next(model.parameters()).device
+    hits = total = 0
+    for prompt, answer in zip(prompts, answers):
+        if not answer:
+            continue
+        ids = torch.tensor([prompt + answer], device=device)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+        hits += int((logits.argmax(-1) == ids[0, len(prompt):]).sum())
+        total += len(answer)
+    return hits / total if total else float("nan")
+
+
 @dataclass
 class Reference:
     """The base model's greedy answers to the general prompts, and its loss on them."""
@@ -102,6 +126,7 @@ class Reference:
     prompt_ids: list[list[int]]
     answer_ids: list[list[int]]
     loss: float
+    token_agreement: float  # the base model's own, 1 but for ties
 
 
 def base_reference(prepared, tokenizer, prompts: list[GeneralPrompt], max_new_tokens: int = 48) -> Reference:
@@ -110,7 +135,8 @@ def base_reference(prepared, tokenizer, prompts: list[GeneralPrompt], max_new_to
 
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     answers = generate_ids(prepared.model, tokenizer, ids, max_new_tokens, desc="general: base")
-    return Reference(ids, answers, answer_loss(prepared, ids, answers))
+    return Reference(ids, answers, answer_loss(prepared, ids, answers),
+                     token_agreement(prepared.model, ids, answers))
 
 
 def agreement(prepared, tokenizer, prompts: list[GeneralPrompt], reference: Reference, *, max_change: float = 0.1,
@@ -120,23 +146,27 @@ def agreement(prepared, tokenizer, prompts: list[GeneralPrompt], reference: Refe
 
     tuned = generate_ids(prepared.model, tokenizer, reference.prompt_ids, max_new_tokens, desc=f"general: {name}")
     tuned_loss = answer_loss(prepared, reference.prompt_ids, reference.answer_ids)
+    tokens_kept = token_agreement(prepared.model, reference.prompt_ids, reference.answer_ids)
     base_text = tokenizer.batch_decode(reference.answer_ids, skip_special_tokens=True)
     tuned_text = tokenizer.batch_decode(tuned, skip_special_tokens=True)
     same = [b.strip() == t.strip() for b, t in zip(base_text, tuned_text)]
     n, unchanged = len(prompts), sum(same)
     result = {
         "prompts": n, "unchanged": unchanged, "agreement": unchanged / n,
+        "token_agreement": tokens_kept, "base_token_agreement": reference.token_agreement,
         "finetuned_loss_on_base_answers": tuned_loss, "base_loss_on_base_answers": reference.loss,
         "max_change": max_change, "max_new_tokens": max_new_tokens,
         "answers": [{"line": p.line, "prompt": p.shown(), "base": b, "finetuned": t, "unchanged": s}
                     for p, b, t, s in zip(prompts, base_text, tuned_text, same)],
     }
-    log(f"[general] {name}: answers unchanged on {unchanged} of {n} general prompts; loss on the base model's "
-        f"answers: base {reference.loss:.3f}, {name} {tuned_loss:.3f}")
-    if (changed := 1 - unchanged / n) > max_change:
-        result["warning"] = (f"{n - unchanged} of {n} general answers changed ({changed:.0%}, more than "
-                             f"eval.general_max_change {max_change:.0%}): the adapter may be forgetting what the "
-                             f"base model knew; {REMEDIES}")
+    log(f"[general] {name}: answers word for word the same on {unchanged} of {n} general prompts; the base "
+        f"model's next token still its first choice at {tokens_kept:.1%} of their positions; loss on the base "
+        f"model's answers: base {reference.loss:.3f}, {name} {tuned_loss:.3f}")
+    if (changed := 1 - tokens_kept) > max_change:
+        result["warning"] = (f"at {changed:.0%} of the positions of the base model's general answers the {name} "
+                             f"model now prefers another token (more than eval.general_max_change "
+                             f"{max_change:.0%}; {n - unchanged} of {n} answers changed): the adapter may be "
+                             f"forgetting what the base model knew; {REMEDIES}")
         log(f"[general] warning: {result['warning']}")
     return result
 

@@ -256,7 +256,9 @@ def results_table(summary: dict) -> list[str]:
              f"  {'held-out exact match':34}{b['accuracy']:>10.1%}{f['accuracy']:>14.1%}",
              f"  {'held-out loss (answer tokens)':34}{b['loss']:>10.3f}{f['loss']:>14.3f}"]
     if g:
-        lines += [f"  {'general answers unchanged':34}{'-':>10}{g['unchanged']:>8} of {g['prompts']}",
+        lines += [f"  {'general answers word for word':34}{'-':>10}{g['unchanged']:>8} of {g['prompts']}",
+                  f"  {'base next token kept (general)':34}{g['base_token_agreement']:>10.1%}"
+                  f"{g['token_agreement']:>14.1%}",
                   f"  {'loss on the base general answers':34}{g['base_loss_on_base_answers']:>10.3f}"
                   f"{g['finetuned_loss_on_base_answers']:>14.3f}"]
     return lines

@@ -27,13 +27,14 @@ def missing() -> str | None:
 def test_real_demo_quick_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "held-out exact match" in out and "general answers unchanged" in out and "report.html" in out
+    assert "held-out exact match" in out and "general answers word for word" in out and "report.html" in out
     summary = json.loads((tmp_path / "demo_results.json").read_text())
     assert summary["model"] == "SmolLM2-135M-Instruct"
     assert summary["finetuned"]["loss"] < summary["base"]["loss"]
     forgetting = summary["forgetting"]
     assert forgetting["prompts"] == 6 and 0 <= forgetting["unchanged"] <= 6
     assert forgetting["finetuned_loss_on_base_answers"] > 0
+    assert 0 <= forgetting["token_agreement"] <= 1 and forgetting["base_token_agreement"] > 0.9
     for name in ("adapter/adapter_model.safetensors", "adapter/forgetting.json", "adapter/loss.png", "report.html",
                  "data/general.jsonl", "demo_config.yaml"):
         assert (tmp_path / name).is_file(), name

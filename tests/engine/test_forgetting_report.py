@@ -40,6 +40,7 @@ def test_an_adapter_that_changes_nothing_agrees_everywhere(tiny_model_dir, tiny_
     result = forgetting_check(model_with_adapter(tiny_model_dir, 0.0), tiny_tokenizer, PROMPTS, max_new_tokens=5,
                               log=QUIET)
     assert result["unchanged"] == result["prompts"] == 3 and result["agreement"] == 1.0
+    assert result["token_agreement"] == result["base_token_agreement"] == 1.0
     assert result["finetuned_loss_on_base_answers"] == pytest.approx(result["base_loss_on_base_answers"], rel=1e-6)
     assert "warning" not in result
     assert [a["prompt"] for a in result["answers"]] == ["What is the capital of France?", "What is 7 + 5?",
@@ -51,10 +52,30 @@ def test_a_disruptive_adapter_is_caught_and_the_remedies_named(tiny_model_dir, t
     result = forgetting_check(model_with_adapter(tiny_model_dir, 3.0), tiny_tokenizer, PROMPTS, max_new_tokens=5,
                               max_change=0.1, log=lines.append)
     assert result["unchanged"] < 3
+    assert result["token_agreement"] < 0.9 and result["base_token_agreement"] == 1.0
     assert result["finetuned_loss_on_base_answers"] > result["base_loss_on_base_answers"]
     assert "lower train.lr" in result["warning"] and "data.mix" in result["warning"]
     assert any(line.startswith("[general] warning:") for line in lines)
-    assert re.search(r"answers unchanged on \d of 3 general prompts", lines[0])
+    assert re.search(r"word for word the same on \d of 3 general prompts; the base model's next token still its "
+                     r"first choice at \d+\.\d% of their positions", lines[0])
+
+
+def test_token_agreement_counts_the_models_first_choices(tiny_model_dir):
+    """Teacher-forced: a position counts when the model's argmax given the reference's prefix is the
+    reference's token; an answer of the model's own greedy tokens scores 1, one with a token replaced less."""
+    from lorafuse.engine.forgetting import token_agreement
+
+    model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+    prompt = [5, 9, 14, 3]
+    greedy = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                            min_new_tokens=6)[0, len(prompt):].tolist()
+    assert token_agreement(model, [prompt], [greedy]) == 1.0
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + greedy])).logits[0]
+    worst = int(logits[len(prompt) + 1].argmin())  # the least likely token at the third answer position
+    changed = greedy[:2] + [worst] + greedy[3:]
+    assert token_agreement(model, [prompt], [changed]) < 1.0
+    assert token_agreement(model, [prompt, prompt], [greedy, []]) == 1.0  # an empty answer adds no position
 
 
 def test_general_prompts_file_errors_name_the_line(tmp_path):
