@@ -99,6 +99,13 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    general: str | None = None  # JSONL of prompts outside the task: the fine-tuned model's answers vs the base's
+    general_max_change: float = 0.1  # warn when it prefers another token at more than this share of base answers
+    max_new_tokens: int = 48  # tokens generated per general answer
+
+
+@dataclass
 class Config:
     model: str = ""  # local HuggingFace model directory (config.json, *.safetensors, tokenizer files)
     quantize: str = "none"  # none | nf4: the decoder's frozen projections in 4-bit NF4 (QLoRA, bitsandbytes' format)
@@ -106,6 +113,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the forgetting check at the end of training
 
 
 CHECK_LEVELS = ("warn", "refuse", "off")
@@ -227,6 +235,10 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     _validate_data_gate(cfg.data)
+    if not 0.0 <= cfg.eval.general_max_change <= 1.0:
+        raise ConfigError(f"config key 'eval.general_max_change' must be in [0, 1], got {cfg.eval.general_max_change}")
+    if cfg.eval.max_new_tokens < 1:
+        raise ConfigError(f"config key 'eval.max_new_tokens' must be at least 1, got {cfg.eval.max_new_tokens}")
     unknown = [name for name in t.report_to if name not in TRACKERS]
     if unknown:
         raise ConfigError(f"config key 'train.report_to' must list some of {', '.join(TRACKERS)}; got {unknown}")
@@ -295,7 +307,7 @@ def describe_keys() -> list[str]:
     """Every config key with its default and what it does (from the comments above), for --help."""
     lines = []
     for section, cls in (("", Config), ("data.", DataConfig), ("data.checks.", DataChecks), ("data.mix[].", MixSource),
-                         ("lora.", LoraConfig), ("train.", TrainConfig)):
+                         ("lora.", LoraConfig), ("train.", TrainConfig), ("eval.", EvalConfig)):
         try:
             source = inspect.getsource(cls)
         except (OSError, TypeError):  # no source shipped: keys and defaults only

@@ -72,23 +72,18 @@ def _base_reference(x, weight, bias=None):
 
 
 def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
-    """Plain PyTorch: the definition above, differentiated by autograd (lora_a None: the frozen linear)."""
+    """Plain PyTorch: the definition above, differentiated by autograd (lora_a None: the frozen linear). The
+    scaling multiplies B ([out, r]), not the product ([tokens, out]): the same math, one pass less over the output."""
     base = _base_reference(x, weight, bias)
-    return base if lora_a is None else base + scaling * F.linear(F.linear(x, lora_a), lora_b)
+    return base if lora_a is None else base + F.linear(F.linear(x, lora_a), lora_b * scaling)
 
 
 def lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None):
-    """Each projection of the stacked weight on its own: y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T."""
-    if is_nf4(weight):  # one dequantized base product, split
-        bases = _base_reference(x, weight, bias).split(list(out_splits), -1)
-        return tuple(y if a is None else y + s * F.linear(F.linear(x, a), b)
-                     for y, a, b, s in zip(bases, lora_as, lora_bs, scalings, strict=True))
-    weights = weight.split(list(out_splits), 0)
-    biases = bias.split(list(out_splits), 0) if bias is not None else [None] * len(out_splits)
-    outs = []
-    for w, a, b, s, bi in zip(weights, lora_as, lora_bs, scalings, biases, strict=True):
-        outs.append(F.linear(x, w, bi) if a is None else lora_linear_reference(x, w, a, b, s, bi))
-    return tuple(outs)
+    """y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T, the frozen part as one product with the stacked weight
+    (x read once, an NF4 weight dequantized once; backward's dx is one product too)."""
+    frozen = _base_reference(x, weight, bias).split(list(out_splits), -1)
+    return tuple(y if a is None else y + F.linear(F.linear(x, a), b * s)
+                 for y, a, b, s in zip(frozen, lora_as, lora_bs, scalings, strict=True))
 
 
 def lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,

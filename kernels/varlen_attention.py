@@ -69,18 +69,24 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: boo
                                window: int | None = None, softcap: float | None = None):
     """One SDPA call per document (host loop over cu_seqlens); a window becomes SDPA's boolean mask. With
     softcap (which SDPA lacks), the eager attention of HF's Gemma 2: scores, cap, mask, softmax in at least
-    float32, then the product with v in the inputs' dtype."""
+    float32, then the product with v in the inputs' dtype.
+
+    The documents are `split` by length, not sliced: the backward of a slice fills a zero tensor of the whole
+    batch per document and sums them, split's concatenates the pieces once. Plain causal documents go to SDPA
+    as [1, H, L, D] with enable_gqa: a 4-D input reaches SDPA's fused CPU kernel (a 3-D one its math path),
+    and the key/value heads are not repeated in memory. Masked ones (window, softcap) keep the math path,
+    whose softmax is exact where a row sees one key (window 1: dq exactly 0)."""
     check_window_softcap(causal, window, softcap)
     group = q.shape[1] // k.shape[1]
-    bounds = cu_seqlens.tolist()
+    lengths = cu_seqlens.diff().tolist()
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        qd = q[start:end].transpose(0, 1)
-        kd = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
-        vd = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+    for qd, kd, vd in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True):
+        qd, kd, vd = qd.transpose(0, 1), kd.transpose(0, 1), vd.transpose(0, 1)  # [H, L, D]
         if window is None and softcap is None:
-            od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=softmax_scale)
+            od = F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=causal, scale=softmax_scale,
+                                                enable_gqa=group > 1)[0]
         else:
+            kd, vd = kd.repeat_interleave(group, dim=0), vd.repeat_interleave(group, dim=0)
             od = _masked_attention(qd, kd, vd, causal, softmax_scale, window, softcap)
         outs.append(od.transpose(0, 1))
     return torch.cat(outs, dim=0)
