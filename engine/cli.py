@@ -65,7 +65,7 @@ def cmd_eval(args) -> int:
 
     if args.ratings:
         return _summarise_ratings(args)
-    missing = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if not value]
+    missing = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if value is None]
     if missing:
         raise ValueError(f"eval needs {' and '.join(missing)} (or --ratings FILE to summarise ratings)")
     check_supported(args.model)  # the model, the adapter and the result files are checked before the data
