@@ -5,7 +5,7 @@ Per decoder layer, with the group's adapters stacked (A [R, K], block-diagonal B
   q, k, v   = [x_hat | U] [W_qkv | B_qkv]^T          x_hat, U = rms_norm_lowrank(h)   (one pass over h)
   o         = o W_o^T + (s o A_o^T) B_o^T             (attention output from outside: skinny GEMM + addmm)
   g, u      = [x_hat | U] [W_gu | B_gu]^T             x_hat, U = rms_norm_lowrank(h)
-  mlp out   = [h | U_d] [W_d | B_d]^T                 h, U_d = act(g) * u, s h A_d^T   (GluLowRankFunction)
+  mlp out   = [h | U_d] [W_d | B_d]^T                 h, U_d = glu_lowrank(g, u)          (one pass over g, u)
 Backward is autograd over those Functions: each GEMM's dY [W | B] = [dX_base | V] goes to the producer of
 [x | U], which adds V diag(s) A where it reads the row anyway; dA, dB arrive in float32 on the masters.
 
@@ -39,12 +39,12 @@ from lorafuse.kernels import _lora_gemm_select as select
 from lorafuse.kernels.lora_cublas import (
     AugmentedLinearFunction,
     CublasLoraFunction,
-    GluLowRankFunction,
     register_augmented,
 )
 from lorafuse.kernels.lora_linear import _Plan, _scale_vector
 from lorafuse.kernels.nf4 import is_nf4
 from lorafuse.kernels.rms_norm_lora import rms_norm_lowrank
+from lorafuse.kernels.swiglu_lora import glu_lowrank
 
 from .lora import active_adapter, fusable
 
@@ -258,8 +258,8 @@ class LoraGemm:
         down = mlp.down_proj
         aug = self.group((lid, "down"), down.weight, (down,))
         adapter = active_adapter(down)
-        h, ud = GluLowRankFunction.apply(g, up, spec.activation, aug.plan.ranks, aug.plan.scalings,
-                                         adapter[0] if adapter is not None else None)
+        h, ud = glu_lowrank(g, up, adapter[0] if adapter is not None else None,
+                            adapter[2] if adapter is not None else 0.0, spec.activation)
         mixed = AugmentedLinearFunction.apply(h, ud, down.weight, None, aug.plan, *self._bs(aug))
         if spec.family.sandwich_norms:
             return hidden + norm(mixed, module.post_feedforward_layernorm.weight)

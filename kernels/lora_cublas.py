@@ -16,14 +16,13 @@ U carries the scale, so dB needs none; V is exactly the gradient of U, so the pr
 Producers of [x | U] (who computes U = x A^T diag(s) and later adds V diag(s) A):
 - q/k/v and gate/up: the RMSNorm in front of them (rms_norm_lora.py) writes [x_hat | U] in one pass over
   the row it normalises, and its backward adds V diag(s) A to the row it reads anyway. No extra pass.
-- down_proj: the SwiGLU/GeGLU (`GluLowRankFunction`, here) writes h into the first I columns of the
-  [h | U] buffer, then one skinny cuBLAS GEMM writes U = h A^T diag(s) into the last R. Chosen over
-  folding U into the SwiGLU kernel: that kernel is elementwise over 1-D tiles, and computing h A^T inside it
-  needs whole row tiles and a dot, i.e. a second copy of the RMSNorm producer's machinery; the skinny
-  GEMM costs one read of h (T I bytes, about 4% of the down GEMM's time at the Llama-3.1-8B shape, see
-  bench/README.md) and keeps the cuBLAS path free of new kernels here. In backward dH = dH_base + V diag(s) A
-  is one addmm, then the GLU backward writes dG and dU into one [T, 2 I] buffer, which is the gate/up
-  group's dY (read in place, no concatenation).
+- down_proj: the SwiGLU/GeGLU kernel (swiglu_lora.py), which holds each row of h as it writes it: it writes
+  [h | U] and accumulates U = h A^T diag(s) over the row chunks it stores, so h is never read again for U;
+  its backward adds V diag(s) A on each tile before the GLU backward and writes dG and dU into one [T, 2 I]
+  buffer, the gate/up group's dY (read in place). Chosen over one skinny GEMM for U: that GEMM reads h
+  again (T I bytes, 0.47 GB per layer at the headline shape) and the V A term would then be one more
+  read and write of dH (another 0.94 GB), where the producer's tile already holds everything; the price is
+  that the GLU now needs row tiles of >= 16 rows (tl.dot) instead of being purely elementwise.
 - o_proj (and every public call, whose input comes from outside): `CublasLoraFunction`, one skinny GEMM
   for U, then y = x W^T + bias and y += U B^T (a rank-R addmm on y). The producer of o_proj's input is the
   attention kernel; writing [o | U] there would put a dot into its epilogue (another engineer's kernel,
@@ -51,7 +50,6 @@ import os
 
 import torch
 
-from ._dispatch import use_triton
 from ._launch import count, empty_output
 from ._lora_gemm_select import forced_path, lora_gemm_path  # noqa: F401  (re-exported)
 from .lora_linear import (
@@ -61,7 +59,8 @@ from .lora_linear import (
     _scale_vector,
     lora_linear_group_reference,
 )
-from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
+from .swiglu import check_activation
+from .swiglu_lora import glu_lowrank
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -215,7 +214,7 @@ class CublasLoraFunction(torch.autograd.Function):
 
 class AugmentedLinearFunction(torch.autograd.Function):
     """y_i = [x | U] [W | B]^T + bias restricted to output block i, with x and U given by a producer
-    (rms_norm_lora.py, GluLowRankFunction). Gradients: [dx | dU] = dY [W | B] in one buffer (the producer's
+    (rms_norm_lora.py, swiglu_lora.py). Gradients: [dx | dU] = dY [W | B] in one buffer (the producer's
     to finish), dB_i = dY_i^T U_i in float32. The B_i arguments are only where their gradients go: B is read
     from the registered WB (else from them, per call)."""
 
@@ -268,70 +267,6 @@ class AugmentedLinearFunction(torch.autograd.Function):
                 dbs.append(f32_mm(dys[i].t(), u[:, r_off:r_off + r]))
         dbias = dy.sum(0) if needs[3] else None
         return (dx if needs[0] else None, du if needs[1] else None, None, dbias, None, *dbs)
-
-
-def _glu_backward_into(dh, g, u, dgu, activation):
-    """dgu[:, :I] = dG, dgu[:, I:] = dU of h = act(g) * u, written into one buffer (the gate/up dY)."""
-    inter = g.shape[1]
-    if use_triton(g):
-        from .swiglu import BLOCK, _glu_bwd_kernel, _grid
-
-        dg, du = dgu[:, :inter], dgu[:, inter:]
-        if g.shape[0] and inter:
-            _glu_bwd_kernel[_grid(g.shape[0], inter)](dh, g, u, dg, du, inter, dh.stride(0), g.stride(0),
-                                                     u.stride(0), dg.stride(0), du.stride(0), BLOCK=BLOCK,
-                                                     ACTIVATION=activation)
-        return dgu
-    with torch.enable_grad():
-        g_, u_ = g.detach().requires_grad_(), u.detach().requires_grad_()
-        h = GLU_REFERENCES[activation](g_, u_)
-        dg, du = torch.autograd.grad(h, (g_, u_), dh)
-    dgu[:, :inter].copy_(dg)
-    dgu[:, inter:].copy_(du)
-    return dgu
-
-
-class GluLowRankFunction(torch.autograd.Function):
-    """The down projection's producer: (h, U) = (act(g) * u, h A^T diag(s)) as the two column blocks of one
-    [T, I + R] buffer. Backward: dH = dh + dU diag(s) A, dA = s dU^T h (float32), then the GLU backward into
-    one [T, 2 I] buffer whose halves are dG and dU."""
-
-    @staticmethod
-    def forward(ctx, g, u, activation: str, ranks: tuple, scalings: tuple, lora_a):
-        T, inter = g.shape
-        plan = _Plan.make((0,), ranks, scalings)
-        sa = scaled_a(plan, [lora_a], g.dtype, g.device) if lora_a is not None else None
-        R = sa.shape[0] if sa is not None else 0
-        buf = empty_output((T, inter + R), g.dtype, g.device)
-        h = buf[:, :inter]
-        if use_triton(g):
-            glu_forward_triton(g, u, out=h, activation=activation)
-        else:
-            h.copy_(GLU_REFERENCES[activation](g, u))
-        ud = None
-        if R:
-            ud = buf[:, inter:]
-            torch.mm(h, sa.t(), out=ud) if ud.is_contiguous() else ud.copy_(h @ sa.t())
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(g, u, buf)
-        ctx.sa, ctx.scaling, ctx.activation, ctx.inter = sa, (scalings[0] if R else 0.0), activation, inter
-        return (h, ud) if R else (h, None)
-
-    @staticmethod
-    def backward(ctx, dh, dud):
-        g, u, buf = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        inter, sa = ctx.inter, ctx.sa
-        da = None
-        if dud is not None and sa is not None:
-            if needs[5]:
-                da = f32_mm(dud.t(), buf[:, :inter]) * ctx.scaling
-            dh = torch.addmm(dh, dud, sa) if dh is not None else torch.mm(dud, sa)
-        elif dh is None:
-            return None, None, None, None, None, None
-        dgu = empty_output((g.shape[0], 2 * inter), g.dtype, g.device)
-        _glu_backward_into(_as_rows(dh), g, u, dgu, ctx.activation)
-        return dgu[:, :inter], dgu[:, inter:], None, None, None, da
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -387,10 +322,10 @@ def glu_down(g, u, down_weight, down_a, down_b, down_scaling, activation):
     """down(act(g) * u) with the down LoRA folded into its GEMM (g, u [T, I] in the compute dtype)."""
     hidden, inter = down_weight.shape
     r = _check_adapter("lora_mlp down", down_a, down_b, hidden, inter)
-    h, ud = GluLowRankFunction.apply(g, u, activation, (r,), (float(down_scaling),), down_a)
+    h, ud = glu_lowrank(g, u, down_a, float(down_scaling), activation)
     plan = _Plan.make((hidden,), (r,), (float(down_scaling),))
     return AugmentedLinearFunction.apply(h, ud, down_weight, None, plan, down_b)
 
 
 __all__ = ["lora_linear", "lora_linear_group", "lora_mlp", "lora_gemm_path", "forced_path", "register_augmented",
-           "AugmentedLinearFunction", "CublasLoraFunction", "GluLowRankFunction", "f32_mm", "_scale_vector"]
+           "AugmentedLinearFunction", "CublasLoraFunction", "f32_mm", "_scale_vector"]

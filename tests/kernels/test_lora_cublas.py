@@ -303,3 +303,36 @@ def test_cublas_function_without_any_gradient_needed(cublas):
     x, w = torch.randn(4, 5), torch.randn(3, 5)
     y = CublasLoraFunction.apply(x, w, None, plan, torch.randn(2, 5), torch.randn(3, 2))
     assert not y.requires_grad
+
+
+# ----------------------------------------------------------------------------- the GLU producer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize(("T", "inter", "R"), [(1, 33, 1), (21, 50, 16), (17, 40, 64), (5, 24, 0)])
+def test_glu_lowrank_through_the_interpreter(monkeypatch, dtype, activation, T, inter, R):
+    from lorafuse.kernels.swiglu_lora import glu_lowrank, glu_lowrank_reference
+
+    poison_outputs(monkeypatch)
+    gu = rand(T, 2 * inter, dtype=dtype)  # g and u as the two halves of the gate/up output, as the engine has them
+    a = rand(R, inter, dtype=dtype, scale=inter ** -0.5) if R else None
+    dh, du = rand(T, inter, dtype=dtype), (rand(T, R, dtype=dtype) if R else None)
+
+    def run(fn, dt):
+        g_all = gu.to(dt).requires_grad_()
+        aa = a.float().requires_grad_() if R else None
+        h, u = fn(g_all[:, :inter], g_all[:, inter:], aa, 1.5, activation)
+        outs, leaves = [h] + ([u] if R else []), [g_all] + ([aa] if R else [])
+        return outs, torch.autograd.grad(outs, leaves, [dh.to(dt)] + ([du.to(dt)] if R else []))
+
+    with expect_triton("glu_lowrank"):
+        outs, grads = run(glu_lowrank, dtype)
+    ref_outs, ref_grads = run(glu_lowrank_reference, torch.float64)
+    if R:
+        assert outs[1].data_ptr() == outs[0].data_ptr() + inter * outs[0].element_size()  # [h | U], one buffer
+        assert grads[1].dtype == torch.float32
+    for o, r in zip(outs, ref_outs, strict=True):
+        assert_close(o, r, dtype)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_close(g, r, dtype)
