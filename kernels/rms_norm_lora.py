@@ -128,10 +128,30 @@ if HAVE_TRITON:
 
 
 def _meta(R: int) -> dict:
-    block_r = max(16, triton.next_power_of_2(max(R, 1)))
-    if INTERPRETED:
+    return _meta_for(R, INTERPRETED)
+
+
+def _meta_for(R: int, interpreted: bool) -> dict:
+    block_r = max(16, 1 << max(0, (max(R, 1) - 1).bit_length()))
+    if interpreted:
         return {"ROWS": 16, "BLOCK_K": 32, "BLOCK_R": block_r}
     return {"ROWS": 32, "BLOCK_K": 128 if block_r <= 64 else 64, "BLOCK_R": block_r, "num_warps": 8}
+
+
+if HAVE_TRITON:
+    def _aot(kernel, dtype, R, **flags):
+        meta = {k: v for k, v in _meta_for(R, interpreted=False).items() if k != "num_warps"}
+        types = {"X W A OUT DY V DX": f"*{dtype}", "SCALE RSTD": "*fp32", "eps offset": "fp32"}
+        consts = {**flags, **meta, "HAS_LOWRANK": R > 0, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        from ._launch import AotSpec, aot_spec
+
+        spec = aot_spec(kernel, dtype, consts, types=types)
+        return AotSpec(spec.kernel, spec.signature, spec.constexprs, {"num_warps": 8})
+
+    # the engine's uses: Llama q/k/v (R = 3 x 16) and gate/up (2 x 16), the widest rank block, float32 on GPU
+    AOT_SPECS = [_aot(_fwd_kernel, "bf16", 48), _aot(_fwd_kernel, "bf16", 0), _aot(_fwd_kernel, "fp16", 192),
+                 _aot(_fwd_kernel, "fp32", 32), _aot(_bwd_kernel, "bf16", 48), _aot(_bwd_kernel, "bf16", 192),
+                 _aot(_bwd_kernel, "fp32", 32)]
 
 
 def _scaled_inputs(lora_a, scale, dtype):

@@ -91,10 +91,31 @@ if HAVE_TRITON:
 
 
 def _meta(R: int) -> dict:
-    block_r = max(16, triton.next_power_of_2(max(R, 1)))
-    if INTERPRETED:
+    return _meta_for(R, INTERPRETED)
+
+
+def _meta_for(R: int, interpreted: bool) -> dict:
+    block_r = max(16, 1 << max(0, (max(R, 1) - 1).bit_length()))
+    if interpreted:
         return {"ROWS": 16, "BLOCK_I": 32, "BLOCK_R": block_r}
     return {"ROWS": 32, "BLOCK_I": 128 if block_r <= 64 else 64, "BLOCK_R": block_r, "num_warps": 8}
+
+
+if HAVE_TRITON:
+    def _aot(kernel, dtype, R, activation):
+        from ._launch import AotSpec, aot_spec
+
+        meta = {k: v for k, v in _meta_for(R, interpreted=False).items() if k != "num_warps"}
+        types = {"G U A OUT DH V DGU": f"*{dtype}", "scaling": "fp32"}
+        consts = {**meta, "HAS_LOWRANK": R > 0, "ACTIVATION": activation,
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        spec = aot_spec(kernel, dtype, consts, types=types)
+        return AotSpec(spec.kernel, spec.signature, spec.constexprs, {"num_warps": 8})
+
+    AOT_SPECS = [_aot(_fwd_kernel, "bf16", 16, "silu"), _aot(_fwd_kernel, "bf16", 16, "gelu_tanh"),
+                 _aot(_fwd_kernel, "fp16", 128, "silu"), _aot(_fwd_kernel, "fp32", 16, "silu"),
+                 _aot(_bwd_kernel, "bf16", 16, "silu"), _aot(_bwd_kernel, "bf16", 128, "gelu_tanh"),
+                 _aot(_bwd_kernel, "fp32", 16, "silu")]
 
 
 def _rows(t):
