@@ -22,7 +22,7 @@ import torch
 from .nf4 import is_nf4
 
 PATHS = ("auto", "triton", "cublas")
-ESTIMATE_FAVOURS = "cublas"  # bench/README.md: about 1.07x the bare GEMM against 1.30x for the Triton path
+ESTIMATE_FAVOURS = "cublas"  # bench/README.md: about 1.09x the bare GEMMs against 1.34x for the Triton path
 CHOICE_FILE = "lora_gemm.json"
 
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("lorafuse_lora_gemm", default=None)
