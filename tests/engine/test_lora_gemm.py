@@ -19,7 +19,10 @@ from lorafuse.engine.ops import REFERENCE
 from lorafuse.engine.packing import make_batch
 from lorafuse.engine.prepare import DecoderSpec, prepare_model
 from lorafuse.engine.step import train_step
+from lorafuse.engine.train import train
 from lorafuse.kernels._launch import launches
+
+from engine_utils import QUIET, tiny_train_config, write_ticket_files
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -172,3 +175,17 @@ def test_config_refuses_cublas_with_nf4_fsdp_and_reference(override, clash):
     assert load_config(None, ["train.lora_gemm=cublas"]).train.lora_gemm == "cublas"
     with pytest.raises(ConfigError, match=f"'{clash}'"):
         load_config(None, ["train.lora_gemm=cublas", override])
+
+
+def test_training_run_on_the_cublas_path_matches_today_and_says_which(tiny_model_dir, tmp_path, reference_kernels):
+    files = {"train": write_ticket_files(tmp_path)["train"]}
+    lines = []
+    runs = {}
+    for path in ("triton", "cublas"):
+        cfg = tiny_train_config(tiny_model_dir, files, tmp_path / path, max_steps=4, lora_gemm=path)
+        runs[path] = train(cfg, log=lines.append if path == "cublas" else QUIET).train_losses
+    assert any(line == "[kernels] LoRA GEMMs: cublas (train.lora_gemm)" for line in lines), lines
+    assert len(runs["cublas"]) == len(runs["triton"]) == 4
+    for a, b in zip(runs["cublas"], runs["triton"], strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b)
+    assert runs["cublas"][-1] != runs["cublas"][0]  # it trained
