@@ -142,10 +142,14 @@ def test_a_skipped_refresh_is_seen_and_the_forward_still_reads_fresh_b(tmp_path,
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
 
 
-def test_dropout_layers_take_the_existing_path(tmp_path, monkeypatch):
+def test_dropout_layers_take_the_existing_path(tmp_path, reference_kernels):
     model, prepared = micro(tmp_path, "llama", dropout=0.1)
     model.train()
     assert not prepared.lora_gemm.runs(prepared.layers[0])
+    loss = packed_loss(prepared, batch())
+    grads = torch.autograd.grad(loss, lora_parameters(model))
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert not prepared.lora_gemm.buffers()  # the layer never took the cuBLAS path
     model.eval()  # dropout is off outside training: the cuBLAS layer takes it
     assert prepared.lora_gemm.runs(prepared.layers[0])
 
@@ -158,6 +162,9 @@ def test_selection(monkeypatch):
     monkeypatch.delenv("LORAFUSE_LORA_GEMM", raising=False)
     assert resolve("auto", cpu, spec)[0] == "triton"  # CPU keeps today's kernels unless asked
     assert resolve("cublas", cpu, spec) == ("cublas", "cublas (train.lora_gemm)")
+    assert resolve("auto", cpu, spec, quantized=True)[0] == "triton"  # NF4: the Triton GEMMs dequantize
+    assert resolve("auto", torch.device("meta"), spec)[0] == "triton"  # sharded_load prepares FSDP models on meta
+    assert resolve("auto", cpu, spec, kernels="reference")[0] == "triton"
     monkeypatch.setenv("LORAFUSE_LORA_GEMM", "cublas")
     assert resolve("auto", cpu, spec)[0] == "cublas"
     assert resolve("triton", cpu, spec)[0] == "triton"  # the config key wins over the environment
