@@ -336,3 +336,56 @@ def test_glu_lowrank_through_the_interpreter(monkeypatch, dtype, activation, T, 
         assert_close(o, r, dtype)
     for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r, dtype)
+
+
+def test_group_of_three_with_one_token(cublas):
+    case = _case(torch.float32, 1, 45, (33, 17, 17), (16, 1, 64), True)
+    outs, grads, _ = _run_group(lora_linear_group, case, torch.float32, torch.float32)
+    ref_outs, ref_grads, _ = _run_group(lora_linear_group_reference, case, torch.float64, torch.float64)
+    for o, r in zip([*outs, *grads], [*ref_outs, *ref_grads], strict=True):
+        assert_close(o, r, torch.float32)
+
+
+# ----------------------------------------------------------------------------- bf16 on a GPU (make test-gpu)
+
+
+def _to(case, device):
+    return tuple([t.to(device) if t is not None else None for t in v] if isinstance(v, list)
+                 else (v.to(device) if isinstance(v, torch.Tensor) else v) for v in case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("splits", "ranks"), [((4096, 1024, 1024), (16, 16, 16)), ((4096,), (16,))])
+def test_group_bf16_on_gpu(cublas, splits, ranks):
+    case = _to(_case(torch.bfloat16, 2048, 4096, splits, ranks, False), "cuda")
+    outs, grads, _ = _run_group(lora_linear_group, case, torch.bfloat16, torch.float32)
+    ref_outs, ref_grads, _ = _run_group(lora_linear_group_reference, case, torch.float64, torch.float64)
+    stock_outs, stock_grads, _ = _run_group(lora_linear_group_reference, case, torch.bfloat16, torch.bfloat16)
+    for o, r, s in zip([*outs, *grads], [*ref_outs, *ref_grads], [*stock_outs, *stock_grads], strict=True):
+        assert_close(o, r, torch.bfloat16, tol=max(TOL[torch.bfloat16], 2 * rel_err(s, r)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_producers_bf16_on_gpu(activation):
+    from lorafuse.kernels.swiglu_lora import glu_lowrank, glu_lowrank_reference
+
+    T, K, inter, R = 1024, 4096, 14336, 48
+    x = rand(T, K, dtype=torch.bfloat16).cuda()
+    w = torch.ones(K, dtype=torch.float64, device="cuda")
+    a = rand(R, K, dtype=torch.bfloat16, scale=K ** -0.5).cuda()
+    s = torch.full((R,), 2.0, dtype=torch.float64, device="cuda")
+    for dt in (torch.bfloat16, torch.float64):
+        fn = rms_norm_lowrank if dt == torch.bfloat16 else rms_norm_lowrank_reference
+        y, u = fn(x.to(dt), w.to(dt), 1e-5, 0.0, a.float(), s.float())
+        if dt == torch.bfloat16:
+            got = (y, u)
+        else:
+            assert_close(got[0], y, torch.bfloat16)
+            assert_close(got[1], u, torch.bfloat16)
+    gu = rand(T, 2 * inter, dtype=torch.bfloat16).cuda()
+    ad = rand(16, inter, dtype=torch.bfloat16, scale=inter ** -0.5).cuda()
+    h, ud = glu_lowrank(gu[:, :inter].bfloat16(), gu[:, inter:].bfloat16(), ad.float(), 2.0, activation)
+    rh, rud = glu_lowrank_reference(gu[:, :inter], gu[:, inter:], ad, 2.0, activation)
+    assert_close(h, rh, torch.bfloat16)
+    assert_close(ud, rud, torch.bfloat16)
