@@ -1,11 +1,13 @@
 """Fused LoRA linear, grouped q/k/v and the LoRA MLP: forward + backward, bf16, Llama-3.1-8B shapes.
 
 Peers in the same run, per shape and token count:
-- lorafuse: the Triton kernels (lora_linear, lora_linear_group, lora_mlp);
+- lorafuse: the Triton kernels (lora_linear, lora_linear_group, lora_mlp; LORAFUSE_LORA_GEMM=triton);
 - base: the bare frozen layer, forward + dX only (no LoRA at all): the floor;
 - peft: PEFT's LoRA Linear (base + lora_B(lora_A(x)) * scaling, adapters in bf16);
 - for q/k/v and the MLP also `lorafuse_parts`: the same block from separate lora_linear (and swiglu)
   calls, to show what grouping saves.
+test_lora_gemm_paths (below) times the Triton and the cuBLAS LoRA GEMM paths against the bare GEMMs and
+test_record_choice writes what `auto` reads (issue 15; bench/README.md).
 Gradients are taken with torch.autograd.grad (nothing accumulates into .grad between repeats).
 FLOPs as DESIGN.md counts them: 4 per frozen weight per token (forward and dX, no frozen weight
 gradient) and 6 per LoRA weight per token.
@@ -31,6 +33,12 @@ else:
     PROJECTIONS = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
     TOKENS = [8192, 16384]
     HIDDEN, INTER, KV = 4096, 14336, 1024  # Llama-3.1-8B: 32 q heads, 8 kv heads of 128
+
+
+@pytest.fixture(autouse=True)
+def _triton_gemms(monkeypatch):
+    """`lorafuse` above means the Triton kernels; the two-path cases below pin each path themselves."""
+    monkeypatch.setenv("LORAFUSE_LORA_GEMM", "triton")
 
 
 def _frozen(n_out, n_in, device, dtype):
