@@ -273,6 +273,10 @@ def test_path_selection(monkeypatch, tmp_path):
         assert lora_gemm_path(x, w) == "triton"
     trained = w.clone().requires_grad_()
     assert lora_gemm_path(x, trained) == "triton"  # a weight that trains: the Triton path has dW
+    from lorafuse.kernels.nf4 import quantize_nf4
+
+    nf4 = quantize_nf4(torch.randn(4, 64))
+    assert lora_gemm_path(torch.randn(2, 64), nf4) == "triton"  # NF4: the Triton GEMMs dequantize it
     monkeypatch.setenv("LORAFUSE_LORA_GEMM", "fastest")
     with pytest.raises(ValueError, match="LORAFUSE_LORA_GEMM"):
         lora_gemm_path(x, w)
