@@ -188,10 +188,14 @@ def test_training_run_on_the_cublas_path_matches_today_and_says_which(tiny_model
     files = {"train": write_ticket_files(tmp_path)["train"]}
     lines = []
     runs = {}
+    before = launches["lora_gemm_layer"]
     for path in ("triton", "cublas"):
-        cfg = tiny_train_config(tiny_model_dir, files, tmp_path / path, max_steps=4, lora_gemm=path)
+        # the cuBLAS run recomputes each layer in backward (its Functions run twice per step)
+        cfg = tiny_train_config(tiny_model_dir, files, tmp_path / path, max_steps=4, lora_gemm=path,
+                                checkpointing="recompute" if path == "cublas" else "none")
         runs[path] = train(cfg, log=lines.append if path == "cublas" else QUIET).train_losses
     assert any(line == "[kernels] LoRA GEMMs: cublas (train.lora_gemm)" for line in lines), lines
+    assert launches["lora_gemm_layer"] > before  # the cuBLAS run's layers took the cuBLAS path
     assert len(runs["cublas"]) == len(runs["triton"]) == 4
     for a, b in zip(runs["cublas"], runs["triton"], strict=True):
         assert abs(a - b) <= 1e-4 * abs(b)
