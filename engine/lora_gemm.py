@@ -67,11 +67,12 @@ def resolve(setting: str, device: torch.device, spec, *, quantized: bool = False
     if setting == "auto":
         setting, source = select.env_setting(), "LORAFUSE_LORA_GEMM"
     if setting == "cublas":
-        if quantized:
-            raise ValueError("the cuBLAS LoRA GEMM path does not take NF4 weights (quantize: nf4): use "
-                             "train.lora_gemm=triton or auto")
-        if kernels == "reference":
-            raise ValueError("train.lora_gemm=cublas does not combine with train.kernels=reference")
+        clash = "NF4 weights (quantize: nf4)" if quantized else \
+            "the reference ops (train.kernels: reference)" if kernels == "reference" else None
+        if clash and source == "train.lora_gemm":  # asked for in the config: refused (config.py says it first)
+            raise ValueError(f"train.lora_gemm=cublas does not combine with {clash}: use triton or auto")
+        if clash:  # the environment's preference yields to what this model or run needs, as per call
+            return "triton", f"triton ({clash} take the Triton path; LORAFUSE_LORA_GEMM=cublas does not apply)"
         return "cublas", f"cublas ({source})"
     if setting == "triton":
         return "triton", f"triton ({source})"

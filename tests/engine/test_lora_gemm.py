@@ -168,8 +168,10 @@ def test_selection(monkeypatch):
     monkeypatch.setenv("LORAFUSE_LORA_GEMM", "cublas")
     assert resolve("auto", cpu, spec)[0] == "cublas"
     assert resolve("triton", cpu, spec)[0] == "triton"  # the config key wins over the environment
+    assert resolve("auto", cpu, spec, quantized=True)[0] == "triton"  # the environment yields to NF4 weights
+    assert resolve("auto", cpu, spec, kernels="reference")[0] == "triton"  # and to the reference ops
     with pytest.raises(ValueError, match="NF4"):
-        resolve("auto", cpu, spec, quantized=True)
+        resolve("cublas", cpu, spec, quantized=True)  # the config key does not
     monkeypatch.setenv("LORAFUSE_LORA_GEMM", "fast")
     with pytest.raises(ValueError, match="LORAFUSE_LORA_GEMM"):
         resolve("auto", cpu, spec)
