@@ -11,13 +11,14 @@ Backward is autograd over those Functions: each GEMM's dY [W | B] = [dX_base | V
 
 The [W | B] buffers. Each group's buffer [N, K + R] holds the frozen weight in its first K columns and the
 adapters' B (block-diagonal, zeros off the blocks) in the last R, in the weight's dtype. It is written once,
-at the first forward after the adapters exist (train.py prepares the model before it injects LoRA, so at
-prepare time the ranks are unknown); from then on the stacked weight and every projection's weight are views
-of its first K columns (as prepare.py's stacking makes them views of the stack), so the frozen weight is
-held once. The B columns are refreshed from the float32 masters by `refresh`, which step.train_step calls
-right after optimizer.step(). As a safety net, a forward compares each master's version counter with the
-one it had at the last refresh and refreshes first when they differ (guard.py's restore, a resumed
-checkpoint, load_adapter_weights all write the masters in place), so stale B columns are never read.
+when the adapters exist: train.py calls `attach` right after it injects LoRA (prepare_model runs before
+that, when the ranks are unknown); other callers get them at the first forward. From then on the stacked
+weight and every projection's weight are views of its first K columns (as prepare.py's stacking makes them
+views of the stack), so the frozen weight is held once. The B columns are refreshed from the float32
+masters by `refresh`, which step.train_step calls right after optimizer.step(). As a safety net, a forward
+compares each master's version counter with the one it had at the last refresh and refreshes first when
+they differ (guard.py's restore, a resumed checkpoint, load_adapter_weights all write the masters in
+place), so stale B columns are never read.
 
 Where this path does not run, a layer takes forward.decoder_layer (the Triton kernels): LoRA dropout > 0
 while training (the low-rank branch then sees another input than the base), q/k/v or gate/up not stacked
@@ -202,6 +203,19 @@ class LoraGemm:
                 if r:
                     aug.wb[off:off + n, K + r_off:K + r_off + r].copy_(a[1])
         aug.versions = self._versions(aug)
+
+    def attach(self, prepared) -> int:
+        """Build the [W | B] buffers of every layer this path runs, now (train.py, once the adapters exist and
+        before the first step), instead of at the first forward. Returns how many."""
+        for layer in prepared.layers:
+            if self.runs(layer):
+                attn, mlp = layer.module.self_attn, layer.module.mlp
+                lid = id(layer)
+                self.group((lid, "qkv"), layer.qkv.weight, (attn.q_proj, attn.k_proj, attn.v_proj))
+                self.group((lid, "o"), attn.o_proj.weight, (attn.o_proj,))
+                self.group((lid, "gate_up"), layer.gate_up.weight, (mlp.gate_proj, mlp.up_proj))
+                self.group((lid, "down"), mlp.down_proj.weight, (mlp.down_proj,))
+        return len(self.buffers())
 
     def refresh(self) -> None:
         """Copy every B master into its [W | B] buffer (step.train_step, after optimizer.step())."""

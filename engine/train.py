@@ -205,6 +205,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
     if cfg.lora.init_adapter:
         load_adapter_weights(model, cfg.lora.init_adapter)
         log(f"[model] LoRA weights initialised from {cfg.lora.init_adapter}")
+    if prepared.lora_gemm is not None:
+        prepared.lora_gemm.attach(prepared)  # the cuBLAS path's [W | B] buffers, written once (lora_gemm.py)
     params = lora_parameters(model)
     n_frozen, n_lora = count_parameters(prepared.sharded or model)
     if prepared.sharded is None:

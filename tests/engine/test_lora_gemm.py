@@ -81,7 +81,10 @@ def test_micro_model_step_on_the_cublas_path_matches_the_reference(tmp_path, mon
 
 def test_projection_weights_become_views_of_the_buffer(tmp_path):
     model, prepared = micro(tmp_path, "llama")
+    assert prepared.lora_gemm.attach(prepared) == 4  # qkv, o, gate_up, down, before any forward
+    before = {k: v.data_ptr() for k, v in prepared.lora_gemm.buffers().items()}
     packed_loss(prepared, batch())
+    assert {k: v.data_ptr() for k, v in prepared.lora_gemm.buffers().items()} == before  # written once
     layer = prepared.layers[0]
     attn = layer.module.self_attn
     wb = prepared.lora_gemm.buffers()[(id(layer), "qkv")]
