@@ -18,9 +18,10 @@ cublas:  the GEMMs K + R deep (forward) and K + R wide (backward) at cuBLAS effi
            down: U and V A ride in the GLU kernels (kernels/swiglu_lora.py), but dY [W | B] cannot apply the
                  GLU backward in a cuBLAS epilogue as the Triton path's dH GEMM does: dH is written and read
                  once more (T I twice)
-Time of a kernel = FLOPs / (efficiency x peak) for GEMMs, bytes / (0.85 x HBM bandwidth) for passes, summed
-(no overlap). H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s. Efficiencies: cuBLAS 0.75, our Triton GEMM 0.60
-(issue 15: 0.55-0.70 of peak; 0.60 gives its 1.25x).
+GEMM GB: what the GEMMs read and write themselves (each operand once; compute-bound at these sizes, so it
+does not enter the time). Time of a kernel = FLOPs / (efficiency x peak) for GEMMs, bytes / (0.85 x HBM
+bandwidth) for passes, summed (no overlap). H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s. Efficiencies:
+cuBLAS 0.75, our Triton GEMM 0.60 (issue 15: 0.55-0.70 of peak; 0.60 gives its 1.25x).
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def estimate(tokens: int = 16384, rank: int = 16) -> dict:
     T = tokens
     out = {}
     for path in ("bare", "triton", "cublas"):
-        flops = extra = 0.0
+        flops = extra = moved = 0.0
         for name, (K, N, R) in gemms(rank).items():
+            # what the GEMMs themselves read and write, ideally once each: x, W, y forward; dY, W, dX backward
+            # (the low-rank operands ride along: K + R deep or wide)
+            k_eff = K if path == "bare" else K + R
+            moved += 2 * (T * k_eff + N * k_eff + T * N)
             if path == "bare":
                 flops += 4 * T * K * N
                 continue
@@ -62,8 +67,8 @@ def estimate(tokens: int = 16384, rank: int = 16) -> dict:
         eff = EFF["cublas" if path == "bare" else path]
         gemm_ms = flops / (eff * PEAK_TFLOPS * 1e12) * 1e3
         pass_ms = extra * BYTES / (BW_EFF * HBM_TBPS * 1e12) * 1e3
-        out[path] = {"tflop": flops / 1e12, "gemm_ms": gemm_ms, "extra_gb": extra * BYTES / 1e9, "pass_ms": pass_ms,
-                     "ms": gemm_ms + pass_ms}
+        out[path] = {"tflop": flops / 1e12, "gemm_gb": moved * BYTES / 1e9, "gemm_ms": gemm_ms,
+                     "extra_gb": extra * BYTES / 1e9, "pass_ms": pass_ms, "ms": gemm_ms + pass_ms}
     for path in out:
         out[path]["ratio"] = out[path]["ms"] / out["bare"]["ms"]
     return out
@@ -76,11 +81,11 @@ def favoured(tokens: int = 16384, rank: int = 16) -> str:
 
 def table(tokens: int = 16384, rank: int = 16) -> str:
     est = estimate(tokens, rank)
-    lines = ["| path | GEMM TFLOP | GEMM ms | extra passes GB | passes ms | total ms | x bare |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| path | GEMM TFLOP | GEMM GB | GEMM ms | extra passes GB | passes ms | total ms | x bare |",
+             "|---|---|---|---|---|---|---|---|"]
     for path, e in est.items():
-        lines.append(f"| {path} | {e['tflop']:.2f} | {e['gemm_ms']:.2f} | {e['extra_gb']:.2f} | {e['pass_ms']:.2f} | "
-                     f"{e['ms']:.2f} | {e['ratio']:.3f} |")
+        lines.append(f"| {path} | {e['tflop']:.2f} | {e['gemm_gb']:.2f} | {e['gemm_ms']:.2f} | {e['extra_gb']:.2f} | "
+                     f"{e['pass_ms']:.2f} | {e['ms']:.2f} | {e['ratio']:.3f} |")
     return "\n".join(lines)
 
 
