@@ -9,6 +9,10 @@ Backward, given dh [T, I] and dU = V [T, R] (the two column blocks of dY [W_d | 
                                             group's dY, which its GEMM reads in place
   dA = s V^T h                       float32, from the h saved by the forward
 
+Saved for backward: g, u (views of the gate/up output) and the [h | U] buffer. The Triton path's lora_mlp
+keeps no h (its dH GEMM recomputes h in the epilogue); here h stays for dA = s V^T h, T x I more bytes per
+layer in memory (0.47 GB at 16k tokens of Llama-3.1-8B, bf16) that the activation planner does not count yet.
+
 Tiling. Forward: a program holds ROWS (>= 16, tl.dot's minimum) rows and walks them in BLOCK_I chunks once:
 load g, u, store h, accumulate U += h_chunk A^T_chunk ([ROWS, BLOCK_R] in float32 registers, BLOCK_R =
 next_pow2(R) >= 16, masked). Backward: each program one [ROWS, BLOCK_I] tile (no row reduction), the V A
