@@ -91,6 +91,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attention: str = "auto"  # auto (= triton) | triton | flash_attn | torch_varlen | sdpa (per-document reference)
     kernels: str = "auto"  # auto | reference: every op's PyTorch reference instead of Triton (debugging)
+    lora_gemm: str = "auto"  # auto | triton | cublas: LoRA projections on Triton or cuBLAS GEMMs (auto: measured)
     checkpointing: str = "none"  # none | recompute | offload (per decoder layer; offload spares the last layer)
     memory_budget_gb: float = 0.0  # > 0: pick keep / recompute / offload per layer to fit this much GPU memory
     parallel: str = "ddp"  # ddp: a full model per rank | fsdp: base and LoRA sharded over the ranks (FSDP2)
@@ -124,6 +125,7 @@ _CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float16", "float32"),
     "train.attention": ("auto", "triton", "flash_attn", "torch_varlen", "sdpa"),
     "train.kernels": ("auto", "reference"),
+    "train.lora_gemm": ("auto", "triton", "cublas"),
     "train.checkpointing": ("none", "recompute", "offload"),
     "train.parallel": ("ddp", "fsdp"),
 }
@@ -208,6 +210,14 @@ def validate(cfg: Config) -> Config:
     if cfg.quantize != "none" and cfg.train.parallel == "fsdp":
         raise ConfigError("config keys 'quantize: nf4' and 'train.parallel: fsdp' do not combine yet (FSDP would "
                           "shard the packed 4-bit bytes, not weights); use train.parallel=ddp for QLoRA")
+    if cfg.train.lora_gemm == "cublas":  # kernels/lora_cublas.py reads dense, whole weights
+        clash = {"quantize": (cfg.quantize != "none", "NF4 weights"),
+                 "train.parallel": (cfg.train.parallel == "fsdp", "FSDP shards"),
+                 "train.kernels": (cfg.train.kernels == "reference", "the reference ops")}
+        for key, (bad, what) in clash.items():
+            if bad:
+                raise ConfigError(f"config key 'train.lora_gemm: cublas' does not combine with '{key}' ({what}): "
+                                  "its [W | B] buffers need dense, whole weights; use train.lora_gemm=triton or auto")
     t, lo = cfg.train, cfg.lora
     positive = {"lora.r": lo.r, "train.max_tokens_per_step": t.max_tokens_per_step,
                 "train.max_seq_len": t.max_seq_len, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,

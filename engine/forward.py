@@ -25,11 +25,15 @@ from .prepare import PreparedLayer, PreparedModel
 
 
 def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, prepared: PreparedModel,
-                    ) -> torch.Tensor:
-    """The attention half of a decoder layer, from its normalised input."""
+                    qkv: tuple | None = None, project=None) -> torch.Tensor:
+    """The attention half of a decoder layer, from its normalised input (or its q, k, v and the o_proj
+    function given: lora_gemm.py's cuBLAS layer)."""
     attn, spec, ops = layer.module.self_attn, prepared.spec, prepared.ops
-    tokens, q_width, kv_width = x.shape[0], spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    if spec.family.fused_qkv:  # Phi-3: one projection (and one adapter) for q, k and v
+    tokens = (x if qkv is None else qkv[0]).shape[0]
+    q_width, kv_width = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    if qkv is not None:
+        q, k, v = qkv
+    elif spec.family.fused_qkv:  # Phi-3: one projection (and one adapter) for q, k and v
         q, k, v = lora_projections(x, (attn.qkv_proj,), None, ops)[0].split([q_width, kv_width, kv_width], -1)
     else:
         q, k, v = lora_projections(x, (attn.q_proj, attn.k_proj, attn.v_proj), layer.qkv, ops)
@@ -42,6 +46,8 @@ def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, p
     q, k = ops.apply_rope(q, k, batch.position_ids, layer.inv_freq, layer.rope_scaling)
     out = prepared.attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, layer.softmax_scale, window=layer.window,
                              softcap=layer.softcap)
+    if project is not None:
+        return project(out.reshape(tokens, -1))
     return lora_projections(out.reshape(tokens, -1), (attn.o_proj,), None, ops)[0]
 
 
@@ -79,6 +85,8 @@ def _gate_and_up_adapters(gate_up: tuple, x: torch.Tensor, intermediate: int) ->
 
 def decoder_layer(hidden: torch.Tensor, layer: PreparedLayer, batch: PackedBatch,
                   prepared: PreparedModel) -> torch.Tensor:
+    if prepared.lora_gemm is not None and prepared.lora_gemm.runs(layer):  # cuBLAS GEMMs (lora_gemm.py)
+        return prepared.lora_gemm.decoder_layer(hidden, layer, batch, prepared)
     module, ops, spec = layer.module, prepared.ops, prepared.spec
     norm = lambda t, weight: ops.rms_norm(t, weight, spec.eps, spec.family.norm_offset)  # noqa: E731
     attended = attention_block(norm(hidden, module.input_layernorm.weight), layer, batch, prepared)

@@ -203,11 +203,13 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                                        attention=t.attention, kernels=t.kernels)
     else:
         model = load_model(cfg.model, dtype, device, quantize=cfg.quantize)
-        prepared = prepare_model(model, attention=t.attention, kernels=t.kernels)
+        prepared = prepare_model(model, attention=t.attention, kernels=t.kernels, lora_gemm=t.lora_gemm)
         inject_lora(model, cfg.lora)
     if cfg.lora.init_adapter:
         load_adapter_weights(model, cfg.lora.init_adapter)
         log(f"[model] LoRA weights initialised from {cfg.lora.init_adapter}")
+    if prepared.lora_gemm is not None:
+        prepared.lora_gemm.attach(prepared)  # the cuBLAS path's [W | B] buffers, written once (lora_gemm.py)
     params = lora_parameters(model)
     n_frozen, n_lora = count_parameters(prepared.sharded or model)
     if prepared.sharded is None:
@@ -220,6 +222,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                   f"{weight_bytes / 2**20:.1f} MiB of frozen weights"
     log(f"[model] {model.config.model_type} {n_frozen / 1e6:.1f}M frozen + {n_lora / 1e6:.2f}M LoRA parameters "
         f"(r={cfg.lora.r}, {len(cfg.lora.target_modules)} projections per layer), {dtype}, {device}, {weights}")
+    if prepared.lora_gemm is not None:
+        log(f"[kernels] LoRA GEMMs: {prepared.lora_gemm.note}")
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
 

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
 from ._launch import aot_spec, count, dot_precision, empty_output, launch
+from ._lora_gemm_select import lora_gemm_path
 from .nf4 import dense_weight, gemm_mode, is_nf4, nf4_linear_reference, nf4_matmul
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
 
@@ -603,6 +604,9 @@ def lora_linear(x, weight, lora_a, lora_b, scaling: float, bias=None):
     lora_b [out, r] (both None: the frozen linear alone); bias [out] or None.
     Differentiable in x, lora_a, lora_b, and in weight / bias when they require grad.
     """
+    if lora_gemm_path(x, weight) == "cublas":  # LORAFUSE_LORA_GEMM (lora_cublas.py)
+        from .lora_cublas import lora_linear as cublas_lora_linear
+        return cublas_lora_linear(x, weight, lora_a, lora_b, scaling, bias)
     if not use_triton(x):
         return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias)
     count("lora_linear")
@@ -627,6 +631,9 @@ def lora_linear_group(x, weight, lora_as, lora_bs, scalings, out_splits, bias=No
     if weight.shape[0] != sum(out_splits):
         raise ValueError(f"lora_linear_group: weight has {weight.shape[0]} rows, out_splits sum to "
                          f"{sum(out_splits)}")
+    if lora_gemm_path(x, weight) == "cublas":  # LORAFUSE_LORA_GEMM (lora_cublas.py)
+        from .lora_cublas import lora_linear_group as cublas_group
+        return cublas_group(x, weight, lora_as, lora_bs, scalings, out_splits, bias)
     if not use_triton(x):
         return lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias)
     count("lora_linear_group")
@@ -655,6 +662,10 @@ def lora_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_sca
     if gate_up_weight.shape != (2 * inter, hidden):
         raise ValueError(f"lora_mlp: gate_up_weight {tuple(gate_up_weight.shape)} is not "
                          f"[2 * {inter}, {hidden}]")
+    if lora_gemm_path(x, gate_up_weight) == "cublas" and lora_gemm_path(x, down_weight) == "cublas":
+        from .lora_cublas import lora_mlp as cublas_mlp  # LORAFUSE_LORA_GEMM (lora_cublas.py)
+        return cublas_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling, down_weight,
+                          down_a, down_b, down_scaling, activation)
     if not use_triton(x):
         return lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
                                   down_weight, down_a, down_b, down_scaling, activation)
