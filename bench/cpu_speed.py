@@ -52,7 +52,8 @@ def run(args) -> dict:
         case, _, nockpt = name.partition("-")
         runners[name] = HFRunner(settings, case)
         if nockpt:
-            runners[name].model.get_base_model().gradient_checkpointing_disable()
+            base = runners[name].model.get_base_model()  # transformers renamed it (the old name warns)
+            (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
             runners[name].info["hf_checkpointing"] = "off"
     runners["lorafuse"] = LorafuseRunner(settings)
     vocab = runners["lorafuse"].config.vocab_size
