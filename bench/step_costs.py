@@ -71,7 +71,9 @@ def _model(config, rank: int, dtype=torch.float16, materialise: bool = True):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model = model.to_empty(device="cpu")
-    model = model.to(dtype).requires_grad_(False)
+    for p in model.parameters():  # the weights only: RoPE's inv_freq stays float32, as load_model leaves it
+        p.data = p.data.to(dtype)
+    model.requires_grad_(False)
     prepared = prepare_model(model)
     inject_lora(model, LoraConfig(r=rank, alpha=2 * rank, target_modules=TARGETS))
     for m in lora_modules(model).values():
