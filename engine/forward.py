@@ -39,7 +39,8 @@ def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, p
     if spec.family.qk_norm:
         q = ops.rms_norm(q, attn.q_norm.weight, spec.eps, spec.family.norm_offset)
         k = ops.rms_norm(k, attn.k_norm.weight, spec.eps, spec.family.norm_offset)
-    q, k = ops.apply_rope(q, k, batch.position_ids, layer.inv_freq, layer.rope_scaling)
+    # v is copied by the same launch: attention then keeps q, k and v, not the fused q/k/v buffer v would be a view of
+    q, k, v = ops.apply_rope(q, k, batch.position_ids, layer.inv_freq, layer.rope_scaling, v=v)
     out = prepared.attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, layer.softmax_scale, window=layer.window,
                              softcap=layer.softcap)
     return lora_projections(out.reshape(tokens, -1), (attn.o_proj,), None, ops)[0]
