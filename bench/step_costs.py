@@ -10,7 +10,9 @@ views, allocations, detach. The per-layer figure is the step of a 2-layer model 
 model, so whatever happens once per step (embedding, loss, optimizer) cancels, and it is the second step (the
 optimizer's state is made in the first); the count is exact and
 deterministic. A GPU runs the same host code, so it launches the same ops (plus cuBLAS' own split kernels,
-and none of autotuning's reruns after the first step).
+and none of autotuning's reruns after the first step). One difference of kind, not of number: the float32
+LoRA gradients are one torch.mm(out_dtype=float32) each on CUDA (cuBLAS), which CPU torch lacks, so here they
+are one launch each of our GEMM kernel with a float32 output (counted as triton).
 
 Saved bytes: the storages that autograd keeps for backward (saved-tensor hooks, each storage counted once
 whatever views of it are saved; parameters are weights, not activations, and are left out), in the forward of
@@ -186,9 +188,10 @@ def launches_per_layer() -> dict:
 # ----------------------------------------------------------------------------- saved activations
 
 
-def saved_bytes(layers: int, tokens: int, dims: dict = LLAMA_8B, rank: int = 16) -> int:
-    """Bytes of the distinct non-parameter storages the forward keeps for backward (module docstring)."""
-    from lorafuse.engine.forward import packed_hidden_states
+def saved_storages(layers: int, tokens: int, dims: dict = LLAMA_8B, rank: int = 16) -> list[dict]:
+    """The distinct non-parameter storages the forward keeps for backward (module docstring), in the order they
+    were first saved: bytes, the decoder layer that first saved it (None: outside the layers) and the op."""
+    from lorafuse.engine import forward
 
     model, prepared = _model(_llama(dims, layers, vocab=128), rank=rank, materialise=False)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -196,26 +199,58 @@ def saved_bytes(layers: int, tokens: int, dims: dict = LLAMA_8B, rank: int = 16)
     for layer in prepared.layers:  # the stacked frozen weights are weights too
         weights |= {s.weight.untyped_storage().data_ptr() for s in (layer.qkv, layer.gate_up) if s is not None}
     kept: dict = {}
+    current = {"layer": None}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights and storage.data_ptr() not in kept:
+            kept[storage.data_ptr()] = {"bytes": storage.nbytes(), "layer": current["layer"], "op": _saving_op(),
+                                        "dtype": str(t.dtype).removeprefix("torch.")}
         return t
 
-    # documents of 1 to 7 tokens: the tile list grows with the documents, not only with the tokens
-    batch = _batch([tokens // 4] * 4, 128)
-    with _triton_launches(execute=False), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        packed_hidden_states(prepared, batch)
-    return sum(kept.values())
+    def decoder_layer(hidden, layer, batch, prepared):
+        current["layer"] = prepared.layers.index(layer)
+        try:
+            return plain_layer(hidden, layer, batch, prepared)
+        finally:
+            current["layer"] = None
+
+    plain_layer = forward.decoder_layer
+    batch = _batch([tokens // 4] * 4, 128)  # four documents: the attention's tile lists grow with them too
+    forward.decoder_layer = decoder_layer
+    try:
+        with _triton_launches(execute=False), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward.packed_hidden_states(prepared, batch)
+    finally:
+        forward.decoder_layer = plain_layer
+    return list(kept.values())
+
+
+def _saving_op() -> str:
+    """The lorafuse function that called the autograd Function saving a tensor (file:function)."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        path = Path(frame.filename)
+        if path.parent.name in ("kernels", "engine") and path.name != "step_costs.py":
+            return f"{path.parent.name}/{path.name}:{frame.name}"
+    return "?"
+
+
+def saved_bytes(layers: int, tokens: int, dims: dict = LLAMA_8B, rank: int = 16) -> int:
+    return sum(s["bytes"] for s in saved_storages(layers, tokens, dims, rank))
 
 
 def saved_per_token_per_layer(t1: int = 64, t2: int = 128, dims: dict = LLAMA_8B, rank: int = 16) -> dict:
     per_layer = {t: saved_bytes(2, t, dims, rank) - saved_bytes(1, t, dims, rank) for t in (t1, t2)}
     per_token = (per_layer[t2] - per_layer[t1]) / (t2 - t1)
+    # where they go: the storages the second of two layers saved first (the first also saves the batch's)
+    last_layer = [s for s in saved_storages(2, t2, dims, rank) if s["layer"] == 1]
     return {"bytes_per_token_per_layer": per_token,
             "fixed_bytes_per_layer": per_layer[t1] - per_token * t1,
-            "tokens_measured": [t1, t2]}
+            "tokens_measured": [t1, t2],
+            "storages_of_a_layer": [{"op": s["op"], "dtype": s["dtype"], "bytes_per_token": s["bytes"] / t2}
+                                    for s in last_layer]}
 
 
 # ----------------------------------------------------------------------------- the results file
@@ -236,12 +271,31 @@ def measure() -> dict:
     }
 
 
+def compare(result: dict, before: dict) -> dict:
+    """result with the figures of an earlier results file and issue 14's goals (40 ops per layer, 25% fewer
+    saved bytes than before) beside it."""
+    launches, saved = before["launches_per_layer"], before["saved_activations"]["bytes_per_token_per_layer"]
+    goals = {"launches_per_layer": 40, "saved_bytes_per_token_per_layer": 0.75 * saved}
+    goals["met"] = {"launches_per_layer": result["launches_per_layer"]["total"] <= goals["launches_per_layer"],
+                    "saved_bytes_per_token_per_layer": result["saved_activations"]["bytes_per_token_per_layer"]
+                    <= goals["saved_bytes_per_token_per_layer"]}
+    summary = {"measured_at": before.get("measured_at"),
+               "launches_per_layer": {k: launches[k]["total"] if isinstance(launches[k], dict) else launches[k]
+                                      for k in ("total", "forward", "backward", "update")},
+               "saved_bytes_per_token_per_layer": saved}
+    return {**result, "before": summary, "goals": goals}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results", help="folder of the results file")
     parser.add_argument("--label", default="", help="a suffix of the file name (e.g. -before)")
+    parser.add_argument("--measured-at", default=None, help="what was measured (a branch, a commit)")
+    parser.add_argument("--before", default=None, help="an earlier results file to compare with")
     args = parser.parse_args(argv)
-    result = measure()
+    result = {"measured_at": args.measured_at, **measure()}
+    if args.before:
+        result = compare(result, json.loads(Path(args.before).read_text()))
     path = Path(args.out) / f"step-costs-{date.today().isoformat()}{args.label}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     lp, sa = result["launches_per_layer"], result["saved_activations"]
