@@ -3,6 +3,7 @@ training step, none of them a cast, and no more bytes kept for backward per toke
 Counts, not timings: both are exact and deterministic (the script's docstring says how they are taken)."""
 
 import pytest
+import torch
 
 from harness_utils import load_script
 
@@ -29,6 +30,11 @@ def test_launches_per_layer_within_the_goal(step_costs):
 
 
 def test_saved_bytes_per_token_per_layer(step_costs):
+    from lorafuse.engine.activations.planner import llama_layer_bytes_per_token
+
     saved = step_costs.saved_per_token_per_layer()
     assert saved["bytes_per_token_per_layer"] <= MAX_SAVED_BYTES_PER_TOKEN, saved
+    # the checkpointing planner (and `lorafuse plan`) counts exactly what the forward keeps
+    assert saved["bytes_per_token_per_layer"] == llama_layer_bytes_per_token(4096, 14336, 32, 8, dtype=torch.bfloat16,
+                                                                             lora_rank=16)
     assert saved["fixed_bytes_per_layer"] == 0, saved  # no per-call copy of the adapters is kept
