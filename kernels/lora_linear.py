@@ -14,6 +14,11 @@ block-diagonal B [sum n_i, R] whose block i is B_i, and s becomes a per-rank-col
 whole group is one LoRA linear: y_all = x W^T + bias + (x A^T diag(s)) B^T, with y_i the column
 block i of y_all (a view of one buffer, last dim contiguous). A projection without adapter has
 r_i = 0. The backward takes the dY_i as separate segments of the reduction (no concatenation).
+The block-diagonal B is not materialised when every projection of the group (at most three) has an
+adapter of one rank r: the kernels read B_rows = [B_0; B_1; ...] [sum n_i, r] with a per-feature rank map
+(feature n of projection i holds columns r_off_i .. r_off_i + r of U: _gemm.rank_window). The A_i (B_i)
+are read as one matrix in place when they are adjacent rows of one buffer, as inject_lora leaves a
+layer's; otherwise they are stacked by one copy per call.
 
 The LoRA MLP: y = down(act(gate(x)) * up(x)), gate/up one group over [W_gate; W_up], each
 projection a LoRA linear (or plain, without adapter); act is silu (SwiGLU, the default) or
@@ -24,12 +29,15 @@ writing dG = dH u act'(g) and dU = dH act(g) (never dH) and recomputing h there 
 Every GEMM with a [tokens, features] output is one Triton kernel (`_lowrank_mm_kernel`):
   C[M, N] = scale[n] * (sum_seg A_seg[M, K_seg] @ Bop[off_seg : off_seg + K_seg, N] + E[M, R] @ F[R, N])
             + bias[n]                         (then optionally the SwiGLU/GeGLU backward on C)
-with every operand addressed through strides, so W, W^T, A^T, B^T are read in place:
+with every operand addressed through strides, so W, W^T, A^T, B^T are read in place, the adapters in their
+own dtype (the float32 masters), rounded to the activations' dtype tile by tile: what a cast before the call
+would give, without its launch:
   forward      U = x A^T diag(s)          skinny: N = R, one column block (x read once)
                y = x W^T + bias + U B^T    E = U, F = B^T
   backward     V = dY B diag(s)           skinny, the dY_i as segments
                dX = dY W + V A             E = V, F = A, the dY_i as segments
-               dA = V^T x, dB_i = dY_i^T U_i, dW = dY^T x: small (or weight) GEMMs by cuBLAS
+               dA = V^T x, dB_i = dY_i^T U_i: one GEMM each with a float32 output (the masters' dtype, no
+               cast after): torch.mm(out_dtype=float32) on CUDA, this kernel on the CPU; dW = dY^T x by cuBLAS
 Saved for backward: x and U only (plus the parameters). U carries the scale, so dB needs none.
 Not handled here: LoRA dropout > 0 (the low-rank branch then sees another input than the base);
 the engine runs plain PyTorch ops for that case and these kernels for dropout 0.
