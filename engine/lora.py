@@ -168,27 +168,35 @@ def inject_lora(model, cfg: LoraConfig) -> list[str]:
     return names
 
 
-def stack_adapter_storage(model) -> None:
-    """Make the adapters of each decoder layer's q/k/v (and gate/up) views of one buffer, A's by rows and B's by
-    rows, so the grouped kernels read the stack in place (lora_linear.py, _Adapters) instead of copying it every
-    forward. The Parameters stay the same objects (the optimizer and PEFT-format saving see no difference); a
-    group whose ranks, dtypes or devices differ is left as it is (the kernels then copy its stack per call)."""
+def stack_adapter_storage(model) -> list[torch.Tensor]:
+    """Make the active adapters of each decoder layer's q/k/v (and gate/up) views of one buffer, A's by rows and
+    B's by rows, so the grouped kernels read the stack in place (lora_linear.py, _Adapters) instead of copying it
+    every forward; returns the parameters now views. They stay the same Parameter objects (the optimizer, saving
+    and PEFT see no difference); a group whose shapes, dtypes or devices differ is left as it is (the kernels
+    then copy its stack per call). LoraLinear's and PEFT's LoRA layers alike (active_adapter)."""
     from .prepare import STACKED_GROUPS
 
+    views = []
     for layer in getattr(getattr(model, "model", None), "layers", ()):
         for block, names in STACKED_GROUPS.items():
             mods = [getattr(getattr(layer, block, None), n, None) for n in names]
-            if not all(isinstance(m, LoraLinear) for m in mods):
+            # a PEFT layer turned off or merged is left alone (active_adapter would unmerge it)
+            if any(m is None or getattr(m, "disable_adapters", False) or getattr(m, "merged", False) for m in mods):
                 continue
-            for attr in ("lora_A", "lora_B"):
-                params = [getattr(m, attr) for m in mods]
+            adapters = [active_adapter(m) for m in mods]
+            if any(a is None for a in adapters):
+                continue
+            for idx in (0, 1):  # lora_A, lora_B
+                params = [a[idx] for a in adapters]
                 if len({(p.shape[1], p.dtype, p.device) for p in params}) != 1:
-                    break
+                    continue
                 stack = torch.cat([p.detach() for p in params])
                 start = 0
                 for p in params:
                     p.data = stack[start:start + p.shape[0]]
                     start += p.shape[0]
+                views += params
+    return views
 
 
 def lora_modules(model) -> dict[str, LoraLinear]:
