@@ -24,7 +24,8 @@ program per real tile and head, never a program per (document, max_seqlen block)
 built on the device from cu_seqlens (tiles per document, their cumsum, and a searchsorted that
 maps each program to its document) without a host sync; the grid is the host-side upper bound
 cdiv(T, TILE) + B tiles (each document adds at most one partial tile), and programs past the
-real number of tiles exit at once. The same TILE-row list drives the three main kernels:
+real number of tiles exit at once. The lists are built once per cu_seqlens tensor (a micro-batch's) and
+shared by every layer's forward and backward (_schedule). The same TILE-row list drives the three main kernels:
 - forward: one program per (query tile, query head); it walks key blocks of BLOCK_N. For causal,
   key blocks before the tile's first row are never masked; only the blocks on the diagonal are.
   With a window, the walk starts at the block holding key start_m - window + 1 (the first row's
@@ -593,6 +594,21 @@ def _tile_schedule(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
     return tile_doc, tile_end, bound
 
 
+def _schedule(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
+    """_tile_schedule, built once per cu_seqlens tensor and tile size: every layer of a micro-batch reads the same
+    cu_seqlens, so its forward and backward reuse the tile lists the first layer built (5 ops per list and call
+    otherwise). Kept on the tensor itself, so it lives as long as the batch; an in-place change of cu_seqlens
+    (its version counter) builds it again."""
+    cache = getattr(cu_seqlens, "_lorafuse_tiles", None)
+    if cache is None or cache[0] != cu_seqlens._version:
+        cache = (cu_seqlens._version, {})
+        cu_seqlens._lorafuse_tiles = cache
+    key = (n_tokens, tile)
+    if key not in cache[1]:
+        cache[1][key] = _tile_schedule(cu_seqlens, n_tokens, tile)
+    return cache[1][key]
+
+
 def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -643,7 +659,7 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, scores: _Scores, q_sch
     group = n_heads // n_kv_heads
     head_dim_pad = _head_dim_pad(head_dim)
     tile_q, tile_kv = _tiles(head_dim_pad)
-    kv_schedule = q_schedule if tile_kv == tile_q else _tile_schedule(cu_seqlens, n_tokens, tile_kv)
+    kv_schedule = q_schedule if tile_kv == tile_q else _schedule(cu_seqlens, n_tokens, tile_kv)
     n_docs = cu_seqlens.numel() - 1
 
     if n_tokens == 0:
@@ -678,7 +694,7 @@ class VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, scores: _Scores):
         q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
-        schedule = _tile_schedule(cu_seqlens, q.shape[0], _tiles(_head_dim_pad(q.shape[2]))[0])
+        schedule = _schedule(cu_seqlens, q.shape[0], _tiles(_head_dim_pad(q.shape[2]))[0])
         out, lse = _varlen_forward(q, k, v, cu_seqlens, scores, schedule)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, schedule[0], schedule[1])
         ctx.bound = schedule[2]
