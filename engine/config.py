@@ -91,11 +91,19 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attention: str = "auto"  # auto (= triton) | triton | flash_attn | torch_varlen | sdpa (per-document reference)
     kernels: str = "auto"  # auto | reference: every op's PyTorch reference instead of Triton (debugging)
+    lora_gemm: str = "auto"  # auto | triton | cublas: LoRA projections on Triton or cuBLAS GEMMs (auto: measured)
     checkpointing: str = "none"  # none | recompute | offload (per decoder layer; offload spares the last layer)
     memory_budget_gb: float = 0.0  # > 0: pick keep / recompute / offload per layer to fit this much GPU memory
     parallel: str = "ddp"  # ddp: a full model per rank | fsdp: base and LoRA sharded over the ranks (FSDP2)
     progress: bool = True  # tqdm progress bar
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard | wandb | mlflow (extras)
+
+
+@dataclass
+class EvalConfig:
+    general: str | None = None  # JSONL of prompts outside the task: the fine-tuned model's answers vs the base's
+    general_max_change: float = 0.1  # warn when it prefers another token at more than this share of base answers
+    max_new_tokens: int = 48  # tokens generated per general answer
 
 
 @dataclass
@@ -106,6 +114,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the forgetting check at the end of training
 
 
 CHECK_LEVELS = ("warn", "refuse", "off")
@@ -116,6 +125,7 @@ _CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float16", "float32"),
     "train.attention": ("auto", "triton", "flash_attn", "torch_varlen", "sdpa"),
     "train.kernels": ("auto", "reference"),
+    "train.lora_gemm": ("auto", "triton", "cublas"),
     "train.checkpointing": ("none", "recompute", "offload"),
     "train.parallel": ("ddp", "fsdp"),
 }
@@ -200,6 +210,14 @@ def validate(cfg: Config) -> Config:
     if cfg.quantize != "none" and cfg.train.parallel == "fsdp":
         raise ConfigError("config keys 'quantize: nf4' and 'train.parallel: fsdp' do not combine yet (FSDP would "
                           "shard the packed 4-bit bytes, not weights); use train.parallel=ddp for QLoRA")
+    if cfg.train.lora_gemm == "cublas":  # kernels/lora_cublas.py reads dense, whole weights
+        clash = {"quantize": (cfg.quantize != "none", "NF4 weights"),
+                 "train.parallel": (cfg.train.parallel == "fsdp", "FSDP shards"),
+                 "train.kernels": (cfg.train.kernels == "reference", "the reference ops")}
+        for key, (bad, what) in clash.items():
+            if bad:
+                raise ConfigError(f"config key 'train.lora_gemm: cublas' does not combine with '{key}' ({what}): "
+                                  "its [W | B] buffers need dense, whole weights; use train.lora_gemm=triton or auto")
     t, lo = cfg.train, cfg.lora
     positive = {"lora.r": lo.r, "train.max_tokens_per_step": t.max_tokens_per_step,
                 "train.max_seq_len": t.max_seq_len, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
@@ -227,6 +245,10 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     _validate_data_gate(cfg.data)
+    if not 0.0 <= cfg.eval.general_max_change <= 1.0:
+        raise ConfigError(f"config key 'eval.general_max_change' must be in [0, 1], got {cfg.eval.general_max_change}")
+    if cfg.eval.max_new_tokens < 1:
+        raise ConfigError(f"config key 'eval.max_new_tokens' must be at least 1, got {cfg.eval.max_new_tokens}")
     unknown = [name for name in t.report_to if name not in TRACKERS]
     if unknown:
         raise ConfigError(f"config key 'train.report_to' must list some of {', '.join(TRACKERS)}; got {unknown}")
@@ -295,7 +317,7 @@ def describe_keys() -> list[str]:
     """Every config key with its default and what it does (from the comments above), for --help."""
     lines = []
     for section, cls in (("", Config), ("data.", DataConfig), ("data.checks.", DataChecks), ("data.mix[].", MixSource),
-                         ("lora.", LoraConfig), ("train.", TrainConfig)):
+                         ("lora.", LoraConfig), ("train.", TrainConfig), ("eval.", EvalConfig)):
         try:
             source = inspect.getsource(cls)
         except (OSError, TypeError):  # no source shipped: keys and defaults only

@@ -44,27 +44,43 @@ def prompt_and_answer(ex: Example, tokenizer) -> tuple[str, str]:
     return ex.prompt, ex.completion
 
 
+def prompt_ids(ex: Example, tokenizer) -> list[int]:
+    """The token ids of an example's prompt (prompt_and_answer), as generation is given them."""
+    return tokenizer(prompt_and_answer(ex, tokenizer)[0], add_special_tokens=ex.messages is None)["input_ids"]
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: int = 32, batch_size: int = 32,
-                     progress: bool = True) -> list[str]:
+def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 32, batch_size: int = 32,
+                 progress: bool = True, desc: str = "generate") -> list[list[int]]:
+    """Greedy continuations of token-id prompts, each up to and including its end-of-sequence token when it
+    produced one. Prompts are batched by length (less padding), left-padded, and returned in their order."""
     from tqdm.auto import tqdm
 
     model.eval()
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
+    eos = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
     show_bar = progress and sys.stderr.isatty()
-    for start in tqdm(range(0, len(examples), batch_size), desc="generate", disable=not show_bar, leave=False):
-        chunk = examples[start:start + batch_size]
-        ids = [tokenizer(prompt_and_answer(ex, tokenizer)[0], add_special_tokens=ex.messages is None)["input_ids"]
-               for ex in chunk]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_bar, leave=False):
+        chunk = order[start:start + batch_size]
+        ids = [prompts[i] for i in chunk]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)  # left padding
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                             do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+        for i, row in zip(chunk, out[:, width:].tolist()):
+            answers[i] = row[: row.index(eos) + 1] if eos in row else row
     return answers
+
+
+def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: int = 32, batch_size: int = 32,
+                     progress: bool = True) -> list[str]:
+    ids = generate_ids(model, tokenizer, [prompt_ids(ex, tokenizer) for ex in examples], max_new_tokens,
+                       batch_size, progress)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:

@@ -25,11 +25,15 @@ from .prepare import PreparedLayer, PreparedModel
 
 
 def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, prepared: PreparedModel,
-                    ) -> torch.Tensor:
-    """The attention half of a decoder layer, from its normalised input."""
+                    qkv: tuple | None = None, project=None) -> torch.Tensor:
+    """The attention half of a decoder layer, from its normalised input (or its q, k, v and the o_proj
+    function given: lora_gemm.py's cuBLAS layer)."""
     attn, spec, ops = layer.module.self_attn, prepared.spec, prepared.ops
-    tokens, q_width, kv_width = x.shape[0], spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    if spec.family.fused_qkv:  # Phi-3: one projection (and one adapter) for q, k and v
+    tokens = (x if qkv is None else qkv[0]).shape[0]
+    q_width, kv_width = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    if qkv is not None:
+        q, k, v = qkv
+    elif spec.family.fused_qkv:  # Phi-3: one projection (and one adapter) for q, k and v
         q, k, v = lora_projections(x, (attn.qkv_proj,), None, ops)[0].split([q_width, kv_width, kv_width], -1)
     else:
         q, k, v = lora_projections(x, (attn.q_proj, attn.k_proj, attn.v_proj), layer.qkv, ops)
@@ -39,9 +43,12 @@ def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, p
     if spec.family.qk_norm:
         q = ops.rms_norm(q, attn.q_norm.weight, spec.eps, spec.family.norm_offset)
         k = ops.rms_norm(k, attn.k_norm.weight, spec.eps, spec.family.norm_offset)
-    q, k = ops.apply_rope(q, k, batch.position_ids, layer.inv_freq, layer.rope_scaling)
+    # v is copied by the same launch: attention then keeps q, k and v, not the fused q/k/v buffer v would be a view of
+    q, k, v = ops.apply_rope(q, k, batch.position_ids, layer.inv_freq, layer.rope_scaling, v=v)
     out = prepared.attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, layer.softmax_scale, window=layer.window,
                              softcap=layer.softcap)
+    if project is not None:
+        return project(out.reshape(tokens, -1))
     return lora_projections(out.reshape(tokens, -1), (attn.o_proj,), None, ops)[0]
 
 
@@ -56,8 +63,8 @@ def mlp_block(x: torch.Tensor, layer: PreparedLayer, prepared: PreparedModel) ->
         weight = layer.gate_up.weight if layer.gate_up is not None and layer.gate_up.bias is None else None
     if weight is not None and down.bias is None and all(map(fusable, (*gate_up, down))):
         # the activation is fused into the projections; recomputed in backward, not stored
-        return ops.lora_mlp(x, weight, *_gate_and_up_adapters(gate_up, x, spec.intermediate_size), down.weight,
-                            *adapter_args(down, x), activation=spec.activation)
+        return ops.lora_mlp(x, weight, *_gate_and_up_adapters(gate_up, spec.intermediate_size), down.weight,
+                            *adapter_args(down), activation=spec.activation)
     if len(gate_up) == 1:
         g, u = lora_projections(x, gate_up, None, ops)[0].chunk(2, -1)
     else:
@@ -66,12 +73,12 @@ def mlp_block(x: torch.Tensor, layer: PreparedLayer, prepared: PreparedModel) ->
     return lora_projections(glu(g, u), (down,), None, ops)[0]
 
 
-def _gate_and_up_adapters(gate_up: tuple, x: torch.Tensor, intermediate: int) -> tuple:
+def _gate_and_up_adapters(gate_up: tuple, intermediate: int) -> tuple:
     """(a, b, s) of the gate, then of up; one fused gate_up adapter splits into both: its A shared, its B
     by rows (x A^T is then computed twice, the price of reusing the two-adapter kernel)."""
     if len(gate_up) == 2:
-        return (*adapter_args(gate_up[0], x), *adapter_args(gate_up[1], x))
-    a, b, s = adapter_args(gate_up[0], x)
+        return (*adapter_args(gate_up[0]), *adapter_args(gate_up[1]))
+    a, b, s = adapter_args(gate_up[0])
     if a is None:
         return (None, None, 0.0) * 2
     return a, b[:intermediate], s, a, b[intermediate:], s
@@ -79,12 +86,16 @@ def _gate_and_up_adapters(gate_up: tuple, x: torch.Tensor, intermediate: int) ->
 
 def decoder_layer(hidden: torch.Tensor, layer: PreparedLayer, batch: PackedBatch,
                   prepared: PreparedModel) -> torch.Tensor:
+    if prepared.lora_gemm is not None and prepared.lora_gemm.runs(layer):  # cuBLAS GEMMs (lora_gemm.py)
+        return prepared.lora_gemm.decoder_layer(hidden, layer, batch, prepared)
     module, ops, spec = layer.module, prepared.ops, prepared.spec
     norm = lambda t, weight: ops.rms_norm(t, weight, spec.eps, spec.family.norm_offset)  # noqa: E731
     attended = attention_block(norm(hidden, module.input_layernorm.weight), layer, batch, prepared)
     if not spec.family.sandwich_norms:
-        hidden = hidden + attended
-        return hidden + mlp_block(norm(hidden, module.post_attention_layernorm.weight), layer, prepared)
+        # the residual add and the norm in one kernel: one launch less, and h is read once
+        normed, hidden = ops.rms_norm_residual(attended, hidden, module.post_attention_layernorm.weight, spec.eps,
+                                               spec.family.norm_offset)
+        return hidden + mlp_block(normed, layer, prepared)
     # Gemma 2/3: each half's output is normalised before it joins the residual stream
     hidden = hidden + norm(attended, module.post_attention_layernorm.weight)
     mixed = mlp_block(norm(hidden, module.pre_feedforward_layernorm.weight), layer, prepared)

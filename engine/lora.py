@@ -3,8 +3,9 @@
 A targeted nn.Linear becomes a LoraLinear holding the frozen base weight (and bias) and two
 trainable float32 matrices in PEFT's layout: lora_A [r, in], lora_B [out, r], initialised as
 PEFT does (A kaiming-uniform with a=sqrt(5), B zeros, so training starts from the base model).
-The adapters are cast to the activation dtype per call (bf16 on GPU) while their float32 masters
-are what the optimizer updates.
+The kernels read the float32 masters in place (no cast per call) and return float32 gradients; the
+optimizer updates the masters. A decoder layer's q/k/v adapters (and its gate/up adapters) are views of one
+buffer each (`stack_adapter_storage`), so the grouped kernels read them as one matrix with no copy per call.
 
 Every LoRA projection runs through `lora_projections` (below): a LoraLinear's own forward (HF's
 forward, generation) as well as the grouped q/k/v and gate/up projections of the packed forward,
@@ -81,13 +82,14 @@ def fusable(proj) -> bool:
     return adapter is None or not (adapter[3] > 0 and proj.training)
 
 
-def adapter_args(proj, x: torch.Tensor) -> tuple:
-    """(lora_a, lora_b, scaling) of a projection in x's dtype; (None, None, 0.0) without an active adapter."""
+def adapter_args(proj) -> tuple:
+    """(lora_a, lora_b, scaling) of a projection as the kernels take them (the masters, uncast); (None, None, 0.0)
+    without an active adapter."""
     adapter = active_adapter(proj)
     if adapter is None:
         return None, None, 0.0
     lora_a, lora_b, scaling, _ = adapter
-    return lora_a.to(x.dtype), lora_b.to(x.dtype), scaling
+    return lora_a, lora_b, scaling
 
 
 def lora_projections(x: torch.Tensor, projs, stacked=None, ops: KernelOps = TRITON) -> tuple:
@@ -97,17 +99,18 @@ def lora_projections(x: torch.Tensor, projs, stacked=None, ops: KernelOps = TRIT
     and every one fusable, one grouped kernel reads x once for all of them; otherwise each runs alone.
     """
     if stacked is not None and all(fusable(p) for p in projs):
-        lora_as, lora_bs, scalings = zip(*(adapter_args(p, x) for p in projs))
+        lora_as, lora_bs, scalings = zip(*(adapter_args(p) for p in projs))
         return ops.lora_linear_group(x, stacked.weight, list(lora_as), list(lora_bs), list(scalings),
                                      [p.out_features for p in projs], bias=stacked.bias)
     return tuple(_project(p, x, ops) for p in projs)
 
 
 def _project(proj, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
-    lora_a, lora_b, scaling = adapter_args(proj, x)
+    lora_a, lora_b, scaling = adapter_args(proj)
     if lora_a is None:
         return _frozen(proj, x, ops)
     if not fusable(proj):  # plain ops, as PEFT computes it
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         low_rank = F.linear(F.linear(F.dropout(x, active_adapter(proj)[3], training=True), lora_a), lora_b)
         return _frozen(proj, x, ops) + scaling * low_rank
     return ops.lora_linear(x, proj.weight, lora_a, lora_b, scaling, proj.bias)
@@ -161,7 +164,39 @@ def inject_lora(model, cfg: LoraConfig) -> list[str]:
             names.append(name)
     if not names:
         raise ValueError(f"lora.target_modules {cfg.target_modules} matched no nn.Linear in the model")
+    stack_adapter_storage(model)
     return names
+
+
+def stack_adapter_storage(model) -> list[torch.Tensor]:
+    """Make the active adapters of each decoder layer's q/k/v (and gate/up) views of one buffer, A's by rows and
+    B's by rows, so the grouped kernels read the stack in place (lora_linear.py, _Adapters) instead of copying it
+    every forward; returns the parameters now views. They stay the same Parameter objects (the optimizer, saving
+    and PEFT see no difference); a group whose shapes, dtypes or devices differ is left as it is (the kernels
+    then copy its stack per call). LoraLinear's and PEFT's LoRA layers alike (active_adapter)."""
+    from .prepare import STACKED_GROUPS
+
+    views = []
+    for layer in getattr(getattr(model, "model", None), "layers", ()):
+        for block, names in STACKED_GROUPS.items():
+            mods = [getattr(getattr(layer, block, None), n, None) for n in names]
+            # a PEFT layer turned off or merged is left alone (active_adapter would unmerge it)
+            if any(m is None or getattr(m, "disable_adapters", False) or getattr(m, "merged", False) for m in mods):
+                continue
+            adapters = [active_adapter(m) for m in mods]
+            if any(a is None for a in adapters):
+                continue
+            for idx in (0, 1):  # lora_A, lora_B
+                params = [a[idx] for a in adapters]
+                if len({(p.shape[1], p.dtype, p.device) for p in params}) != 1:
+                    continue
+                stack = torch.cat([p.detach() for p in params])
+                start = 0
+                for p in params:
+                    p.data = stack[start:start + p.shape[0]]
+                    start += p.shape[0]
+                views += params
+    return views
 
 
 def lora_modules(model) -> dict[str, LoraLinear]:

@@ -19,7 +19,7 @@ from lorafuse.kernels.lora_linear import (
     lora_linear_reference,
     lora_mlp_reference,
 )
-from lorafuse.kernels.rms_norm import rms_norm_reference
+from lorafuse.kernels.rms_norm import rms_norm_reference, rms_norm_residual_reference
 from lorafuse.kernels.rope import apply_rope_reference
 from lorafuse.kernels.swiglu import geglu_reference, swiglu_reference
 
@@ -31,6 +31,7 @@ class KernelOps:
     lora_linear_group: Callable
     lora_mlp: Callable
     rms_norm: Callable
+    rms_norm_residual: Callable
     apply_rope: Callable
     swiglu: Callable
     geglu: Callable
@@ -38,10 +39,11 @@ class KernelOps:
 
 
 TRITON = KernelOps("auto", kernels.lora_linear, kernels.lora_linear_group, kernels.lora_mlp, kernels.rms_norm,
-                   kernels.apply_rope, kernels.swiglu, kernels.geglu, kernels.fused_linear_cross_entropy)
+                   kernels.rms_norm_residual, kernels.apply_rope, kernels.swiglu, kernels.geglu,
+                   kernels.fused_linear_cross_entropy)
 REFERENCE = KernelOps("reference", lora_linear_reference, lora_linear_group_reference, lora_mlp_reference,
-                      rms_norm_reference, apply_rope_reference, swiglu_reference, geglu_reference,
-                      fused_linear_cross_entropy_reference)
+                      rms_norm_reference, rms_norm_residual_reference, apply_rope_reference, swiglu_reference,
+                      geglu_reference, fused_linear_cross_entropy_reference)
 
 
 def kernel_ops(name: str) -> KernelOps:

@@ -21,7 +21,9 @@ output_hidden_states or a keyword we do not know goes to the forward that was th
 
 The frozen q/k/v and gate/up weights are stacked (views of one tensor per layer; the Parameter objects
 stay the same), and restacked on the next call whenever something replaced them (`model.to(...)`, a
-safe merge). `unpatch` gives each its own storage back.
+safe merge); so are the active adapters' lora_A and lora_B of those projections (the kernels then read
+them in place; adapters replaced later are copied per call instead). `unpatch` gives each its own storage
+back.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch.nn as nn
 
 from .forward import packed_hidden_states, packed_loss
 from .hf_batch import packed_from_hf
-from .lora import LoraLinear
+from .lora import LoraLinear, stack_adapter_storage
 from .peft_lora import is_peft_lora, unsupported_reason
 from .prepare import STACKED_GROUPS, DecoderSpec, PreparedModel, prepare_model
 
@@ -184,6 +186,8 @@ class _Patch:
     # ---- the PreparedModel, kept in step with the weights
 
     def _prepare(self) -> PreparedModel:
+        # each layer's q/k/v and gate/up adapters in one buffer too: the grouped kernels read them in place
+        self.adapter_views = stack_adapter_storage(self.lm)
         return prepare_model(self.lm, attention=self.attention, kernels=self.kernels, stack_projections=self.stack)
 
     def _stacked_weights(self, prepared: PreparedModel):
@@ -312,5 +316,6 @@ class _Patch:
                  for param, mine in ((base.weight, stacked.weight), (base.bias, stacked.bias))
                  if param is not None and mine is not None and _shared(param, mine)]
         self.prepared = self.checkpointer = None  # each stack is freed once its last view has its own copy
-        for param in views:
+        for param in views + self.adapter_views:
             param.data = param.data.clone()
+        self.adapter_views = []

@@ -25,6 +25,7 @@ import torch
 from lorafuse.kernels.nf4 import is_nf4, stack_nf4
 
 from .attention import attention_function, sdpa_attention
+from .lora_gemm import lora_gemm_for
 from .model import ACTIVATIONS, SUPPORTED, Family, ModelError, layer_window
 from .ops import KernelOps, kernel_ops
 
@@ -89,11 +90,13 @@ class PreparedModel:
     ops: KernelOps
     device: torch.device
     sharded: torch.nn.Module | None = None  # train.parallel: fsdp: the FSDP2 modules that run it (sharding.py)
+    lora_gemm: object | None = None  # lora_gemm.LoraGemm: the LoRA GEMM path (train.lora_gemm) and its buffers
 
 
 def prepare_model(model, *, attention: str = "auto", kernels: str = "auto",
-                  stack_projections: bool = True) -> PreparedModel:
-    """The PreparedModel of a loaded model (attention: train.attention, kernels: train.kernels)."""
+                  stack_projections: bool = True, lora_gemm: str = "auto") -> PreparedModel:
+    """The PreparedModel of a loaded model (attention: train.attention, kernels: train.kernels, lora_gemm:
+    train.lora_gemm)."""
     config = model.config
     spec = DecoderSpec.from_config(config)
     device = next(model.parameters()).device
@@ -117,7 +120,9 @@ def prepare_model(model, *, attention: str = "auto", kernels: str = "auto",
             rope_scaling=float(rope_scaling if rope_scaling is not None else rotary.attention_scaling),
             softmax_scale=float(layer.self_attn.scaling),
             softcap=getattr(layer.self_attn, "attn_logit_softcapping", None)))
-    return PreparedModel(model=model, spec=spec, layers=tuple(layers), attention=attend, ops=ops, device=device)
+    gemm = lora_gemm_for(model, lora_gemm, device, spec, kernels)
+    return PreparedModel(model=model, spec=spec, layers=tuple(layers), attention=attend, ops=gemm.wrap_ops(ops),
+                         device=device, lora_gemm=gemm)
 
 
 def _stack(block, names: tuple[str, ...]) -> Stacked | None:

@@ -59,6 +59,8 @@ def train_step(prepared: PreparedModel, micro_batches: list[PackedBatch], optimi
         if last_good is not None:
             last_good.keep(step)
         optimizer.step()
+        if prepared.lora_gemm is not None:
+            prepared.lora_gemm.refresh()  # the B columns of the [W | B] buffers follow the masters (lora_gemm.py)
     optimizer.zero_grad(set_to_none=True)
     if checkpointer is not None:
         checkpointer.end_step()  # the offload arena is reused by the next step

@@ -22,6 +22,7 @@ from .data_checks import Source, gate
 from .distributed import all_ranks_true, barrier, device_mesh, init_distributed, local, shutdown
 from .evaluate import evaluate_loss
 from .faults import crash_point
+from .forgetting import forgetting_check, read_general
 from .guard import CollapseWatch, LastGood, OverfitWatch, finite_after_update
 from .interrupt import stop_signals
 from .lora import (
@@ -90,6 +91,7 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     best_val_loss: float | None = None
     test: dict = field(default_factory=dict)  # {"base": {...}, "finetuned": {...}}
+    general: dict | None = None  # the forgetting check (eval.general): forgetting.forgetting_check's result
     output_dir: str = ""
     stopped_early: bool = False
 
@@ -190,6 +192,7 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         check_trackers(t.report_to)
     tokenizer = load_tokenizer(cfg.model)
     docs = load_datasets(cfg, tokenizer, log)
+    general = read_general(cfg.eval.general) if cfg.eval.general else None
     identity = run_identity(cfg)
     resume_from = find_resume_point(out, identity, resume, overwrite, force, log)
 
@@ -200,11 +203,13 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                                        attention=t.attention, kernels=t.kernels)
     else:
         model = load_model(cfg.model, dtype, device, quantize=cfg.quantize)
-        prepared = prepare_model(model, attention=t.attention, kernels=t.kernels)
+        prepared = prepare_model(model, attention=t.attention, kernels=t.kernels, lora_gemm=t.lora_gemm)
         inject_lora(model, cfg.lora)
     if cfg.lora.init_adapter:
         load_adapter_weights(model, cfg.lora.init_adapter)
         log(f"[model] LoRA weights initialised from {cfg.lora.init_adapter}")
+    if prepared.lora_gemm is not None:
+        prepared.lora_gemm.attach(prepared)  # the cuBLAS path's [W | B] buffers, written once (lora_gemm.py)
     params = lora_parameters(model)
     n_frozen, n_lora = count_parameters(prepared.sharded or model)
     if prepared.sharded is None:
@@ -217,6 +222,8 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
                   f"{weight_bytes / 2**20:.1f} MiB of frozen weights"
     log(f"[model] {model.config.model_type} {n_frozen / 1e6:.1f}M frozen + {n_lora / 1e6:.2f}M LoRA parameters "
         f"(r={cfg.lora.r}, {len(cfg.lora.target_modules)} projections per layer), {dtype}, {device}, {weights}")
+    if prepared.lora_gemm is not None:
+        log(f"[kernels] LoRA GEMMs: {prepared.lora_gemm.note}")
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
 
@@ -395,6 +402,10 @@ def train(cfg: Config, resume: bool = False, log=print, *, overwrite: bool = Fal
         result.test["finetuned"] = evaluate_loss(prepared, test_batches, ctx)
         b, f = result.test["base"], result.test["finetuned"]
         log(f"[test] loss base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> fine-tuned {f['loss']:.4f} (ppl {f['ppl']:.2f})")
+    if general and ctx.is_main:  # generation is the same on every rank: the first one checks
+        result.general = forgetting_check(prepared, tokenizer, general, max_new_tokens=cfg.eval.max_new_tokens,
+                                          max_change=cfg.eval.general_max_change, log=log)
+        (out / "forgetting.json").write_text(json.dumps(result.general, indent=2))
     if ctx.is_main:
         if result.test:
             (out / "eval_results.json").write_text(json.dumps(result.test, indent=2))

@@ -95,7 +95,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, ignore_index: int, reduction: str, softcap=None,
                 label_smoothing: float = 0.0, z_loss_weight: float = 0.0):
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        vocab = weight.shape[0]
         need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         eps, zw = float(label_smoothing), float(z_loss_weight)
@@ -104,28 +104,39 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         lse_sq = torch.zeros((), dtype=acc, device=hidden.device)
-        step = _chunk_rows(n_rows, vocab)
-        for start in range(0, n_rows, step):
-            h = hidden[start:start + step]
-            y = labels[start:start + step]
+        # Ignored rows add nothing to the loss or to any gradient: only the targets' logits are computed
+        # (in supervised fine-tuning most rows are prompt tokens). Finding them syncs, which the reference may.
+        rows = (labels != ignore_index).nonzero()[:, 0]
+        step = _chunk_rows(len(rows), vocab)
+        for start in range(0, len(rows), step):
+            picked_rows = rows[start:start + step]
+            h = hidden.index_select(0, picked_rows)
+            y = labels.index_select(0, picked_rows)
             z = (h @ weight.T).to(acc)
             if bias is not None:
-                z = z + bias.to(acc)
+                z += bias.to(acc)
             c = _softcapped(z, softcap)
-            keep = y != ignore_index
-            target = torch.where(keep, y, 0)
             lse = torch.logsumexp(c, dim=-1)
-            picked = c.gather(1, target[:, None])[:, 0]
-            row_loss = lse - (1 - eps) * picked - eps * c.mean(-1) + zw * lse * lse
-            loss += torch.where(keep, row_loss, 0).sum()
-            lse_sq += torch.where(keep, lse * lse, 0).sum()
-            grad_logits = torch.softmax(c, dim=-1) * (1 + 2 * zw * lse)[:, None] - eps / vocab
-            grad_logits[torch.arange(len(y), device=y.device), target] -= 1 - eps
+            row_loss = lse - (1 - eps) * c.gather(1, y[:, None])[:, 0]
+            # The optional terms cost a pass over [rows, vocab] each: on a CPU, where this reference is what
+            # runs, those passes are a visible part of the step, so they are made only when asked for.
+            if eps:
+                row_loss -= eps * c.mean(-1)
+            if zw:
+                row_loss += zw * lse * lse
+                lse_sq += (lse * lse).sum()
+            loss += row_loss.sum()
+            # softmax(c) = exp(c - lse), in c's own buffer when c is not needed again (no softcap)
+            grad_logits = (c if softcap is None else c.clone()).sub_(lse[:, None]).exp_()
+            if zw:
+                grad_logits *= (1 + 2 * zw * lse)[:, None]
+            if eps:
+                grad_logits -= eps / vocab
+            grad_logits[torch.arange(len(y), device=y.device), y] -= 1 - eps
             if softcap is not None:
                 grad_logits *= 1 - (c / softcap) ** 2
-            grad_logits *= keep[:, None]
             if need_h:
-                grad_h[start:start + step] = (grad_logits.to(hidden.dtype) @ weight).to(hidden.dtype)
+                grad_h.index_copy_(0, picked_rows, (grad_logits.to(hidden.dtype) @ weight).to(hidden.dtype))
             if need_w:
                 grad_w += grad_logits.T @ h.to(acc)
             if need_b:

@@ -14,6 +14,11 @@ block-diagonal B [sum n_i, R] whose block i is B_i, and s becomes a per-rank-col
 whole group is one LoRA linear: y_all = x W^T + bias + (x A^T diag(s)) B^T, with y_i the column
 block i of y_all (a view of one buffer, last dim contiguous). A projection without adapter has
 r_i = 0. The backward takes the dY_i as separate segments of the reduction (no concatenation).
+The block-diagonal B is not materialised when every projection of the group (at most three) has an
+adapter of one rank r: the kernels read B_rows = [B_0; B_1; ...] [sum n_i, r] with a per-feature rank map
+(feature n of projection i holds columns r_off_i .. r_off_i + r of U: _gemm.rank_window). The A_i (B_i)
+are read as one matrix in place when they are adjacent rows of one buffer, as inject_lora leaves a
+layer's; otherwise they are stacked by one copy per call.
 
 The LoRA MLP: y = down(act(gate(x)) * up(x)), gate/up one group over [W_gate; W_up], each
 projection a LoRA linear (or plain, without adapter); act is silu (SwiGLU, the default) or
@@ -24,12 +29,15 @@ writing dG = dH u act'(g) and dU = dH act(g) (never dH) and recomputing h there 
 Every GEMM with a [tokens, features] output is one Triton kernel (`_lowrank_mm_kernel`):
   C[M, N] = scale[n] * (sum_seg A_seg[M, K_seg] @ Bop[off_seg : off_seg + K_seg, N] + E[M, R] @ F[R, N])
             + bias[n]                         (then optionally the SwiGLU/GeGLU backward on C)
-with every operand addressed through strides, so W, W^T, A^T, B^T are read in place:
+with every operand addressed through strides, so W, W^T, A^T, B^T are read in place, the adapters in their
+own dtype (the float32 masters), rounded to the activations' dtype tile by tile: what a cast before the call
+would give, without its launch:
   forward      U = x A^T diag(s)          skinny: N = R, one column block (x read once)
                y = x W^T + bias + U B^T    E = U, F = B^T
   backward     V = dY B diag(s)           skinny, the dY_i as segments
                dX = dY W + V A             E = V, F = A, the dY_i as segments
-               dA = V^T x, dB_i = dY_i^T U_i, dW = dY^T x: small (or weight) GEMMs by cuBLAS
+               dA = V^T x, dB_i = dY_i^T U_i: one GEMM each with a float32 output (the masters' dtype, no
+               cast after): torch.mm(out_dtype=float32) on CUDA, this kernel on the CPU; dW = dY^T x by cuBLAS
 Saved for backward: x and U only (plus the parameters). U carries the scale, so dB needs none.
 Not handled here: LoRA dropout > 0 (the low-rank branch then sees another input than the base);
 the engine runs plain PyTorch ops for that case and these kernels for dropout 0.
@@ -60,6 +68,7 @@ import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
 from ._launch import aot_spec, arch_autotune, count, dot_precision, empty_output, launch
+from ._lora_gemm_select import lora_gemm_path
 from .nf4 import dense_weight, gemm_mode, is_nf4, nf4_linear_reference, nf4_matmul
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
 
@@ -72,23 +81,18 @@ def _base_reference(x, weight, bias=None):
 
 
 def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
-    """Plain PyTorch: the definition above, differentiated by autograd (lora_a None: the frozen linear)."""
+    """Plain PyTorch: the definition above, differentiated by autograd (lora_a None: the frozen linear). The
+    scaling multiplies B ([out, r]), not the product ([tokens, out]): the same math, one pass less over the output."""
     base = _base_reference(x, weight, bias)
-    return base if lora_a is None else base + scaling * F.linear(F.linear(x, lora_a), lora_b)
+    return base if lora_a is None else base + F.linear(F.linear(x, lora_a), lora_b * scaling)
 
 
 def lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None):
-    """Each projection of the stacked weight on its own: y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T."""
-    if is_nf4(weight):  # one dequantized base product, split
-        bases = _base_reference(x, weight, bias).split(list(out_splits), -1)
-        return tuple(y if a is None else y + s * F.linear(F.linear(x, a), b)
-                     for y, a, b, s in zip(bases, lora_as, lora_bs, scalings, strict=True))
-    weights = weight.split(list(out_splits), 0)
-    biases = bias.split(list(out_splits), 0) if bias is not None else [None] * len(out_splits)
-    outs = []
-    for w, a, b, s, bi in zip(weights, lora_as, lora_bs, scalings, biases, strict=True):
-        outs.append(F.linear(x, w, bi) if a is None else lora_linear_reference(x, w, a, b, s, bi))
-    return tuple(outs)
+    """y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T, the frozen part as one product with the stacked weight
+    (x read once, an NF4 weight dequantized once; backward's dx is one product too)."""
+    frozen = _base_reference(x, weight, bias).split(list(out_splits), -1)
+    return tuple(y if a is None else y + F.linear(F.linear(x, a), b * s)
+                 for y, a, b, s in zip(frozen, lora_as, lora_bs, scalings, strict=True))
 
 
 def lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
@@ -108,25 +112,38 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._gemm import grouped_pid, grouped_tile, lowrank_tile
+    from ._gemm import grouped_pid, grouped_tile, lowrank_tile, rank_window
     from .swiglu import ACTIVATIONS, _activation_and_grad
 
     @triton.jit
-    def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, b_off, K, rows_a, b_cols,
-                            EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-        """acc += A[rows_a, 0:K] @ Bop[b_off : b_off + K, cols] (b_cols holds cols * stride_bn)."""
+    def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, b_off, K, rows_a, cols_b, stride_bn,
+                            c1, c2, ro0, ro1, ro2, rw0, rw1, rw2,
+                            EVEN_K: tl.constexpr, RANK_MAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+        """acc += A[rows_a, 0:K] @ Bop[b_off : b_off + K, cols_b]. Bop tiles are rounded to A's dtype (a float32
+        LoRA matrix read in place). RANK_MAP: Bop is block-diagonal, given as its blocks stacked by rows
+        (B_rows [features, r]; cols_b are ranks): row k holds the ranks rank_window(k) (_gemm.py)."""
+        b_cols = cols_b * stride_bn
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + (b_off + offs_k).to(tl.int64)[:, None] * stride_bk + b_cols[None, :]
         for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
+            if RANK_MAP:
+                feature = b_off + k * BLOCK_K + offs_k
+                lo, n = rank_window(feature, c1, c2, ro0, ro1, ro2, rw0, rw1, rw2)
+                local = cols_b[None, :] - lo[:, None]
+                b_ok = (local >= 0) & (local < n[:, None]) & (offs_k[:, None] < K - k * BLOCK_K)
+                a_tile = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+                b_tile = tl.load(b_ptr + feature.to(tl.int64)[:, None] * stride_bk + local * stride_bn, mask=b_ok,
+                                 other=0.0)
+            elif EVEN_K:
                 a_tile = tl.load(a_ptrs)
                 b_tile = tl.load(b_ptrs)
             else:
                 k_left = K - k * BLOCK_K
                 a_tile = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
                 b_tile = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a_tile, b_tile.to(a_tile.dtype), acc, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         return acc
@@ -136,6 +153,7 @@ if HAVE_TRITON:
         a0_ptr, a1_ptr, a2_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, e_ptr, f_ptr,
         g_ptr, u_ptr, du_ptr, h_ptr,
         M, N, R, K0, K1, K2, b_off0, b_off1, b_off2,
+        map_c1, map_c2, map_ro0, map_ro1, map_ro2, map_rw0, map_rw1, map_rw2,
         stride_a0m, stride_a0k, stride_a1m, stride_a1k, stride_a2m, stride_a2k,
         stride_bk, stride_bn, stride_cm, stride_cn,
         stride_em, stride_er, stride_fr, stride_fn,
@@ -143,7 +161,7 @@ if HAVE_TRITON:
         M_BUCKET,  # only an autotune key: tokens rounded up to a power of 2
         NUM_SEGS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LOWRANK: tl.constexpr,
         GLU_BWD: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        MAP_LOWRANK: tl.constexpr, MAP_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
@@ -151,19 +169,28 @@ if HAVE_TRITON:
         offs_m, offs_n, rows_a, cols_b = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
+        # a group's block-diagonal B is read from its blocks stacked by rows (_gemm.py, rank_window): in the
+        # forward's low-rank term (MAP_LOWRANK: F = B^T), in backward as the segments' Bop (MAP_SEGMENTS: dY B)
         if HAS_LOWRANK:
+            if MAP_LOWRANK:
+                rank_lo, rank_n = rank_window(cols_b, map_c1, map_c2, map_ro0, map_ro1, map_ro2, map_rw0, map_rw1,
+                                              map_rw2)
+            else:
+                rank_lo, rank_n = 0, R
             acc = lowrank_tile(acc, e_ptr, stride_em, stride_er, f_ptr, stride_fr, stride_fn, rows_a, cols_b, R,
-                               BLOCK_R, DOT_PRECISION)
+                               rank_lo, rank_n, BLOCK_R, DOT_PRECISION, MAP_LOWRANK)
 
-        b_cols = cols_b * stride_bn
         acc = _accumulate_segment(acc, a0_ptr, stride_a0m, stride_a0k, b_ptr, stride_bk, b_off0, K0, rows_a,
-                                  b_cols, EVEN_K, DOT_PRECISION, BLOCK_K)
+                                  cols_b, stride_bn, map_c1, map_c2, map_ro0, map_ro1, map_ro2, map_rw0, map_rw1,
+                                  map_rw2, EVEN_K, MAP_SEGMENTS, DOT_PRECISION, BLOCK_K)
         if NUM_SEGS >= 2:
-            acc = _accumulate_segment(acc, a1_ptr, stride_a1m, stride_a1k, b_ptr, stride_bk, b_off1, K1,
-                                      rows_a, b_cols, EVEN_K, DOT_PRECISION, BLOCK_K)
+            acc = _accumulate_segment(acc, a1_ptr, stride_a1m, stride_a1k, b_ptr, stride_bk, b_off1, K1, rows_a,
+                                      cols_b, stride_bn, map_c1, map_c2, map_ro0, map_ro1, map_ro2, map_rw0, map_rw1,
+                                      map_rw2, EVEN_K, MAP_SEGMENTS, DOT_PRECISION, BLOCK_K)
         if NUM_SEGS >= 3:
-            acc = _accumulate_segment(acc, a2_ptr, stride_a2m, stride_a2k, b_ptr, stride_bk, b_off2, K2,
-                                      rows_a, b_cols, EVEN_K, DOT_PRECISION, BLOCK_K)
+            acc = _accumulate_segment(acc, a2_ptr, stride_a2m, stride_a2k, b_ptr, stride_bk, b_off2, K2, rows_a,
+                                      cols_b, stride_bn, map_c1, map_c2, map_ro0, map_ro1, map_ro2, map_rw0, map_rw1,
+                                      map_rw2, EVEN_K, MAP_SEGMENTS, DOT_PRECISION, BLOCK_K)
 
         col_ok = offs_n < N
         if HAS_SCALE:
@@ -259,29 +286,43 @@ if HAVE_TRITON:
     def _aot_specs():
         """Variants of the autotune lists (tiles, warps, stages) for the kernel's main uses."""
 
-        def spec(dtype, *, segs, lowrank, bias, scale, glu=None, precision, config, block_n=None, block_r=16):
+        def spec(dtype, *, segs, lowrank, bias, scale, glu=None, precision, config, block_n=None, block_r=16,
+                 rank_map=False):
             # unit strides are constexpr 1 at runtime (Triton specialises them)
             consts = {"stride_a0k": 1, "stride_a1k": 1, "stride_a2k": 1, "stride_cn": 1,
                       "NUM_SEGS": segs, "HAS_BIAS": bias, "HAS_SCALE": scale, "HAS_LOWRANK": lowrank,
                       "GLU_BWD": glu is not None, "ACTIVATION": glu or "silu", "STORE_H": glu is not None,
-                      "EVEN_K": True, "DOT_PRECISION": precision, "BLOCK_R": block_r}
+                      "EVEN_K": True, "DOT_PRECISION": precision, "BLOCK_R": block_r,
+                      "MAP_LOWRANK": rank_map and lowrank, "MAP_SEGMENTS": rank_map and not lowrank}
             if block_n is not None:
                 consts["BLOCK_N"] = block_n
-            return aot_spec(_lowrank_mm_kernel, dtype, consts, types={"scale_ptr": "*fp32"}, config=config)
+            # the LoRA matrices are the float32 masters, read in place: B (or A) as the low-rank F, and A (U = x A^T)
+            # or B (V = dY B) as the skinny GEMMs' Bop
+            types = {"scale_ptr": "*fp32", "f_ptr": "*fp32", **({"b_ptr": "*fp32"} if block_n is not None else {})}
+            return aot_spec(_lowrank_mm_kernel, dtype, consts, types=types, config=config)
 
         big, tall, square8, square4, _, small = MAIN_CONFIGS
         return [
             # forward y = x W^T + bias + U B^T: the largest tiles, bf16 and fp16
             spec("bf16", segs=1, lowrank=True, bias=True, scale=False, precision="tf32", config=big),
             spec("fp16", segs=1, lowrank=True, bias=False, scale=False, precision="tf32", config=tall, block_r=64),
+            # y of q/k/v: the block-diagonal B read through the rank map
+            spec("bf16", segs=1, lowrank=True, bias=False, scale=False, precision="tf32", config=big, block_r=64,
+                 rank_map=True),
+            # V = dY B of q/k/v: three dY segments and the rank map
+            spec("bf16", segs=3, lowrank=False, bias=False, scale=True, precision="tf32", config=SKINNY_CONFIGS[0],
+                 block_n=64, rank_map=True),
             # dX of q/k/v: three dY segments, rank chunks of 64
             spec("bf16", segs=3, lowrank=True, bias=False, scale=False, precision="tf32", config=square8,
                  block_r=64),
             # dH of the MLP with the SwiGLU or GeGLU backward in the epilogue
             *[spec("bf16", segs=1, lowrank=True, bias=False, scale=False, glu=act, precision="tf32",
                    config=square4) for act in ACTIVATIONS],
-            # skinny U = x A^T diag(s) with the widest rank block (3 x r = 192 -> 256 columns)
+            # skinny U = x A^T diag(s), A the float32 master: q/k/v at r = 16 (48 -> 64 columns), and the widest
+            # rank block (3 x r = 192 -> 256 columns), where float32 A tiles leave only the smallest config
             spec("bf16", segs=1, lowrank=False, bias=False, scale=True, precision="tf32", config=SKINNY_CONFIGS[0],
+                 block_n=64),
+            spec("bf16", segs=1, lowrank=False, bias=False, scale=True, precision="tf32", config=SKINNY_CONFIGS[-1],
                  block_n=256),
             # float32 (IEEE dots): only the smaller tiles fit in shared memory
             spec("fp32", segs=2, lowrank=True, bias=True, scale=False, precision="ieee", config=small),
@@ -300,12 +341,14 @@ def _pow2(n: int) -> int:
 
 
 def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu=None, activation="silu",
-        skinny=False):
+        skinny=False, rank_map=None):
     """out[M, N] = scale * (sum_s A_s @ Bop[off_s : off_s + K_s] + E @ F) + bias  (module docstring).
 
     segments: [(A_s [M, K_s], off_s)]; Bop is `b` read with b_strides = (stride along K, along N);
     lowrank: (E [M, R], F, (stride_fr, stride_fn)); glu: (g, u, du, h or None) for the dH epilogue of
-    h = act(g) * u with act the `activation` ("silu", "gelu_tanh").
+    h = act(g) * u with act the `activation` ("silu", "gelu_tanh"). rank_map: (c1, c2, ro0, ro1, ro2, rw0, rw1, rw2)
+    of a group's block-diagonal B given by rows (_Adapters): on the low-rank F when there is one, else on Bop.
+    out may be float32 with 16-bit operands (the LoRA gradients).
     """
     M, N = out.shape
     if M == 0 or N == 0:
@@ -329,7 +372,7 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu
     args = (
         segs[0][0], segs[1][0], segs[2][0], b, out,
         bias if bias is not None else out, scale if scale is not None else out, e, f, g, u, du, h,
-        M, N, R, ks[0], ks[1], ks[2], segs[0][1], segs[1][1], segs[2][1],
+        M, N, R, ks[0], ks[1], ks[2], segs[0][1], segs[1][1], segs[2][1], *(rank_map or NO_RANK_MAP),
         segs[0][0].stride(0), segs[0][0].stride(1), segs[1][0].stride(0), segs[1][0].stride(1),
         segs[2][0].stride(0), segs[2][0].stride(1),
         b_strides[0], b_strides[1], out.stride(0), out.stride(1),
@@ -339,8 +382,9 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu
     flags = dict(NUM_SEGS=len(segments), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
                  HAS_LOWRANK=lowrank is not None and R > 0, GLU_BWD=glu is not None,
                  ACTIVATION=activation, STORE_H=glu is not None and glu[3] is not None,
-                 BLOCK_R=min(64, max(16, _pow2(R))),
-                 DOT_PRECISION=dot_precision(out.dtype))
+                 BLOCK_R=min(64, max(16, _pow2(R))), MAP_LOWRANK=rank_map is not None and lowrank is not None,
+                 MAP_SEGMENTS=rank_map is not None and lowrank is None,
+                 DOT_PRECISION=dot_precision(segments[0][0].dtype))
     if skinny:
         flags["BLOCK_N"] = min(256, max(16, _pow2(N)))
 
@@ -387,17 +431,71 @@ class _Plan:
         return _Plan(tuple(splits), tuple(offsets), tuple(ranks), tuple(r_offsets), tuple(scalings))
 
 
-def _stack_adapters(plan: _Plan, lora_as, lora_bs):
-    """A [R, in] and block-diagonal B [sum n_i, R] (the tensors themselves for a single projection)."""
-    adapted = [i for i, r in enumerate(plan.ranks) if r]
-    if not adapted:
-        return None, None
-    if len(plan.splits) == 1:
-        return lora_as[0], lora_bs[0]
-    a_stack = torch.cat([lora_as[i] for i in adapted], 0) if len(adapted) > 1 else lora_as[adapted[0]]
-    ref = lora_bs[adapted[0]]
-    blocks = [lora_bs[i] if plan.ranks[i] else ref.new_zeros(n, 0) for i, n in enumerate(plan.splits)]
-    return a_stack, torch.block_diag(*blocks)
+NO_RANK_MAP = (1 << 30, 1 << 30, 0, 0, 0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class _Adapters:
+    """A group's adapters as the kernels read them, in the masters' dtype (float32: read in place, never cast).
+
+    a: [R, in], the A_i stacked by rows. b: with rank_map, the B_i stacked by rows [sum n_i, r] (block i of the
+    block-diagonal B, which is never materialised: rank_map says where each projection's ranks sit); without,
+    the B of a single projection, or the block-diagonal B of a group whose ranks differ or that has a projection
+    without adapter. When the A_i (B_i) are adjacent views of one buffer (inject_lora stacks a layer's q/k/v and
+    gate/up adapters so) the stack is a view; otherwise one copy per call.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank_map: tuple | None  # (c1, c2, ro0, ro1, ro2, rw0, rw1, rw2): _gemm.rank_window
+
+    @staticmethod
+    def make(plan: _Plan, lora_as, lora_bs) -> _Adapters | None:
+        adapted = [i for i, r in enumerate(plan.ranks) if r]
+        if not adapted:
+            return None
+        if len(plan.splits) == 1:
+            return _Adapters(lora_as[0], lora_bs[0], None)
+        a = _rows([lora_as[i] for i in adapted])
+        if len(adapted) == len(plan.splits) <= MAX_SEGMENTS and len(set(plan.ranks)) == 1:
+            pad = [0] * (MAX_SEGMENTS - len(plan.splits))
+            bounds = (*plan.offsets[1:], *[NO_RANK_MAP[0]] * (MAX_SEGMENTS - len(plan.splits)))
+            return _Adapters(a, _rows(lora_bs), (*bounds, *plan.r_offsets, *pad, *plan.ranks, *pad))
+        ref = lora_bs[adapted[0]]
+        blocks = [lora_bs[i] if plan.ranks[i] else ref.new_zeros(n, 0) for i, n in enumerate(plan.splits)]
+        return _Adapters(a, torch.block_diag(*blocks), None)
+
+    def dense_b(self, plan: _Plan) -> torch.Tensor:
+        """The block-diagonal B itself (for the fused NF4 GEMM, which reads no rank map)."""
+        if self.rank_map is None:
+            return self.b
+        return torch.block_diag(*self.b.split(list(plan.splits), 0))
+
+
+def _rows(parts) -> torch.Tensor:
+    """parts [n_i, k] stacked by rows: a view when they lie one after another in one buffer, else a copy."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    same = all(p.is_contiguous() and p.dtype == first.dtype and p.shape[1:] == first.shape[1:] for p in parts)
+    if same and all(p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for p in parts):
+        offsets = [p.storage_offset() for p in parts]
+        if all(offsets[i + 1] == offsets[i] + parts[i].numel() for i in range(len(parts) - 1)):
+            return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
+    return torch.cat(parts, 0)
+
+
+def _grad_mm(a, b) -> torch.Tensor:
+    """a @ b in float32: the gradient of a float32 LoRA master from 16-bit operands, accumulated and written in
+    float32 by the one GEMM (no cast launch after it, and no rounding to 16 bits on the way)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    out = empty_output((a.shape[0], b.shape[1]), torch.float32, a.device)  # CPU torch has no mm with out_dtype
+    if out.numel():
+        _mm(out, [(a, 0)], b, (b.stride(0), b.stride(1)))
+    return out
 
 
 def _fused_nf4(weight) -> bool:
@@ -405,19 +503,22 @@ def _fused_nf4(weight) -> bool:
     return is_nf4(weight) and weight.nested and gemm_mode() == "fused"
 
 
-def _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out):
+def _lowrank_forward(x2d, weight, bias, adapters: _Adapters | None, plan: _Plan, scale, out):
     """out = x W^T + bias + U B^T with U = x A^T diag(s); returns U (None without adapters). An NF4 weight is
     dequantized here, for this GEMM only (or read by the fused NF4 GEMM)."""
-    u = None
-    if a_stack is not None:
-        u = empty_output((x2d.shape[0], a_stack.shape[0]), x2d.dtype, x2d.device)
-        _mm(u, [(x2d, 0)], a_stack, (a_stack.stride(1), a_stack.stride(0)), scale=scale, skinny=True)
-    lowrank = (u, b_stack, (b_stack.stride(1), b_stack.stride(0))) if u is not None else None
+    if adapters is None:
+        u = lowrank = rank_map = None
+    else:
+        a = adapters.a
+        u = empty_output((x2d.shape[0], a.shape[0]), x2d.dtype, x2d.device)
+        _mm(u, [(x2d, 0)], a, (a.stride(1), a.stride(0)), scale=scale, skinny=True)
+        b, rank_map = (adapters.dense_b(plan), None) if _fused_nf4(weight) else (adapters.b, adapters.rank_map)
+        lowrank = (u, b, (b.stride(1), b.stride(0)))
     if _fused_nf4(weight):
         nf4_matmul(out, x2d, weight, transpose=True, bias=bias, lowrank=lowrank)
         return u
     weight = dense_weight(weight, x2d.dtype)
-    _mm(out, [(x2d, 0)], weight, (weight.stride(1), weight.stride(0)), bias=bias, lowrank=lowrank)
+    _mm(out, [(x2d, 0)], weight, (weight.stride(1), weight.stride(0)), bias=bias, lowrank=lowrank, rank_map=rank_map)
     return u
 
 
@@ -443,7 +544,7 @@ def _segments(dys, offsets, splits):
     return segs
 
 
-def _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, scale, need_dx, need_dw, need_dbias,
+def _lowrank_backward(plan, dys, x2d, weight, adapters: _Adapters | None, u, scale, need_dx, need_dw, need_dbias,
                       need_ab):
     """Gradients of the (stacked) LoRA linear from the dY_i [T, n_i] (None: no gradient reached it)."""
     T, K = x2d.shape
@@ -455,11 +556,12 @@ def _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, scale, need_d
         if not segs:
             dx.zero_()
     v = None
-    if segs and a_stack is not None and (need_dx or any(need_ab)):
-        v = empty_output((T, a_stack.shape[0]), x2d.dtype, x2d.device)
-        _mm(v, segs, b_stack, (b_stack.stride(0), b_stack.stride(1)), scale=scale, skinny=True)
+    if segs and adapters is not None and (need_dx or any(need_ab)):
+        a, b = adapters.a, adapters.b
+        v = empty_output((T, a.shape[0]), x2d.dtype, x2d.device)
+        _mm(v, segs, b, (b.stride(0), b.stride(1)), scale=scale, skinny=True, rank_map=adapters.rank_map)
     if need_dx and segs:
-        lowrank = (v, a_stack, (a_stack.stride(0), a_stack.stride(1))) if v is not None else None
+        lowrank = (v, adapters.a, (adapters.a.stride(0), adapters.a.stride(1))) if v is not None else None
         if _fused_nf4(weight):  # one dY: the fused GEMM reads a single segment
             dy_all = segs[0][0] if len(segs) == 1 and segs[0][1] == 0 and segs[0][0].shape[1] == weight.shape[0] \
                 else torch.cat([dy if dy is not None else x2d.new_zeros(T, n) for dy, n in zip(dys, plan.splits,
@@ -469,11 +571,13 @@ def _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, scale, need_d
             weight = dense_weight(weight, x2d.dtype)
             _mm(dx, segs, weight, (weight.stride(0), weight.stride(1)), lowrank=lowrank)
     if v is not None and any(need_ab):
-        da_stack = v.t() @ x2d
+        da_stack = _grad_mm(v.t(), x2d)  # float32, like the masters
+    grad_dtype = adapters.a.dtype if adapters is not None else x2d.dtype
     for i, (n, r, r_off) in enumerate(zip(plan.splits, plan.ranks, plan.r_offsets, strict=True)):
         if r and need_ab[i]:
-            das[i] = da_stack[r_off:r_off + r] if v is not None else x2d.new_zeros(r, K)
-            dbs[i] = dys[i].t() @ u[:, r_off:r_off + r] if dys[i] is not None else x2d.new_zeros(n, r)
+            das[i] = da_stack[r_off:r_off + r] if v is not None else x2d.new_zeros(r, K, dtype=grad_dtype)
+            dbs[i] = _grad_mm(dys[i].t(), u[:, r_off:r_off + r]) if dys[i] is not None \
+                else x2d.new_zeros(n, r, dtype=grad_dtype)
     if need_dw:  # a dense weight that trains (never an NF4 one)
         dw = torch.empty_like(weight)
         for dy, off, n in zip(dys, plan.offsets, plan.splits, strict=True):
@@ -497,29 +601,32 @@ class LoraGroupFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan: _Plan, *adapters):
         lora_as, lora_bs = list(adapters[0::2]), list(adapters[1::2])
         x2d = x.reshape(-1, x.shape[-1])
-        a_stack, b_stack = _stack_adapters(plan, lora_as, lora_bs)
-        scale = _scale_vector(plan.ranks, plan.scalings, x.device) if a_stack is not None else None
+        adapters = _Adapters.make(plan, lora_as, lora_bs)
+        scale = _scale_vector(plan.ranks, plan.scalings, x.device) if adapters is not None else None
         n_total = sum(plan.splits)
         out = empty_output((*x.shape[:-1], n_total), x.dtype, x.device)
-        u = _lowrank_forward(x2d, weight, bias, a_stack, b_stack, scale, out.view(-1, n_total))
+        u = _lowrank_forward(x2d, weight, bias, adapters, plan, scale, out.view(-1, n_total))
         ctx.set_materialize_grads(False)
         ctx.nf4 = weight if is_nf4(weight) else None  # dequantized again in backward, not kept dense
-        ctx.save_for_backward(x2d, None if ctx.nf4 is not None else weight, a_stack, b_stack, u)
+        a, b = (adapters.a, adapters.b) if adapters is not None else (None, None)
+        ctx.save_for_backward(x2d, None if ctx.nf4 is not None else weight, a, b, u)
         ctx.plan, ctx.scale, ctx.x_shape = plan, scale, x.shape
+        ctx.rank_map = adapters.rank_map if adapters is not None else None
         if len(plan.splits) == 1:
             return out
         return tuple(out.split(list(plan.splits), -1))
 
     @staticmethod
     def backward(ctx, *grads):
-        x2d, weight, a_stack, b_stack, u = ctx.saved_tensors
+        x2d, weight, a, b, u = ctx.saved_tensors
         plan = ctx.plan
+        adapters = _Adapters(a, b, ctx.rank_map) if a is not None else None
         dys = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         needs = ctx.needs_input_grad
         need_ab = [needs[4 + 2 * i] or needs[5 + 2 * i] for i in range(len(plan.splits))]
         if ctx.nf4 is not None:
             weight = ctx.nf4
-        dx, dw, dbias, das, dbs = _lowrank_backward(plan, dys, x2d, weight, a_stack, b_stack, u, ctx.scale,
+        dx, dw, dbias, das, dbs = _lowrank_backward(plan, dys, x2d, weight, adapters, u, ctx.scale,
                                                     needs[0], needs[1], needs[2], need_ab)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
@@ -536,20 +643,23 @@ class LoraMLPFunction(torch.autograd.Function):
         inter, hidden = down_weight.shape[1], down_weight.shape[0]
         x2d = x.reshape(-1, x.shape[-1])
         T = x2d.shape[0]
-        a_gu, b_gu = _stack_adapters(plan_gu, [gate_a, up_a], [gate_b, up_b])
-        scale_gu = _scale_vector(plan_gu.ranks, plan_gu.scalings, x.device) if a_gu is not None else None
+        adapters_gu = _Adapters.make(plan_gu, [gate_a, up_a], [gate_b, up_b])
+        scale_gu = _scale_vector(plan_gu.ranks, plan_gu.scalings, x.device) if adapters_gu is not None else None
         gu = empty_output((T, 2 * inter), x.dtype, x.device)
-        u_gu = _lowrank_forward(x2d, gate_up_weight, None, a_gu, b_gu, scale_gu, gu)
+        u_gu = _lowrank_forward(x2d, gate_up_weight, None, adapters_gu, plan_gu, scale_gu, gu)
         h = glu_forward_triton(gu[:, :inter], gu[:, inter:], out=empty_output((T, inter), x.dtype, x.device),
                                activation=activation)
         scale_d = _scale_vector(plan_down.ranks, plan_down.scalings, x.device) if down_a is not None else None
         out = empty_output((*x.shape[:-1], hidden), x.dtype, x.device)
-        u_d = _lowrank_forward(h, down_weight, None, down_a, down_b, scale_d, out.view(-1, hidden))
+        adapters_d = _Adapters.make(plan_down, [down_a], [down_b])
+        u_d = _lowrank_forward(h, down_weight, None, adapters_d, plan_down, scale_d, out.view(-1, hidden))
         # NF4 weights are dequantized again in backward, one at a time; dense ones are saved
         weights = (gate_up_weight, down_weight)
         ctx.nf4 = tuple(w if is_nf4(w) else None for w in weights)
         saved = [None if is_nf4(w) else w for w in weights]
+        a_gu, b_gu = (adapters_gu.a, adapters_gu.b) if adapters_gu is not None else (None, None)
         ctx.save_for_backward(x2d, *saved, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
+        ctx.rank_map = adapters_gu.rank_map if adapters_gu is not None else None
         ctx.plan_gu, ctx.scales, ctx.x_shape, ctx.activation = plan_gu, (scale_gu, scale_d), x.shape, activation
         return out
 
@@ -578,8 +688,8 @@ class LoraMLPFunction(torch.autograd.Function):
             lowrank=lowrank, glu=(gu[:, :inter], gu[:, inter:], dgu[:, inter:], h), activation=ctx.activation)
         d_down_a = d_down_b = d_down_w = None
         if down_a is not None and need_down_ab:
-            d_down_a = v_d.t() @ h
-            d_down_b = dy.t() @ u_d
+            d_down_a = _grad_mm(v_d.t(), h)
+            d_down_b = _grad_mm(dy.t(), u_d)
         if needs[2]:
             d_down_w = dy.t() @ h
 
@@ -588,7 +698,8 @@ class LoraMLPFunction(torch.autograd.Function):
             gu_weight = ctx.nf4[0]
         dys = [dgu[:, :inter], dgu[:, inter:]]
         need_ab = [needs[5] or needs[6], needs[7] or needs[8]]
-        dx, d_gu_w, _, das, dbs = _lowrank_backward(plan_gu, dys, x2d, gu_weight, a_gu, b_gu, u_gu, scale_gu,
+        adapters_gu = _Adapters(a_gu, b_gu, ctx.rank_map) if a_gu is not None else None
+        dx, d_gu_w, _, das, dbs = _lowrank_backward(plan_gu, dys, x2d, gu_weight, adapters_gu, u_gu, scale_gu,
                                                     needs[0], needs[1], False, need_ab)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
@@ -635,11 +746,14 @@ def lora_linear(x, weight, lora_a, lora_b, scaling: float, bias=None):
     lora_b [out, r] (both None: the frozen linear alone); bias [out] or None.
     Differentiable in x, lora_a, lora_b, and in weight / bias when they require grad.
     """
+    if lora_gemm_path(x, weight) == "cublas":  # LORAFUSE_LORA_GEMM (lora_cublas.py)
+        from .lora_cublas import lora_linear as cublas_lora_linear
+        return cublas_lora_linear(x, weight, lora_a, lora_b, scaling, bias)
     if not use_triton(x):
         return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias)
     count("lora_linear")
     dtype = _compute_dtype(x)
-    x, weight, bias, lora_a, lora_b = (_cast(t, dtype) for t in (x, weight, bias, lora_a, lora_b))
+    x, weight, bias = (_cast(t, dtype) for t in (x, weight, bias))  # the adapters are read in their own dtype
     r = _check_adapter("lora_linear", lora_a, lora_b, weight.shape[0], weight.shape[1])
     plan = _Plan.make((weight.shape[0],), (r,), (scaling,))
     return LoraGroupFunction.apply(x, weight, bias, plan, lora_a, lora_b)
@@ -659,13 +773,14 @@ def lora_linear_group(x, weight, lora_as, lora_bs, scalings, out_splits, bias=No
     if weight.shape[0] != sum(out_splits):
         raise ValueError(f"lora_linear_group: weight has {weight.shape[0]} rows, out_splits sum to "
                          f"{sum(out_splits)}")
+    if lora_gemm_path(x, weight) == "cublas":  # LORAFUSE_LORA_GEMM (lora_cublas.py)
+        from .lora_cublas import lora_linear_group as cublas_group
+        return cublas_group(x, weight, lora_as, lora_bs, scalings, out_splits, bias)
     if not use_triton(x):
         return lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias)
     count("lora_linear_group")
     dtype = _compute_dtype(x)
-    x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
-    lora_as = [_cast(a, dtype) for a in lora_as]
-    lora_bs = [_cast(b, dtype) for b in lora_bs]
+    x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)  # adapters: in their own dtype
     ranks = tuple(_check_adapter(f"lora_linear_group[{i}]", a, b, n, weight.shape[1])
                   for i, (a, b, n) in enumerate(zip(lora_as, lora_bs, out_splits, strict=True)))
     plan = _Plan.make(out_splits, ranks, tuple(float(s) for s in scalings))
@@ -687,14 +802,16 @@ def lora_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_sca
     if gate_up_weight.shape != (2 * inter, hidden):
         raise ValueError(f"lora_mlp: gate_up_weight {tuple(gate_up_weight.shape)} is not "
                          f"[2 * {inter}, {hidden}]")
+    if lora_gemm_path(x, gate_up_weight) == "cublas" and lora_gemm_path(x, down_weight) == "cublas":
+        from .lora_cublas import lora_mlp as cublas_mlp  # LORAFUSE_LORA_GEMM (lora_cublas.py)
+        return cublas_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling, down_weight,
+                          down_a, down_b, down_scaling, activation)
     if not use_triton(x):
         return lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
                                   down_weight, down_a, down_b, down_scaling, activation)
     count("lora_mlp")
     dtype = _compute_dtype(x)
     x, gate_up_weight, down_weight = _cast(x, dtype), _cast(gate_up_weight, dtype), _cast(down_weight, dtype)
-    adapters = (gate_a, gate_b, up_a, up_b, down_a, down_b)
-    gate_a, gate_b, up_a, up_b, down_a, down_b = (_cast(t, dtype) for t in adapters)
     ranks = (_check_adapter("lora_mlp gate", gate_a, gate_b, inter, hidden),
              _check_adapter("lora_mlp up", up_a, up_b, inter, hidden))
     r_down = _check_adapter("lora_mlp down", down_a, down_b, hidden, inter)

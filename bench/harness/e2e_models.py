@@ -34,6 +34,11 @@ MODELS: dict[str, dict] = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
         rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu", attention_bias=False, mlp_bias=False,
         bos_token_id=128000, eos_token_id=128001, rope_parameters={**_LLAMA3_ROPE, "factor": 32.0}),
+    "llama-20m": dict(  # the CPU speed benchmark (bench/cpu_speed.py): 19M parameters, Llama-shaped
+        model_type="llama", vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "tiny": dict(  # the CPU smoke test
         model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,

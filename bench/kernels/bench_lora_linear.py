@@ -1,11 +1,13 @@
 """Fused LoRA linear, grouped q/k/v and the LoRA MLP: forward + backward, bf16, Llama-3.1-8B shapes.
 
 Peers in the same run, per shape and token count:
-- lorafuse: the Triton kernels (lora_linear, lora_linear_group, lora_mlp);
+- lorafuse: the Triton kernels (lora_linear, lora_linear_group, lora_mlp; LORAFUSE_LORA_GEMM=triton);
 - base: the bare frozen layer, forward + dX only (no LoRA at all): the floor;
 - peft: PEFT's LoRA Linear (base + lora_B(lora_A(x)) * scaling, adapters in bf16);
 - for q/k/v and the MLP also `lorafuse_parts`: the same block from separate lora_linear (and swiglu)
   calls, to show what grouping saves.
+test_lora_gemm_paths (below) times the Triton and the cuBLAS LoRA GEMM paths against the bare GEMMs and
+test_record_choice writes what `auto` reads (issue 15; bench/README.md).
 Gradients are taken with torch.autograd.grad (nothing accumulates into .grad between repeats).
 FLOPs as DESIGN.md counts them: 4 per frozen weight per token (forward and dX, no frozen weight
 gradient) and 6 per LoRA weight per token.
@@ -31,6 +33,12 @@ else:
     PROJECTIONS = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
     TOKENS = [8192, 16384]
     HIDDEN, INTER, KV = 4096, 14336, 1024  # Llama-3.1-8B: 32 q heads, 8 kv heads of 128
+
+
+@pytest.fixture(autouse=True)
+def _triton_gemms(monkeypatch):
+    """`lorafuse` above means the Triton kernels; the two-path cases below pin each path themselves."""
+    monkeypatch.setenv("LORAFUSE_LORA_GEMM", "triton")
 
 
 def _frozen(n_out, n_in, device, dtype):
@@ -175,3 +183,135 @@ def test_mlp(benchmark, device, dtype, system, tokens):
         step = _fwd_bwd(lambda: dn(F.silu(gate(x)) * up(x)), [x, *pg, *pu, *pd])
     measure(benchmark, step, flops=_lora_flops(tokens, 3 * HIDDEN * INTER, lora_params), system=system,
             shape=f"mlp {HIDDEN}->{INTER}->{HIDDEN}", tokens=tokens, rank=RANK, dtype=str(dtype), block="mlp")
+
+
+# ----------------------------------------------------------------------------- the two LoRA GEMM paths (issue 15)
+#
+# Per Llama-3.1-8B GEMM, each path in the form the engine runs it, against the bare frozen GEMMs:
+#   qkv: from the layer's hidden state: triton = rms_norm, then lora_linear_group (Triton GEMMs);
+#        cublas = rms_norm_lowrank ([x_hat | U]), then the [x_hat | U] [W | B]^T GEMM; bare = rms_norm, F.linear
+#   o:   lora_linear on an outside input: triton vs cublas (skinny U, GEMM, addmm; one dY [W | B] GEMM)
+#   mlp: gate/up and down from the hidden state: triton = rms_norm, lora_mlp; cublas = rms_norm_lowrank,
+#        [x_hat | U] [W | B]^T, glu_lowrank ([h | U_d]), [h | U_d] [W_d | B_d]^T; bare = rms_norm, F.linear x2, silu
+# test_record_choice then writes the medians to $LORAFUSE_CACHE/lora_gemm.json under this GPU's name and each
+# block's shape key (the mlp under gate/up's), which `LORAFUSE_LORA_GEMM=auto` and `train.lora_gemm: auto` read.
+
+from lorafuse.kernels import rms_norm  # noqa: E402
+from lorafuse.kernels._lora_gemm_select import forced_path, shape_key  # noqa: E402
+from lorafuse.kernels.lora_cublas import AugmentedLinearFunction, block_b, register_augmented  # noqa: E402
+from lorafuse.kernels.lora_linear import _Plan, _scale_vector  # noqa: E402
+from lorafuse.kernels.rms_norm_lora import rms_norm_lowrank  # noqa: E402
+from lorafuse.kernels.swiglu_lora import glu_lowrank  # noqa: E402
+
+PATH_TOKENS = 16 if SMOKE else 16384
+PATH_RESULTS: dict = {}
+
+
+def _with_wb(weight, plan, lora_bs):
+    """weight as the first K columns of a registered [W | B] buffer (engine/lora_gemm.py's layout)."""
+    wb = torch.cat([weight, block_b(plan, lora_bs, weight.dtype)], 1)
+    view = wb[:, :weight.shape[1]]
+    register_augmented(view, wb)
+    return view
+
+
+def _path_case(block, system, device, dtype):
+    """(step, inputs' flops, shape key) of one block on one path (see the comment above)."""
+    T = PATH_TOKENS
+    norm_w = torch.ones(HIDDEN, device=device, dtype=dtype)
+    h = torch.randn(T, HIDDEN, device=device, dtype=dtype, requires_grad=True)
+    if block in ("qkv", "mlp"):
+        splits = [HIDDEN, KV, KV] if block == "qkv" else [INTER, INTER]
+        weight = _frozen(sum(splits), HIDDEN, device, dtype)
+        adapters = [_adapter(n, HIDDEN, device, dtype) for n in splits]
+        lora_as, lora_bs = [a.detach().float().requires_grad_() for a, _ in adapters], \
+            [b.detach().float().requires_grad_() for _, b in adapters]
+        plan = _Plan.make(tuple(splits), (RANK,) * len(splits), (SCALING,) * len(splits))
+        scale = _scale_vector(plan.ranks, plan.scalings, device)
+        params = [*lora_as, *lora_bs]
+        key = shape_key(T, HIDDEN, sum(splits), RANK * len(splits))
+        flops = _lora_flops(T, HIDDEN * sum(splits), RANK * sum(HIDDEN + n for n in splits))
+        if block == "mlp":
+            down = _frozen(HIDDEN, INTER, device, dtype)
+            da, db = (t.detach().float().requires_grad_() for t in _adapter(HIDDEN, INTER, device, dtype))
+            params += [da, db]
+            flops += _lora_flops(T, HIDDEN * INTER, RANK * (HIDDEN + INTER))
+        if system == "bare":
+            def step_fn():
+                x = rms_norm(h, norm_w, 1e-5)
+                if block == "qkv":
+                    return F.linear(x, weight)
+                g, u = F.linear(x, weight).chunk(2, -1)
+                return F.linear(F.silu(g) * u, down)
+            return _fwd_bwd(step_fn, [h]), flops, key
+        if system == "triton":
+            def step_fn():
+                with forced_path("triton"):
+                    x = rms_norm(h, norm_w, 1e-5)
+                    if block == "qkv":
+                        return lora_linear_group(x, weight, lora_as, lora_bs, [SCALING] * 3, splits)
+                    return lora_mlp(x, weight, lora_as[0], lora_bs[0], SCALING, lora_as[1], lora_bs[1], SCALING,
+                                    down, da, db, SCALING)
+            return _fwd_bwd(step_fn, [h, *params]), flops, key
+        wview = _with_wb(weight, plan, lora_bs)
+        if block == "mlp":
+            dplan = _Plan.make((HIDDEN,), (RANK,), (SCALING,))
+            dview = _with_wb(down, dplan, [db])
+        a_stack = torch.cat(lora_as)
+
+        def step_fn():
+            x, u = rms_norm_lowrank(h, norm_w, 1e-5, 0.0, a_stack, scale)
+            outs = AugmentedLinearFunction.apply(x, u, wview, None, plan, *lora_bs)
+            if block == "qkv":
+                return outs
+            hh, ud = glu_lowrank(outs[0], outs[1], da, SCALING)
+            return AugmentedLinearFunction.apply(hh, ud, dview, None, dplan, db)
+        return _fwd_bwd(step_fn, [h, *params]), flops, key
+    # o_proj: an input from outside (the attention output)
+    weight = _frozen(HIDDEN, HIDDEN, device, dtype)
+    a, b = (t.detach().float().requires_grad_() for t in _adapter(HIDDEN, HIDDEN, device, dtype))
+    key = shape_key(T, HIDDEN, HIDDEN, RANK)
+    flops = _lora_flops(T, HIDDEN * HIDDEN, RANK * 2 * HIDDEN)
+    if system == "bare":
+        return _fwd_bwd(lambda: F.linear(h, weight), [h]), flops, key
+    if system == "cublas":
+        weight = _with_wb(weight, _Plan.make((HIDDEN,), (RANK,), (SCALING,)), [b])
+
+    def step_fn():
+        with forced_path(system):
+            return lora_linear(h, weight, a, b, SCALING)
+    return _fwd_bwd(step_fn, [h, a, b]), flops, key
+
+
+@pytest.mark.parametrize("system", ["triton", "cublas", "bare"])
+@pytest.mark.parametrize("block", ["qkv", "o", "mlp"])
+def test_lora_gemm_paths(benchmark, device, dtype, block, system):
+    step, flops, key = _path_case(block, system, device, dtype)
+    ms = measure(benchmark, step, flops=flops, system=f"lora_gemm_{system}", shape=key, tokens=PATH_TOKENS,
+                 rank=RANK, dtype=str(dtype), block=f"lora_gemm {block}")
+    PATH_RESULTS.setdefault((block, key), {})[system] = ms
+
+
+def test_record_choice(device):
+    """Write this GPU's measurements to the choice file (smoke mode: the same file shape, marked smoke, no times,
+    which `auto` ignores)."""
+    import json
+
+    from lorafuse.kernels._lora_gemm_select import choice_file, read_choices
+
+    if not PATH_RESULTS:
+        pytest.skip("no test_lora_gemm_paths case ran in this session")
+    gpu = torch.cuda.get_device_name() if not SMOKE else "cpu (smoke)"
+    choices = read_choices()
+    mine = choices.setdefault(gpu, {})
+    for (block, key), times in PATH_RESULTS.items():
+        if SMOKE or any(times.get(s) is None for s in ("triton", "cublas", "bare")):
+            mine[key] = {"block": block, "smoke": True}
+            continue
+        mine[key] = {"block": block, "triton_ms": times["triton"], "cublas_ms": times["cublas"],
+                     "bare_ms": times["bare"], "choice": "cublas" if times["cublas"] <= times["triton"] else "triton",
+                     "triton_x_bare": times["triton"] / times["bare"], "cublas_x_bare": times["cublas"] / times["bare"]}
+    path = choice_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(choices, indent=1, sort_keys=True))
+    print(f"[lora_gemm] wrote {path}: {json.dumps(mine, sort_keys=True)}")

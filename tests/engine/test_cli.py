@@ -88,8 +88,8 @@ def test_console_script_help():
     assert proc.returncode == 0 and "key.sub=value" in proc.stdout and "max_tokens_per_step" in proc.stdout
 
 
-def test_demo_quick_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+def test_tiny_demo_quick_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--tiny", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "fine-tuned" in out
     summary = json.loads((tmp_path / "demo_results.json").read_text())
@@ -216,3 +216,21 @@ def test_one_max_seq_len_default_everywhere():
     default = TrainConfig().max_seq_len
     assert parser.parse_args(["eval", "--model", "m", "--data", "d"]).max_seq_len == default
     assert parser.parse_args(["data", "check", "f"]).max_seq_len == default
+
+
+@pytest.mark.parametrize("flags", [[], ["--tiny", "--quick"]])
+def test_interrupted_demo_says_how_to_run_it_again(tmp_path, monkeypatch, capsys, flags):
+    """Ctrl-C in the demo's training names the command that runs the demo again (the demo has no config file
+    to resume from), not a traceback."""
+    from lorafuse.engine.demo import real, run
+    from lorafuse.engine.train import TrainingInterrupted
+
+    def interrupted(out, quick=False):
+        raise TrainingInterrupted(3, out / "adapter" / "checkpoint-3")
+
+    monkeypatch.setattr(real, "run_real_demo", interrupted)
+    monkeypatch.setattr(run, "run_demo", interrupted)
+    assert main(["demo", "--out", str(tmp_path), *flags]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"continue with: lorafuse demo --out {tmp_path} {' '.join(flags)}".rstrip() in err

@@ -140,3 +140,29 @@ def test_ten_training_steps_match_hf_and_peft(tiny_model_dir, tmp_path):
     for step, (a, b) in enumerate(zip(ours, stock)):
         assert abs(a - b) / abs(b) < 1e-4, f"step {step + 1}: lorafuse {a} vs HF+PEFT {b}"
     assert stock[-1] < stock[0]  # it trained
+
+
+def test_a_layers_grouped_adapters_share_one_buffer(tiny_model_dir, monkeypatch):
+    """inject_lora leaves each layer's q/k/v (and gate/up) adapters as adjacent rows of one buffer, so the grouped
+    kernels read them in place; the values are those PEFT's initialisation gave, and each stays its own leaf."""
+    from lorafuse.engine import lora as lora_engine
+    from lorafuse.kernels.lora_linear import _rows
+
+    def injected(stack: bool):
+        model = load_model(tiny_model_dir, torch.float32, CPU)
+        if not stack:
+            monkeypatch.setattr(lora_engine, "stack_adapter_storage", lambda model: None)
+        torch.manual_seed(0)
+        inject_lora(model, LoraConfig(r=4, alpha=8))
+        monkeypatch.undo()
+        return model
+
+    stacked, plain = injected(True), injected(False)
+    for layer, other in zip(stacked.model.layers, plain.model.layers):
+        for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            for attr in ("lora_A", "lora_B"):
+                parts = [getattr(getattr(getattr(layer, block), n), attr) for n in names]
+                assert _rows(parts).data_ptr() == parts[0].data_ptr()  # a view, not a copy
+                assert all(p.is_leaf and p.requires_grad for p in parts)
+                for p, n in zip(parts, names):
+                    assert torch.equal(p, getattr(getattr(getattr(other, block), n), attr))

@@ -169,6 +169,8 @@ def test_generate_is_unchanged_and_unpatch_restores_the_model_exactly(reference_
     q = lm.model.layers[0].self_attn
     assert q.q_proj.base_layer.weight.untyped_storage().data_ptr() == \
         q.k_proj.base_layer.weight.untyped_storage().data_ptr()  # stacked while patched
+    adapter = lambda proj: proj.lora_B["default"].weight  # noqa: E731
+    assert adapter(q.q_proj).untyped_storage().data_ptr() == adapter(q.v_proj).untyped_storage().data_ptr()
 
     lorafuse.unpatch(model)
     assert not lorafuse.is_patched(model)
@@ -180,6 +182,7 @@ def test_generate_is_unchanged_and_unpatch_restores_the_model_exactly(reference_
     assert q.q_proj.base_layer.weight.untyped_storage().data_ptr() != \
         q.k_proj.base_layer.weight.untyped_storage().data_ptr()  # each weight in its own storage again
     assert q.q_proj.base_layer.weight.untyped_storage().nbytes() == q.q_proj.base_layer.weight.nbytes
+    assert adapter(q.q_proj).untyped_storage().nbytes() == adapter(q.q_proj).nbytes  # the adapters too
 
 
 def test_weights_replaced_after_patch_are_restacked(reference_kernels):

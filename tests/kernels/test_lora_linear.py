@@ -21,6 +21,12 @@ lora_mlp_reference = lora_module.lora_mlp_reference
 DTYPES = [torch.float32, torch.float16]
 
 
+@pytest.fixture(autouse=True)
+def _triton_gemms(monkeypatch):
+    """These tests check the Triton GEMMs; on a GPU `auto` may pick the cuBLAS path (test_lora_cublas.py's)."""
+    monkeypatch.setenv("LORAFUSE_LORA_GEMM", "triton")
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -221,3 +221,26 @@ def test_rope_bf16_gpu_llama3_8b(lengths):
     q_ref, k_ref, _, _ = float64_rope(q, k, position_ids, inv_freq, scaling, dq_out, dk_out)
     assert_close(q_out, q_ref, torch.float32, "q long")
     assert_close(k_out, k_ref, torch.float32, "k long")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_copies_v_out_of_the_fused_buffer(dtype):
+    """v given: the same launch returns v unrotated in a buffer of its own (the fused q/k/v buffer it was a view
+    of can then be freed), q and k exactly as without v, and v's gradient passed through unchanged."""
+    tokens, q_heads, kv_heads, head_dim = 13, 3, 2, 24  # head dim 24: masked to 16-wide halves
+    width = (q_heads + 2 * kv_heads) * head_dim + 3
+    qkv = torch.randn(tokens, width, dtype=dtype)
+    views = [qkv[:, a * head_dim:(a + n) * head_dim].view(tokens, n, head_dim)
+             for a, n in ((0, q_heads), (q_heads, kv_heads), (q_heads + kv_heads, kv_heads))]
+    q, k, v = (leaf(t) for t in views)
+    positions = document_positions([6, 1, 6])
+    inv_freq, scaling = hf_inv_freq("llama3", head_dim)
+    with expect_triton("apply_rope"):
+        q_out, k_out, v_out = apply_rope(q, k, positions, inv_freq, scaling, v=v)
+        q_alone, k_alone = apply_rope(q, k, positions, inv_freq, scaling)
+    assert torch.equal(q_out, q_alone) and torch.equal(k_out, k_alone)
+    assert torch.equal(v_out, v) and v_out.is_contiguous() and v_out.untyped_storage().data_ptr() != \
+        qkv.untyped_storage().data_ptr()
+    dv = torch.randn_like(v_out)
+    torch.autograd.backward((q_out, k_out, v_out), (torch.randn_like(q_out), torch.randn_like(k_out), dv))
+    assert torch.equal(v.grad, dv)
