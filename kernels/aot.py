@@ -78,11 +78,18 @@ def specialise(fn, args: tuple, kwargs: dict, arch: int) -> dict:
 def arch_configs(rec, arch: int) -> list:
     """The configs the launch's autotuner tries on sm_<arch>: its list for that architecture
     (_launch.arch_autotune), after its own pruning for these arguments."""
+    from . import _launch
+
     tuner = rec.tuner
     by_arch = getattr(tuner, "arch_configs", None)
     configs = list(by_arch[arch]) if by_arch else list(tuner.configs)
     if tuner.early_config_prune:
-        configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, rec.args)), **rec.kwargs)
+        # a kernel's own pruning may depend on the architecture (_launch.device_arch): it sees this one
+        saved, _launch.ASSUMED_ARCH = _launch.ASSUMED_ARCH, arch
+        try:
+            configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, rec.args)), **rec.kwargs)
+        finally:
+            _launch.ASSUMED_ARCH = saved
     return configs
 
 
