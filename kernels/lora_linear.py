@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
-from ._launch import aot_spec, arch_autotune, count, dot_precision, empty_output, launch
+from ._launch import aot_spec, arch_autotune, count, device_arch, dot_precision, empty_output, launch
 from ._lora_gemm_select import lora_gemm_path
 from .nf4 import dense_weight, gemm_mode, is_nf4, nf4_linear_reference, nf4_matmul
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
@@ -275,9 +275,49 @@ if HAVE_TRITON:
     # (12-108 B per thread at the headline shapes), so its list leaves them out
     MAIN_CONFIGS_SM80 = [c for c in MAIN_CONFIGS if not (c.num_warps == 4 and c.kwargs["BLOCK_M"] == 128)]
 
-    _tuned_main = arch_autotune({80: MAIN_CONFIGS_SM80, 90: MAIN_CONFIGS}, key=_KEY)(_lowrank_mm)
-    _tuned_glu = arch_autotune({80: GLU_CONFIGS, 90: GLU_CONFIGS}, key=_KEY)(_lowrank_mm)
-    _tuned_skinny = arch_autotune({80: SKINNY_CONFIGS, 90: SKINNY_CONFIGS}, key=_KEY + ["BLOCK_N"])(_lowrank_mm)
+    # Tiles that spill in one variant on one architecture at the headline shapes (python -m lorafuse.kernels.aot
+    # --gate; bytes spilled per thread in the comments), left out of that variant's list there. The rank map
+    # (MAP_LOWRANK: B read through per-column rank windows; MAP_SEGMENTS: V = dY B of q/k/v over three dY segments)
+    # and dX's float32 A tiles (dX = dY W + V A, F = A read along its rows: stride_fn == 1) need more registers
+    # than the plain GEMM. Main tiles are (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), skinny ones (BLOCK_M,
+    # BLOCK_K, warps, stages).
+    _SPILLING = {
+        (80, "map_lowrank"): {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3)},  # 248-656 B, 176-320 B
+        (90, "map_lowrank"): {(128, 256, 64, 8, 3), (128, 128, 64, 4, 4)},  # 64-104 B, 52-104 B
+        (80, "dx"): {(128, 256, 64, 8, 3)},  # o_proj / down dX, one dY segment: 36 B
+        (80, "dx3"): {(256, 128, 64, 8, 3)},  # q/k/v dX, three dY segments: 124 B
+        (80, "map_segments"): {(128, 64, 4, 4)},  # 48 B
+        (90, "map_segments"): {(32, 128, 4, 4)},  # 108 B
+    }
+
+    def _variant(named_args, kwargs) -> str | None:
+        if kwargs.get("MAP_LOWRANK"):
+            return "map_lowrank"
+        if kwargs.get("MAP_SEGMENTS"):
+            return "map_segments"
+        if kwargs.get("HAS_LOWRANK") and not kwargs.get("GLU_BWD") and named_args.get("stride_fn") == 1:
+            return "dx3" if kwargs.get("NUM_SEGS") == 3 else "dx"
+        return None
+
+    def _tile(c) -> tuple:
+        k = c.kwargs
+        skinny = "BLOCK_N" not in k
+        return ((k["BLOCK_M"], k["BLOCK_K"]) if skinny else (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"])) + \
+            (c.num_warps, c.num_stages)
+
+    def _prune_spilling(configs, named_args, **kwargs):
+        """The architecture's list less the tiles that spill in this call's variant (_SPILLING); never empty."""
+        spilling = _SPILLING.get((device_arch(), _variant(named_args, kwargs)), ())
+        return [c for c in configs if _tile(c) not in spilling] or configs
+
+    # the variant flags and F's layout are in the key: a forward and the dX of the same shape (o_proj) must not
+    # share a tuned config that only one of them may take
+    _TUNE_KEY = _KEY + ["MAP_LOWRANK", "MAP_SEGMENTS", "stride_fn"]
+    _tuned_main = arch_autotune({80: MAIN_CONFIGS_SM80, 90: MAIN_CONFIGS}, key=_TUNE_KEY,
+                                prune=_prune_spilling)(_lowrank_mm)
+    _tuned_glu = arch_autotune({80: GLU_CONFIGS, 90: GLU_CONFIGS}, key=_TUNE_KEY)(_lowrank_mm)
+    _tuned_skinny = arch_autotune({80: SKINNY_CONFIGS, 90: SKINNY_CONFIGS}, key=_TUNE_KEY + ["BLOCK_N"],
+                                  prune=_prune_spilling)(_lowrank_mm)
 
     # The interpreter is slow: one small config, and no tuning.
     INTERPRETER_MAIN = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
