@@ -5,7 +5,8 @@ tensors (Llama-3.1-8B at 16,384 tokens, LoRA r=16, bf16; a Gemma-2 local layer f
 and GeGLU), compiles every config of each launch's autotune list for sm_80 and sm_90 as the launcher would
 (integers divisible by 16 and unit strides specialised), and reads ptxas's register, spill and shared-memory
 figures. No GPU needed: Triton compiles ahead of time. 256 variants: 197 s on two lightly loaded cores with
-Triton's cache empty (--jobs 2), hence `slow`; it still runs in `make test`.
+Triton's cache empty (--jobs 2), hence `slow`; it still runs in `make test`. Since the merge of main (the rank map,
+float32 masters, rope's COPY_V, the cuBLAS path's producers) 290 variants: 75 s with a warm cache (--jobs 1).
 """
 
 import importlib
@@ -58,3 +59,27 @@ def test_autotune_lists_follow_the_gpu_architecture(monkeypatch):
     assert lora._tuned_main.arch_configs[80] != lora._tuned_main.arch_configs[90]  # sm_80 drops 4-warp 128-row tiles
     monkeypatch.setattr(launch, "ASSUMED_ARCH", 80)
     assert attention._tiles(128) in ((32, 64), attention.TILES[80][128])  # the interpreter's tiles, else sm_80's
+
+
+def test_spilling_tiles_are_left_out_per_variant_and_architecture(monkeypatch):
+    """The tiles the gate found spilling in one variant on one GPU (lora_linear._SPILLING, rope's COPY_V tile) are
+    not tried there, the others are, and every variant keeps at least one config."""
+    launch = importlib.import_module("lorafuse.kernels._launch")
+    lora = importlib.import_module("lorafuse.kernels.lora_linear")
+    rope = importlib.import_module("lorafuse.kernels.rope")
+    cases = [(lora._tuned_main, {}, {"MAP_LOWRANK": True}, "map_lowrank"),
+             (lora._tuned_main, {"stride_fn": 1}, {"HAS_LOWRANK": True, "NUM_SEGS": 1}, "dx"),
+             (lora._tuned_main, {"stride_fn": 1}, {"HAS_LOWRANK": True, "NUM_SEGS": 3}, "dx3"),
+             (lora._tuned_skinny, {}, {"MAP_SEGMENTS": True, "NUM_SEGS": 3}, "map_segments")]
+    for arch in (80, 90):
+        monkeypatch.setattr(launch, "ASSUMED_ARCH", arch)
+        for tuner, named, flags, variant in cases:
+            every = tuner.early_config_prune(tuner.configs, {})
+            kept = tuner.early_config_prune(tuner.configs, named, **flags)
+            spilling = lora._SPILLING.get((arch, variant), set())
+            assert kept and [lora._tile(c) for c in kept] == [lora._tile(c) for c in every
+                                                               if lora._tile(c) not in spilling]
+        named = {"n_q_heads": 32, "n_kv_heads": 8}
+        kept = rope._prune_rope_configs(rope._ROPE_CONFIGS, named, BLOCK_HALF=64, COPY_V=True)
+        tiles = {(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_H"], c.num_warps) for c in kept}
+        assert kept and ((2, 16, 4) in tiles) == (arch == 80)
