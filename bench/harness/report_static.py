@@ -27,8 +27,14 @@ def role(variant: dict) -> str:
         if flags.get("GLU_BWD") == "True":
             return f"LoRA GEMM dH + {'SwiGLU' if flags.get('ACTIVATION') == 'silu' else 'GeGLU'} backward"
         if flags.get("HAS_LOWRANK") != "True":
-            return "LoRA skinny x A^T / dY B"
-        return f"LoRA GEMM ({flags.get('NUM_SEGS', '1')} segment{'s' if flags.get('NUM_SEGS', '1') != '1' else ''})"
+            return "LoRA skinny x A^T / dY B" + (", rank map" if flags.get("MAP_SEGMENTS") == "True" else "")
+        segs = flags.get("NUM_SEGS", "1")
+        return f"LoRA GEMM ({segs} segment{'s' if segs != '1' else ''}" + \
+            (", rank map)" if flags.get("MAP_LOWRANK") == "True" else ")")
+    if kernel in ("_fwd_kernel", "_bwd_kernel"):  # the cuBLAS LoRA path's producers of [x | U] (lora_cublas.py)
+        producer = "GLU + U" if "BLOCK_I" in flags else "RMSNorm + U" if "BLOCK_K" in flags else None
+        if producer:
+            return f"{producer} (cuBLAS path) {'forward' if kernel == '_fwd_kernel' else 'backward'}"
     names = {"_varlen_fwd_kernel": "attention forward", "_varlen_bwd_dkdv_kernel": "attention dK/dV",
              "_varlen_bwd_dq_kernel": "attention dQ", "_varlen_bwd_preprocess_kernel": "attention delta"}
     name = names.get(kernel, kernel.strip("_").removesuffix("_kernel"))
