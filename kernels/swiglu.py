@@ -16,8 +16,9 @@ returns them) without a copy; the last dim must have stride 1, otherwise the inp
 Row offsets are int64 (rows * stride can pass 2^31). Nothing but g and u is saved for backward.
 The activation is a constexpr of the kernels (ACTIVATION, one of ACTIVATIONS): one compiled variant each.
 
-`_glu_terms` is the elementwise math shared with the fused MLP backward in lora_linear.py,
-which applies it in the epilogue of the GEMM that produces dh, so dh is never stored there.
+`_glu_terms` is the elementwise backward math, shared with swiglu_lora.py. The fused MLP backward in
+lora_linear.py (the epilogue of the GEMM that produces dh, so dh is never stored there) uses
+`_activation_and_grad` and stores each term as soon as it is computed, which keeps it from spilling.
 """
 
 from __future__ import annotations
