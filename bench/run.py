@@ -19,6 +19,8 @@ results and the next stage runs; a CUDA error in one stage cannot poison the nex
             offload, then the max-context searches of recompute and offload
   peers     bench/e2e.py for liger (HF + PEFT + Liger-Kernel) where it is installed
   checkpointing  bench/bench_checkpointing.py at 8 layers (only with --with-checkpointing)
+  static    python -m lorafuse.kernels.aot --report: registers, spills, shared memory and tensor-core shapes
+            of every shipped kernel config for sm_80 and sm_90 (only with --with-static; needs no GPU)
 
 Writes bench/results/<gpu>-<YYYY-MM-DD>.json (rewritten after every stage, so a killed run keeps what
 it measured; --quick adds -quick to the name), then bench/report.py makes the markdown table and PNG
@@ -71,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip", nargs="+", choices=STAGES, default=[], help="stages to leave out")
     parser.add_argument("--with-checkpointing", action="store_true",
                         help="also run bench/bench_checkpointing.py (8 layers, no search)")
+    parser.add_argument("--with-static", action="store_true",
+                        help="also run the static report (python -m lorafuse.kernels.aot --report)")
     parser.add_argument("--time-budget-s", type=float, default=None, help="the whole run (default 570, quick 330)")
     parser.add_argument("--stage-budget", nargs="+", default=[], metavar="STAGE=SECONDS", type=_stage_budget,
                         help="a stage's own budget instead of its default, e.g. tests=500 (not e2e/peers: they "

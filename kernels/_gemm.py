@@ -1,6 +1,6 @@
 """Triton device functions that the GEMM kernels share (lora_linear.py's and nf4.py's fused NF4 GEMM).
 
-grouped_tile: the output tile of this program, in grouped order (GROUP_M row blocks sweep the columns
+grouped_pid / grouped_tile: the output tile of this program, in grouped order (GROUP_M row blocks sweep the columns
 together, so the rows of A they read stay in L2 while the columns go by): its row and column offsets, and
 the int64 rows and columns its loads read, wrapped modulo M and N (the extra ones are never stored).
 lowrank_tile: acc += E[rows, 0:R] @ F[0:R, cols] in rank chunks of BLOCK_R (masked past R): the low-rank
@@ -22,7 +22,8 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row block, column block) of this program in grouped order."""
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -31,6 +32,11 @@ if HAVE_TRITON:
         group_rows = min(num_pid_m - first_pid_m, GROUP_M)
         pid_m = first_pid_m + (pid % pids_per_group) % group_rows
         pid_n = (pid % pids_per_group) // group_rows
+        return pid_m, pid_n
+
+    @triton.jit
+    def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # loads wrap instead of masking rows and columns: the extra rows and columns are never stored

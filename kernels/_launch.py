@@ -125,3 +125,49 @@ def aot_spec(kernel, dtype: str, constexprs: dict | None = None, *, types: dict 
             signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
     options = {} if config is None else {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return AotSpec(fn, signature, constexprs, options)
+
+
+# ----------------------------------------------------------------------------- configs per architecture
+
+
+# kernels/aot.py sets this while it records the launches of one architecture on meta tensors (no GPU)
+ASSUMED_ARCH: int | None = None
+
+
+def device_arch() -> int | None:
+    """80 for Ampere and Ada (sm_8x), 90 for Hopper and later; None without a CUDA device."""
+    if ASSUMED_ARCH is not None:
+        return ASSUMED_ARCH
+    if not torch.cuda.is_available():
+        return None
+    major, _ = torch.cuda.get_device_capability()
+    return 90 if major >= 9 else 80
+
+
+def arch_autotune(configs_by_arch: dict, key: list, prune=None, **kwargs):
+    """triton.autotune whose configs depend on the GPU's architecture: configs_by_arch {80: [...], 90: [...]}.
+
+    Registers and shared memory differ between sm_80 and sm_90 (and Hopper's wgmma wants other tiles), so a
+    config that is right on one may spill on the other; kernels/aot.py compiles each list for its own
+    architecture (the tuner's `arch_configs`). `prune`, an early_config_prune of the kernel's own, runs after."""
+    import triton
+
+    every: list = []
+    for configs in configs_by_arch.values():
+        every += [c for c in configs if not any(c is seen for seen in every)]
+
+    def by_arch(configs, named_args, **kw):
+        arch = device_arch()
+        if arch is not None:  # without a GPU (aot.py) the list given is already the architecture's
+            configs = [mine for mine in configs_by_arch[arch] if any(c is mine for c in configs)]
+        return prune(configs, named_args, **kw) if prune is not None else configs
+
+    tuner_factory = triton.autotune(configs=every, key=key, prune_configs_by={"early_config_prune": by_arch},
+                                    **kwargs)
+
+    def wrap(fn):
+        tuner = tuner_factory(fn)
+        tuner.arch_configs = configs_by_arch
+        return tuner
+
+    return wrap

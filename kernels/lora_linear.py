@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, use_triton
-from ._launch import aot_spec, count, dot_precision, empty_output, launch
+from ._launch import aot_spec, arch_autotune, count, device_arch, dot_precision, empty_output, launch
 from ._lora_gemm_select import lora_gemm_path
 from .nf4 import dense_weight, gemm_mode, is_nf4, nf4_linear_reference, nf4_matmul
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
@@ -112,8 +112,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._gemm import grouped_tile, lowrank_tile, rank_window
-    from .swiglu import ACTIVATIONS, _glu_terms
+    from ._gemm import grouped_pid, grouped_tile, lowrank_tile, rank_window
+    from .swiglu import ACTIVATIONS, _activation_and_grad
 
     @triton.jit
     def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, b_off, K, rows_a, cols_b, stride_bn,
@@ -198,20 +198,31 @@ if HAVE_TRITON:
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
-        rows = offs_m.to(tl.int64)[:, None]
-        cols = offs_n[None, :]
-        c_ptrs = c_ptr + rows * stride_cm + cols * stride_cn
         out_mask = (offs_m < M)[:, None] & col_ok[None, :]
         if GLU_BWD:
-            # acc is dH of h = act(g) * u: store dG (at c) and dU, and h for dA of the down LoRA.
-            g = tl.load(g_ptr + rows * stride_gm + cols, mask=out_mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + rows * stride_um + cols, mask=out_mask, other=0.0).to(tl.float32)
-            dg, du, h = _glu_terms(acc, g, u, ACTIVATION)
-            tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(du_ptr + rows * stride_dum + cols, du.to(du_ptr.dtype.element_ty), mask=out_mask)
+            # acc is dH of h = act(g) * u: store dG (at c) and dU, and h for dA of the down LoRA. The epilogue
+            # is where this kernel runs out of registers (acc, g, u, three results, five pointer tiles): every
+            # buffer is addressed from an int64 pointer to the tile's first row plus int32 tile-local offsets
+            # (BLOCK_M rows of one stride fit in 32 bits), not a 64-bit address per element.
+            pid_m, _ = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            row0 = (pid_m * BLOCK_M).to(tl.int64)
+            local_m = tl.arange(0, BLOCK_M)[:, None]
+            cols = offs_n[None, :]
+            g = tl.load(g_ptr + row0 * stride_gm + (local_m * stride_gm + cols), mask=out_mask,
+                        other=0.0).to(tl.float32)
+            # each result is stored as soon as it is computed, so at most acc, g, u and one result are live
+            act, d_act = _activation_and_grad(g, ACTIVATION)
+            tl.store(du_ptr + row0 * stride_dum + (local_m * stride_dum + cols),
+                     (acc * act).to(du_ptr.dtype.element_ty), mask=out_mask)
+            u = tl.load(u_ptr + row0 * stride_um + (local_m * stride_um + cols), mask=out_mask,
+                        other=0.0).to(tl.float32)
             if STORE_H:
-                tl.store(h_ptr + rows * stride_hm + cols, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(h_ptr + row0 * stride_hm + (local_m * stride_hm + cols),
+                         (act * u).to(h_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(c_ptr + row0 * stride_cm + (local_m * stride_cm + cols * stride_cn),
+                     (acc * u * d_act).to(c_ptr.dtype.element_ty), mask=out_mask)
         else:
+            c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
     def _even_k(args) -> bool:
@@ -250,8 +261,63 @@ if HAVE_TRITON:
         _skinny_config(32, 32, 3, 4),
     ]
 
-    _tuned_main = triton.autotune(configs=MAIN_CONFIGS, key=_KEY)(_lowrank_mm)
-    _tuned_skinny = triton.autotune(configs=SKINNY_CONFIGS, key=_KEY + ["BLOCK_N"])(_lowrank_mm)
+    # The dH GEMM with the GLU backward in its epilogue holds acc, g, u and act(g) per element at once: at 64
+    # accumulator elements per thread (128 x 128 on 8 warps, 128 x 64 on 4) it spills on sm_80 and sm_90 however
+    # the epilogue is ordered, so its tiles keep 32 per thread (BLOCK_M * BLOCK_N / (32 * warps)).
+    GLU_CONFIGS = [
+        _main_config(128, 64, 64, 4, 8),
+        _main_config(64, 128, 64, 4, 8),
+        _main_config(128, 64, 64, 3, 8),
+        _main_config(64, 64, 64, 4, 4),
+    ]
+
+    # sm_80 keeps both dot operands of mma.sync in registers: 128 x 128 and 128 x 64 tiles on 4 warps spill there
+    # (12-108 B per thread at the headline shapes), so its list leaves them out
+    MAIN_CONFIGS_SM80 = [c for c in MAIN_CONFIGS if not (c.num_warps == 4 and c.kwargs["BLOCK_M"] == 128)]
+
+    # Tiles that spill in one variant on one architecture at the headline shapes (python -m lorafuse.kernels.aot
+    # --gate; bytes spilled per thread in the comments), left out of that variant's list there. The rank map
+    # (MAP_LOWRANK: B read through per-column rank windows; MAP_SEGMENTS: V = dY B of q/k/v over three dY segments)
+    # and dX's float32 A tiles (dX = dY W + V A, F = A read along its rows: stride_fn == 1) need more registers
+    # than the plain GEMM. Main tiles are (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), skinny ones (BLOCK_M,
+    # BLOCK_K, warps, stages).
+    _SPILLING = {
+        (80, "map_lowrank"): {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3)},  # 248-656 B, 176-320 B
+        (90, "map_lowrank"): {(128, 256, 64, 8, 3), (128, 128, 64, 4, 4)},  # 64-104 B, 52-104 B
+        (80, "dx"): {(128, 256, 64, 8, 3)},  # o_proj / down dX, one dY segment: 36 B
+        (80, "dx3"): {(256, 128, 64, 8, 3)},  # q/k/v dX, three dY segments: 124 B
+        (80, "map_segments"): {(128, 64, 4, 4)},  # 48 B
+        (90, "map_segments"): {(32, 128, 4, 4)},  # 108 B
+    }
+
+    def _variant(named_args, kwargs) -> str | None:
+        if kwargs.get("MAP_LOWRANK"):
+            return "map_lowrank"
+        if kwargs.get("MAP_SEGMENTS"):
+            return "map_segments"
+        if kwargs.get("HAS_LOWRANK") and not kwargs.get("GLU_BWD") and named_args.get("stride_fn") == 1:
+            return "dx3" if kwargs.get("NUM_SEGS") == 3 else "dx"
+        return None
+
+    def _tile(c) -> tuple:
+        k = c.kwargs
+        skinny = "BLOCK_N" not in k
+        return ((k["BLOCK_M"], k["BLOCK_K"]) if skinny else (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"])) + \
+            (c.num_warps, c.num_stages)
+
+    def _prune_spilling(configs, named_args, **kwargs):
+        """The architecture's list less the tiles that spill in this call's variant (_SPILLING); never empty."""
+        spilling = _SPILLING.get((device_arch(), _variant(named_args, kwargs)), ())
+        return [c for c in configs if _tile(c) not in spilling] or configs
+
+    # the variant flags and F's layout are in the key: a forward and the dX of the same shape (o_proj) must not
+    # share a tuned config that only one of them may take
+    _TUNE_KEY = _KEY + ["MAP_LOWRANK", "MAP_SEGMENTS", "stride_fn"]
+    _tuned_main = arch_autotune({80: MAIN_CONFIGS_SM80, 90: MAIN_CONFIGS}, key=_TUNE_KEY,
+                                prune=_prune_spilling)(_lowrank_mm)
+    _tuned_glu = arch_autotune({80: GLU_CONFIGS, 90: GLU_CONFIGS}, key=_TUNE_KEY)(_lowrank_mm)
+    _tuned_skinny = arch_autotune({80: SKINNY_CONFIGS, 90: SKINNY_CONFIGS}, key=_TUNE_KEY + ["BLOCK_N"],
+                                  prune=_prune_spilling)(_lowrank_mm)
 
     # The interpreter is slow: one small config, and no tuning.
     INTERPRETER_MAIN = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
@@ -365,7 +431,8 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    launch(_lowrank_mm, _tuned_skinny if skinny else _tuned_main, grid, *args,
+    tuned = _tuned_skinny if skinny else _tuned_glu if glu is not None else _tuned_main
+    launch(_lowrank_mm, tuned, grid, *args,
            interpreted=INTERPRETER_SKINNY if skinny else INTERPRETER_MAIN, **flags)
     return out
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import HAVE_TRITON, use_triton
-from ._launch import aot_spec, count, empty_output, launch
+from ._launch import aot_spec, count, device_arch, empty_output, launch
 
 
 def apply_rope_reference(q, k, position_ids, inv_freq, attention_scaling: float = 1.0, v=None):
@@ -113,19 +113,23 @@ if HAVE_TRITON:
             _copy_heads(V, stride_v_t, stride_v_h, V_OUT, n_kv_heads, tokens64, token_ok, j, j_ok, HALF, BLOCK_H)
 
     def _prune_rope_configs(configs, named_args, **kwargs):
-        """Drop head chunks wider than both head counts need; keep tiles of 8..64 elements per thread."""
+        """Drop head chunks wider than both head counts need; keep tiles of 16..64 elements per thread (at 8, with
+        head dim 128, ptxas spills a few bytes on sm_80 and sm_90: python -m lorafuse.kernels.aot --report)."""
         heads = max(named_args["n_q_heads"], named_args["n_kv_heads"])
         block_half = kwargs["BLOCK_HALF"]
+        # copying v too, 2 tokens x 16 heads on 4 warps at head dim 128 spills 48 B per thread on sm_90
+        spilling = {(2, 16, 4)} if kwargs.get("COPY_V") and device_arch() == 90 and block_half == 64 else set()
         kept = [c for c in configs
                 if c.kwargs["BLOCK_H"] <= max(2, triton.next_power_of_2(heads))
-                and 8 <= c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_H"] * block_half // (32 * c.num_warps) <= 64]
+                and 16 <= c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_H"] * block_half // (32 * c.num_warps) <= 64
+                and (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_H"], c.num_warps) not in spilling]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_H"])]
 
     _ROPE_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w)
                      for bt, bh, w in ((1, 8, 4), (2, 8, 4), (4, 8, 4), (4, 4, 4), (2, 16, 4), (4, 16, 8),
                                        (8, 8, 8), (1, 2, 4), (2, 2, 4))]
     _rope_tuned = triton.autotune(
-        _ROPE_CONFIGS, key=["n_q_heads", "n_kv_heads", "HALF", "BACKWARD"],
+        _ROPE_CONFIGS, key=["n_q_heads", "n_kv_heads", "HALF", "BACKWARD", "COPY_V"],
         prune_configs_by={"early_config_prune": _prune_rope_configs},
     )(_rope_kernel)
 

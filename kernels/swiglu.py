@@ -16,8 +16,9 @@ returns them) without a copy; the last dim must have stride 1, otherwise the inp
 Row offsets are int64 (rows * stride can pass 2^31). Nothing but g and u is saved for backward.
 The activation is a constexpr of the kernels (ACTIVATION, one of ACTIVATIONS): one compiled variant each.
 
-`_glu_terms` is the elementwise math shared with the fused MLP backward in lora_linear.py,
-which applies it in the epilogue of the GEMM that produces dh, so dh is never stored there.
+`_glu_terms` is the elementwise backward math, shared with swiglu_lora.py. The fused MLP backward in
+lora_linear.py (the epilogue of the GEMM that produces dh, so dh is never stored there) uses
+`_activation_and_grad` and stores each term as soon as it is computed, which keeps it from spilling.
 """
 
 from __future__ import annotations
@@ -66,6 +67,19 @@ if HAVE_TRITON:
         else:
             act = g * tl.sigmoid(g)
         return act
+
+    @triton.jit
+    def _activation_and_grad(g, ACTIVATION: tl.constexpr):
+        """float32 g -> (act(g), act'(g)), the terms _glu_terms combines."""
+        if ACTIVATION == "gelu_tanh":
+            t = tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+            act = 0.5 * g * (1.0 + t)
+            d_act = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+        else:
+            sg = tl.sigmoid(g)
+            act = g * sg
+            d_act = sg * (1.0 + g * (1.0 - sg))
+        return act, d_act
 
     @triton.jit
     def _glu_terms(dh, g, u, ACTIVATION: tl.constexpr):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, dot_precision, empty_output
+from ._launch import count, device_arch, dot_precision, empty_output
 from .swiglu import GLU_REFERENCES
 
 
@@ -102,7 +102,9 @@ def _meta_for(R: int, interpreted: bool) -> dict:
     block_r = max(16, 1 << max(0, (max(R, 1) - 1).bit_length()))
     if interpreted:
         return {"ROWS": 16, "BLOCK_I": 32, "BLOCK_R": block_r}
-    return {"ROWS": 32, "BLOCK_I": 128 if block_r <= 64 else 64, "BLOCK_R": block_r, "num_warps": 8}
+    # sm_80: the SiLU forward at 128-column chunks spills 12 B per thread (python -m lorafuse.kernels.aot --gate)
+    wide = block_r <= 64 and device_arch() != 80
+    return {"ROWS": 32, "BLOCK_I": 128 if wide else 64, "BLOCK_R": block_r, "num_warps": 8}
 
 
 if HAVE_TRITON:

@@ -11,8 +11,9 @@ No token attends across documents. Same layout as flash-attn's varlen API.
 
 Forward (flash-attention 2, online softmax in base 2 with log2(e) folded into the scale):
   c'_ij = log2(e) * c_ij;  m_i = running max_j c'_ij;  l_i = sum_j 2^(c'_ij - m_i)
-  out_i = (sum_j 2^(c'_ij - m_i) v_j) / l_i;  lse_i = ln(2) * (m_i + log2 l_i)   (natural log, stored)
-Backward, with P_ij = exp(c_ij - lse_i) recomputed from the stored lse:
+  out_i = (sum_j 2^(c'_ij - m_i) v_j) / l_i;  lse2_i = m_i + log2 l_i   (stored in base 2)
+  q (k in dK/dV) is multiplied by scale log2(e) once per program, so a block's dot gives c' directly.
+Backward, with P_ij = exp(c_ij - lse_i) = 2^(c'_ij - lse2_i) recomputed from the stored lse2:
   delta_i = sum_d dout_id out_id = sum_j P_ij dP_ij,   dP_ij = dout_i . v_j
   dS_ij = P_ij (dP_ij - delta_i) * dc_ij/ds_ij,  where dc/ds = 1, or 1 - tanh^2(s_ij / softcap) with softcapping
   dv_j = sum_i P_ij dout_i;  dk_j = scale sum_i dS_ij q_i;  dq_i = scale sum_j dS_ij k_j
@@ -43,7 +44,7 @@ shared by every layer's forward and backward (_schedule). The same TILE-row list
 The window and the cap are runtime arguments behind constexpr switches (WINDOWED, SOFTCAP), so the plain
 causal kernels compile as before; a window of T tokens or more is dropped on the host (no document is
 longer). The heavy-first tile order stays: a window only flattens the heavy end of a document's tiles.
-Saved for backward: q, k, v (as given, views included), out, lse [Hq, T] float32 and the tile
+Saved for backward: q, k, v (as given, views included), out, lse2 [Hq, T] float32 (base 2) and the tile
 list. Recomputed in backward: the scores, their cap and the probabilities.
 
 Inputs may be strided views (for instance q, k, v split from one fused qkv projection, whose token
@@ -63,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import aot_spec, count, empty_output, launch
+from ._launch import aot_spec, arch_autotune, count, device_arch, empty_output, launch
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None,
@@ -169,13 +170,14 @@ if HAVE_TRITON:
         return doc, rank * TILE, seq_start, seq_len
 
     @triton.jit
-    def _scores(qk, scale_log2, softcap_log2, SOFTCAP: tl.constexpr):
-        """Base-2 scores of a block of raw products q.k, and the tanh of the cap (the backward's 1 - tanh^2):
-        scale log2(e) q.k, or with SOFTCAP softcap log2(e) tanh(scale q.k / softcap)."""
-        capped = qk
-        scores = qk * scale_log2
+    def _scores(qk2, softcap_log2, SOFTCAP: tl.constexpr):
+        """Base-2 scores of a block of products q.k whose q (or k) was scaled by scale log2(e) once, before the
+        loop, and the tanh of the cap (the backward's 1 - tanh^2): qk2 itself, or with SOFTCAP
+        softcap log2(e) tanh(qk2 / (softcap log2(e))) = softcap log2(e) tanh(scale q.k / softcap)."""
+        capped = qk2
+        scores = qk2
         if SOFTCAP:
-            capped = tanh(qk * (scale_log2 / softcap_log2))
+            capped = tanh(qk2 * (1.0 / softcap_log2))
             scores = capped * softcap_log2
         return scores, capped
 
@@ -201,7 +203,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start, seq_len,
-                   offs_m, lo, hi, scale_log2, softcap_log2, window,
+                   offs_m, lo, hi, softcap_log2, window,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -216,7 +218,7 @@ if HAVE_TRITON:
             else:
                 kT_tile = tl.load(k_base + tok_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None],
                                   other=0.0)
-            scores, _ = _scores(tl.dot(q_tile, kT_tile), scale_log2, softcap_log2, SOFTCAP)
+            scores, _ = _scores(tl.dot(q_tile, kT_tile), softcap_log2, SOFTCAP)
             if MASKED:
                 keep = _visible(offs_m[:, None], offs_n[None, :], col_ok[None, :], window, CAUSAL, WINDOWED)
                 # a finite floor, not -inf: a row with no visible key in this block stays NaN-free
@@ -262,6 +264,8 @@ if HAVE_TRITON:
         tok_m = (seq_start + offs_m).to(tl.int64)
         q_tile = tl.load(q_ptr + head * stride_qh + tok_m[:, None] * stride_qt + offs_d[None, :],
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # scaled once here, not every score block in the loop: q.k then comes out in base-2 units
+        q_tile = (q_tile.to(tl.float32) * scale_log2).to(q_tile.dtype)
         k_base = k_ptr + kv_head * stride_kh
         v_base = v_ptr + kv_head * stride_vh
 
@@ -274,23 +278,23 @@ if HAVE_TRITON:
                 # keys before the window's lower edge are skipped; the blocks straddling it are masked
                 lo, full_lo = _window_key_range(start_m, window, TILE, BLOCK_N)
                 acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
-                                           seq_len, offs_m, lo, full_lo, scale_log2, softcap_log2, window,
+                                           seq_len, offs_m, lo, full_lo, softcap_log2, window,
                                            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
             # keys before the tile's first row (and inside every row's window) are visible to every row: no mask
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
-                                       seq_len, offs_m, full_lo, start_m, scale_log2, softcap_log2, window,
+                                       seq_len, offs_m, full_lo, start_m, softcap_log2, window,
                                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, False)
             diag_hi = tl.minimum(start_m + TILE, seq_len)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
-                                       seq_len, offs_m, start_m, diag_hi, scale_log2, softcap_log2, window,
+                                       seq_len, offs_m, start_m, diag_hi, softcap_log2, window,
                                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
         else:
             full_hi = (seq_len // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
-                                       seq_len, offs_m, 0, full_hi, scale_log2, softcap_log2, window,
+                                       seq_len, offs_m, 0, full_hi, softcap_log2, window,
                                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, False)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, stride_kt, stride_vt, seq_start,
-                                       seq_len, offs_m, full_hi, seq_len, scale_log2, softcap_log2, window,
+                                       seq_len, offs_m, full_hi, seq_len, softcap_log2, window,
                                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
 
         # every stored row saw at least one key, so l_i >= 1 there; the guard only covers padding rows
@@ -298,7 +302,7 @@ if HAVE_TRITON:
         out_tile = acc / l_safe[:, None]
         tl.store(out_ptr + head * stride_oh + tok_m[:, None] * stride_ot + offs_d[None, :],
                  out_tile.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        lse_row = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        lse_row = m_i + tl.math.log2(l_safe)  # base 2, as the backward uses it
         tl.store(lse_ptr + head.to(tl.int64) * n_tokens + tok_m, lse_row, mask=row_ok)
 
     @triton.jit
@@ -322,7 +326,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base, delta_base,
-                    stride_qt, stride_dot, seq_start, seq_len, offs_n, lo, hi, scale_log2, softcap_log2, window,
+                    stride_qt, stride_dot, seq_start, seq_len, offs_n, lo, hi, softcap_log2, window,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -343,8 +347,8 @@ if HAVE_TRITON:
             dout_tile = tl.load(dout_base + tok_m[:, None] * stride_dot + offs_d[None, :], mask=tile_mask,
                                 other=0.0)
             # transposed scores [keys, queries]: the key tile stays the row operand of every dot
-            scores_t, capped_t = _scores(tl.dot(k_tile, tl.trans(q_tile)), scale_log2, softcap_log2, SOFTCAP)
-            p_t = tl.math.exp2(scores_t - (lse_row * 1.4426950408889634)[None, :])
+            scores_t, capped_t = _scores(tl.dot(k_tile, tl.trans(q_tile)), softcap_log2, SOFTCAP)
+            p_t = tl.math.exp2(scores_t - lse_row[None, :])
             if MASKED:
                 keep = _visible(offs_m[None, :], offs_n[:, None], row_ok[None, :], window, CAUSAL, WINDOWED)
                 p_t = tl.where(keep, p_t, 0.0)
@@ -383,6 +387,8 @@ if HAVE_TRITON:
         tok_n = (seq_start + offs_n).to(tl.int64)
         k_tile = tl.load(k_ptr + kv_head * stride_kh + tok_n[:, None] * stride_kt + offs_d[None, :],
                          mask=kv_mask, other=0.0)
+        # scaled once for every query block and head of the group: k.q comes out in base-2 units
+        k_tile = (k_tile.to(tl.float32) * scale_log2).to(k_tile.dtype)
         v_tile = tl.load(v_ptr + kv_head * stride_vh + tok_n[:, None] * stride_vt + offs_d[None, :],
                          mask=kv_mask, other=0.0)
         dk_acc = tl.zeros([TILE, HEAD_DIM_PAD], dtype=tl.float32)
@@ -415,24 +421,24 @@ if HAVE_TRITON:
                 # above see none of these keys and are skipped, and so are those past every key's window
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             start_n, diag_hi, scale_log2, softcap_log2, window,
+                                             start_n, diag_hi, softcap_log2, window,
                                              HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, True)
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             below_lo, below_full_hi, scale_log2, softcap_log2, window,
+                                             below_lo, below_full_hi, softcap_log2, window,
                                              HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, False)
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             below_full_hi, hi, scale_log2, softcap_log2, window,
+                                             below_full_hi, hi, softcap_log2, window,
                                              HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, True)
             else:
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             0, full_hi, scale_log2, softcap_log2, window,
+                                             0, full_hi, softcap_log2, window,
                                              HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, False)
                 dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
                                              delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             full_hi, seq_len, scale_log2, softcap_log2, window,
+                                             full_hi, seq_len, softcap_log2, window,
                                              HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, True)
 
         dk_acc = dk_acc * softmax_scale
@@ -443,7 +449,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt, stride_vt,
-                  seq_start, seq_len, offs_m, lo, hi, scale_log2, softcap_log2, window,
+                  seq_start, seq_len, offs_m, lo, hi, softcap_log2, window,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -458,7 +464,7 @@ if HAVE_TRITON:
                 t_mask = d_ok[:, None]
             kT_tile = tl.load(k_base + tok_n[None, :] * stride_kt + offs_d[:, None], mask=t_mask, other=0.0)
             vT_tile = tl.load(v_base + tok_n[None, :] * stride_vt + offs_d[:, None], mask=t_mask, other=0.0)
-            scores, capped = _scores(tl.dot(q_tile, kT_tile), scale_log2, softcap_log2, SOFTCAP)
+            scores, capped = _scores(tl.dot(q_tile, kT_tile), softcap_log2, SOFTCAP)
             p = tl.math.exp2(scores - lse_row[:, None])
             if MASKED:
                 keep = _visible(offs_m[:, None], offs_n[None, :], col_ok[None, :], window, CAUSAL, WINDOWED)
@@ -496,10 +502,11 @@ if HAVE_TRITON:
         tok_m = (seq_start + offs_m).to(tl.int64)
         q_tile = tl.load(q_ptr + head * stride_qh + tok_m[:, None] * stride_qt + offs_d[None, :],
                          mask=tile_mask, other=0.0)
+        q_tile = (q_tile.to(tl.float32) * scale_log2).to(q_tile.dtype)  # once: q.k in base-2 units
         dout_tile = tl.load(dout_ptr + head * stride_doh + tok_m[:, None] * stride_dot + offs_d[None, :],
                             mask=tile_mask, other=0.0)
         row_offsets = head.to(tl.int64) * n_tokens + tok_m
-        lse_row = tl.load(lse_ptr + row_offsets, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse_row = tl.load(lse_ptr + row_offsets, mask=row_ok, other=0.0)
         delta_row = tl.load(delta_ptr + row_offsets, mask=row_ok, other=0.0)
         k_base = k_ptr + kv_head * stride_kh
         v_base = v_ptr + kv_head * stride_vh
@@ -510,58 +517,83 @@ if HAVE_TRITON:
             if WINDOWED:
                 lo, full_lo = _window_key_range(start_m, window, TILE, BLOCK_N)
                 dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
-                                   stride_vt, seq_start, seq_len, offs_m, lo, full_lo, scale_log2, softcap_log2,
+                                   stride_vt, seq_start, seq_len, offs_m, lo, full_lo, softcap_log2,
                                    window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
             dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
-                               stride_vt, seq_start, seq_len, offs_m, full_lo, start_m, scale_log2, softcap_log2,
+                               stride_vt, seq_start, seq_len, offs_m, full_lo, start_m, softcap_log2,
                                window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, False)
             diag_hi = tl.minimum(start_m + TILE, seq_len)
             dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
-                               stride_vt, seq_start, seq_len, offs_m, start_m, diag_hi, scale_log2, softcap_log2,
+                               stride_vt, seq_start, seq_len, offs_m, start_m, diag_hi, softcap_log2,
                                window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
         else:
             full_hi = (seq_len // BLOCK_N) * BLOCK_N
             dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
-                               stride_vt, seq_start, seq_len, offs_m, 0, full_hi, scale_log2, softcap_log2,
+                               stride_vt, seq_start, seq_len, offs_m, 0, full_hi, softcap_log2,
                                window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, False)
             dq_acc = _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt,
-                               stride_vt, seq_start, seq_len, offs_m, full_hi, seq_len, scale_log2, softcap_log2,
+                               stride_vt, seq_start, seq_len, offs_m, full_hi, seq_len, softcap_log2,
                                window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, CAUSAL, WINDOWED, SOFTCAP, True)
         dq_acc = dq_acc * softmax_scale
         tl.store(dq_ptr + head * stride_dqh + tok_m[:, None] * stride_dqt + offs_d[None, :],
                  dq_acc.to(dq_ptr.dtype.element_ty), mask=tile_mask)
 
-    # Autotune lists (BLOCK, num_warps, num_stages) per head-dim class: <= 64, 128 (80, 96 pad to it), 256.
-    # Configs that spill heavily in an sm_80/sm_90 ptxas check are left out. The tile sizes are fixed per
-    # class on the host (the tile list depends on them); the autotuner picks the inner block, warps and
+    # Autotune lists (BLOCK, num_warps, num_stages) per architecture and head-dim class: <= 64, 128 (80, 96 pad
+    # to it), 256. Every config of the sm_80 and sm_90 lists for 128 and 256 compiles without spilling at the
+    # headline shapes (python -m lorafuse.kernels.aot --report; tests/kernels/test_static_gate.py; the 64 class
+    # is no headline model's and is not checked there). The tile sizes are fixed
+    # per class on the host (the tile list depends on them); the autotuner picks the inner block, warps and
     # stages, keyed by head dim, causal, window, softcap, GQA group (dk/dv) and the tensors' dtypes (added by
     # the autotuner).
     def _configs(param, options):
         return [triton.Config({param: block}, num_warps=warps, num_stages=stages)
                 for block, warps, stages in options]
 
-    _FWD_OPTIONS = {64: [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)],
-                    128: [(64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4)],
-                    256: [(32, 8, 2), (32, 8, 3), (64, 8, 2), (32, 4, 3)]}
-    _DKDV_OPTIONS = {64: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
-                     128: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
-                     256: [(32, 8, 2), (32, 4, 2), (16, 8, 3)]}
-    _DQ_OPTIONS = {64: [(32, 8, 2), (64, 8, 2), (32, 8, 3), (64, 8, 3)],
-                   128: [(32, 8, 2), (32, 8, 3), (64, 8, 2), (64, 8, 3)],
-                   256: [(32, 8, 2), (16, 8, 2), (64, 8, 1)]}
+    _FWD_OPTIONS = {
+        80: {64: [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)],
+             128: [(32, 4, 3), (32, 4, 2), (64, 8, 3), (32, 8, 3)],
+             256: [(32, 8, 2)]},
+        90: {64: [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)],
+             128: [(64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4)],
+             256: [(32, 8, 2), (32, 8, 3)]},
+    }
+    # dK/dV at D = 128 on sm_90: the score and dP dots of a 64-key tile with 32-query blocks are wgmma m64n16.
+    # Every tiling that makes them m64n64 spills with Triton 3.9 (both [tile, D] float32 accumulators and the
+    # key and value tiles stay in registers): a 128-key tile on 8 warps with 64-query blocks, 828-1,376 B per
+    # thread; a 64-key tile on 4 warps, 2,040 B (1,644 B with dV and dK in two passes, one accumulator live at a
+    # time); scores laid out [queries, keys], 6,212 B. So one config ships.
+    _DKDV_OPTIONS = {
+        80: {64: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
+             128: [(32, 8, 2), (32, 8, 3)],
+             256: [(16, 8, 3), (16, 8, 2)]},
+        90: {64: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
+             128: [(32, 8, 2)],
+             256: [(16, 8, 2)]},
+    }
+    _DQ_OPTIONS = {
+        80: {64: [(32, 8, 2), (64, 8, 2), (32, 8, 3), (64, 8, 3)],
+             128: [(32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 8, 2)],
+             256: [(32, 8, 2), (16, 8, 2)]},
+        90: {64: [(32, 8, 2), (64, 8, 2), (32, 8, 3), (64, 8, 3)],
+             128: [(32, 8, 2), (32, 8, 3), (64, 8, 2), (64, 8, 3)],
+             256: [(16, 8, 2), (16, 8, 3), (32, 8, 3)]},
+    }
     _KEY = ["HEAD_DIM", "CAUSAL", "WINDOWED", "SOFTCAP"]
-    _TUNED_FWD = {dim: triton.autotune(_configs("BLOCK_N", opts), key=_KEY)(
-        _varlen_fwd_kernel) for dim, opts in _FWD_OPTIONS.items()}
-    _TUNED_DKDV = {dim: triton.autotune(_configs("BLOCK_M", opts), key=[*_KEY, "group"])(
-        _varlen_bwd_dkdv_kernel) for dim, opts in _DKDV_OPTIONS.items()}
-    _TUNED_DQ = {dim: triton.autotune(_configs("BLOCK_N", opts), key=_KEY)(
-        _varlen_bwd_dq_kernel) for dim, opts in _DQ_OPTIONS.items()}
 
-# Rows per tile: (query tile of the forward and dq, key tile of dk/dv) per head-dim class. dk/dv keeps
-# two [tile, D] float32 accumulators in registers, hence its smaller tile at head dim 256.
-# (query tile, dK/dV key tile). A key tile of 128 at D = 128 spills registers in dK/dV (ptxas: 52 to
-# 400 B per config); 64 compiles with at most 20 B, so it is the starting point until a GPU measures both.
-TILES = {64: (128, 128), 128: (128, 64), 256: (64, 32)}
+    def _tuned(kernel, param, options, key):
+        return {dim: arch_autotune({arch: _configs(param, options[arch][dim]) for arch in options}, key=key)(kernel)
+                for dim in options[90]}
+
+    _TUNED_FWD = _tuned(_varlen_fwd_kernel, "BLOCK_N", _FWD_OPTIONS, _KEY)
+    _TUNED_DKDV = _tuned(_varlen_bwd_dkdv_kernel, "BLOCK_M", _DKDV_OPTIONS, [*_KEY, "group"])
+    _TUNED_DQ = _tuned(_varlen_bwd_dq_kernel, "BLOCK_N", _DQ_OPTIONS, _KEY)
+
+# Rows per tile, per architecture and head-dim class: (query tile of the forward and dq, key tile of dK/dV).
+# dK/dV keeps two [tile, D] float32 accumulators in registers, hence its smaller tile at head dim 256. On
+# sm_80 a 128-row query tile at D = 128 spills in every dQ config and the forward's 128-key blocks (mma.sync
+# keeps both operands in registers); 64 rows do not.
+TILES = {80: {64: (128, 128), 128: (64, 64), 256: (64, 32)},
+         90: {64: (128, 128), 128: (128, 64), 256: (64, 32)}}
 # The interpreter runs one small fixed config: query tiles of 32 and key tiles of 64 with inner blocks of
 # 16 still give several tiles per document, several diagonal blocks per tile, the unmasked loops, and
 # two different tile lists.
@@ -578,7 +610,7 @@ def _dim_class(head_dim_pad: int) -> int:
 
 
 def _tiles(head_dim_pad: int) -> tuple[int, int]:
-    return INTERP_TILES if INTERPRETED else TILES[_dim_class(head_dim_pad)]
+    return INTERP_TILES if INTERPRETED else TILES[device_arch() or 90][_dim_class(head_dim_pad)]
 
 
 def _tile_schedule(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
@@ -625,7 +657,7 @@ class _Scores(NamedTuple):
     softcap: float | None
 
     def args(self) -> tuple:
-        """The kernels' (scale_log2, softcap_log2, window) arguments; placeholders where a feature is off."""
+        """The kernels' (softcap_log2, window) arguments; placeholders where a feature is off."""
         softcap_log2 = self.softcap * LOG2E if self.softcap is not None else 1.0
         return self.softmax_scale * LOG2E, softcap_log2, self.window or 0
 
@@ -752,26 +784,27 @@ _AOT_TYPES = {"lse_ptr delta_ptr": "*fp32", "cu_ptr tile_doc_ptr tile_end_ptr": 
 # specialization of pointers and strides, so loads are not pipelined and the shared memory shown is the
 # unpipelined figure; with it, every config of the lists fits sm_80 and sm_90.)
 AOT_SPECS = [
-    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
-             types=_AOT_TYPES, config=_TUNED_FWD[128].configs[0]),
-    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][0], CAUSAL=True),
-             types=_AOT_TYPES, config=_TUNED_FWD[256].configs[0]),
+    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[90][128][0], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_FWD[128].arch_configs[90][0]),
+    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[90][256][0], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_FWD[256].arch_configs[90][0]),
     aot_spec(_varlen_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, HEAD_DIM_PAD=128, BLOCK_T=PREPROCESS_BLOCK_T),
              types=_AOT_TYPES),
-    aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][1], CAUSAL=True),
-             types=_AOT_TYPES, config=_TUNED_DKDV[128].configs[0]),
-    aot_spec(_varlen_bwd_dq_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[128][0], CAUSAL=True),
-             types=_AOT_TYPES, config=_TUNED_DQ[128].configs[0]),
-    aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][1], CAUSAL=True),
-             types=_AOT_TYPES, config=_TUNED_DKDV[256].configs[0]),
+    aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[90][128][1], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_DKDV[128].arch_configs[90][0]),
+    aot_spec(_varlen_bwd_dq_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[90][128][0], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_DQ[128].arch_configs[90][0]),
+    aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[90][256][1], CAUSAL=True),
+             types=_AOT_TYPES, config=_TUNED_DKDV[256].arch_configs[90][0]),
     # sliding windows (Mistral, Gemma 2/3 local layers) at head dim 128, and with softcapping at 256 (Gemma 2)
-    *[aot_spec(kernel, "bf16", dict(HEAD_DIM=dim, HEAD_DIM_PAD=dim, TILE=TILES[dim][tile], CAUSAL=True,
+    *[aot_spec(kernel, "bf16", dict(HEAD_DIM=dim, HEAD_DIM_PAD=dim, TILE=TILES[90][dim][tile], CAUSAL=True,
                                     WINDOWED=True, SOFTCAP=dim == 256),
-               types=_AOT_TYPES, config=tuned[dim].configs[0])
+               types=_AOT_TYPES, config=tuned[dim].arch_configs[90][0])
       for dim in (128, 256)
       for kernel, tuned, tile in ((_varlen_fwd_kernel, _TUNED_FWD, 0), (_varlen_bwd_dkdv_kernel, _TUNED_DKDV, 1),
                                   (_varlen_bwd_dq_kernel, _TUNED_DQ, 0))],
     # softcapping without a window (Gemma 2's global layers): the forward
-    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[256][0], CAUSAL=True,
-                                              SOFTCAP=True), types=_AOT_TYPES, config=_TUNED_FWD[256].configs[0]),
+    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[90][256][0], CAUSAL=True,
+                                              SOFTCAP=True), types=_AOT_TYPES,
+             config=_TUNED_FWD[256].arch_configs[90][0]),
 ] if HAVE_TRITON else []

@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stage_static import stage_static
+
 from results_file import carry_over, new_results, results_path, write_results
 from stage_checkpointing import stage_checkpointing
 from stage_e2e import available_peers, stage_e2e, stage_peers
@@ -16,16 +18,16 @@ from stage_env import stage_env
 from stage_kernels import kernel_files, stage_kernels
 from stage_tests import stage_tests
 
-STAGES = ("env", "tests", "kernels", "e2e", "peers", "checkpointing")
+STAGES = ("env", "tests", "kernels", "e2e", "peers", "checkpointing", "static")
 REPORT_RESERVE_S = 15.0  # kept back at the end for writing the report
 
 # budgets in seconds: (full run, --quick)
 BUDGETS = {"total": (570, 330), "env": (150, 120), "tests": (90, 60), "kernels": (120, 60),
-           "checkpointing": (120, 60)}
+           "checkpointing": (120, 60), "static": (300, 200)}
 PEER_BUDGET_S = (75, 0)  # kept back for each available peer (full run, --quick)
 
 STAGE_FUNCS = {"env": stage_env, "tests": stage_tests, "kernels": stage_kernels, "e2e": stage_e2e,
-               "peers": stage_peers, "checkpointing": stage_checkpointing}
+               "peers": stage_peers, "checkpointing": stage_checkpointing, "static": stage_static}
 
 
 def selected_stages(args) -> list[str]:
@@ -33,6 +35,8 @@ def selected_stages(args) -> list[str]:
     selected = [s for s in STAGES if (args.only is None or s in args.only or s == "env") and s not in args.skip]
     if "checkpointing" in selected and not (args.with_checkpointing or (args.only and "checkpointing" in args.only)):
         selected.remove("checkpointing")
+    if "static" in selected and not (getattr(args, "with_static", False) or (args.only and "static" in args.only)):
+        selected.remove("static")
     if "env" not in selected:
         selected.insert(0, "env")  # the GPU name names the file
     return selected

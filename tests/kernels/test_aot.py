@@ -22,10 +22,11 @@ def test_every_attention_block_divides_its_tile():
     """The causal passes of varlen attention split at tile boundaries; a block that straddled one would
     count a block of rows twice (dK/dV) or skip the mask (forward, dQ)."""
     va = importlib.import_module("lorafuse.kernels.varlen_attention")  # the package exports a function of that name
-    for dim, (query_tile, key_tile) in va.TILES.items():
-        assert all(query_tile % block == 0 for block, _, _ in va._FWD_OPTIONS[dim]), dim
-        assert all(query_tile % block == 0 for block, _, _ in va._DQ_OPTIONS[dim]), dim
-        assert all(key_tile % block == 0 for block, _, _ in va._DKDV_OPTIONS[dim]), dim
+    for arch, tiles in va.TILES.items():
+        for dim, (query_tile, key_tile) in tiles.items():
+            assert all(query_tile % block == 0 for block, _, _ in va._FWD_OPTIONS[arch][dim]), (arch, dim)
+            assert all(query_tile % block == 0 for block, _, _ in va._DQ_OPTIONS[arch][dim]), (arch, dim)
+            assert all(key_tile % block == 0 for block, _, _ in va._DKDV_OPTIONS[arch][dim]), (arch, dim)
 
 
 STRADDLING_BLOCK = """
