@@ -57,7 +57,10 @@ def section(path: Path) -> str:
         + (f", load average {load[0]:.2f} when it started" if load else "") + f"): {s['model']}, LoRA r="
         f"{s['settings']['r']} on every projection, {s['settings']['epochs']} epoch over {d['train']} tickets "
         f"({s['train_steps']} steps), took **{t['demo_without_import']:.0f} s** without the one-time import "
-        f"({t['import']:.0f} s): training with the forgetting check {t['train_with_forgetting_check']:.0f} s, the "
+        + (f"({t['import']:.0f} s)" if t["import"] else "(done by an earlier run)")
+        + (f", of which {t['replay_answers']:.0f} s the base model's replay answers (generated once, then cached)"
+           if t.get("replay_answers") else "")
+        + f": training with the forgetting check {t['train_with_forgetting_check']:.0f} s, the "
         f"held-out comparison {t['held_out_eval']:.0f} s.",
         "",
         "| | base | fine-tuned |",
