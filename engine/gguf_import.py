@@ -9,13 +9,11 @@ file's metadata before any tensor is read, and one lorafuse cannot train is refu
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .merge import write_model_dir
 from .model import SUPPORTED, ModelError, check_supported
 
 # general.architecture of a GGUF file -> the HF model_type transformers builds from it (where they differ)
@@ -72,19 +70,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: str = "bfl
     model.hf_quantizer = None
     model.config.dtype = dtype
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.importing-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_model_dir(target, model, tokenizer, "importing")
     check_supported(target)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[import] {n_params / 1e6:.1f}M parameters -> {target}")

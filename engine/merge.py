@@ -37,11 +37,18 @@ def merge(model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str
     n = merge_lora(hf_model)
     dequantize_model(hf_model)  # the projections without adapter: a normal HF directory has no NF4 in it
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed into place: a crash leaves the old directory or the new one, whole.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.merging-", dir=target.parent))
+    tokenizer = load_tokenizer(model)
+    write_model_dir(target, hf_model, tokenizer, "merging")
+    return n
+
+
+def write_model_dir(target: Path, hf_model, tokenizer, doing: str) -> None:
+    """Save a HF model and its tokenizer as `target`, written beside it and renamed into place: a crash leaves
+    the old directory or the new one, whole. `doing` names the temporary directory (".NAME.<doing>-...")."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{doing}-", dir=target.parent))
     try:
         hf_model.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
             os.replace(target, old / target.name)
@@ -51,4 +58,3 @@ def merge(model: str | Path, adapter: str | Path, out: str | Path, *, dtype: str
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return n

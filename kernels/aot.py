@@ -203,27 +203,34 @@ def gate_failures(results: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- commands
 
 
-def check_specs() -> int:
+def _check_spec(job: tuple[str, int, int]) -> tuple[int, str]:
+    """Compile AOT_SPECS[index] of one module for one architecture: (failures, the line to print)."""
+    name, index, arch = job
+    spec = importlib.import_module(f"lorafuse.kernels.{name}").AOT_SPECS[index]
+    label = f"{name}.{spec.kernel.__name__}"
+    shown = ",".join([f"{k}={v}" for k, v in spec.constexprs.items() if k.isupper()]
+                     + [f"{k}={v}" for k, v in spec.options.items()])
+    t0 = time.perf_counter()
+    try:
+        compiled = compile_spec(spec, arch)
+    except Exception as e:  # report every failing variant, not just the first
+        return 1, f"FAIL sm_{arch} {label} [{shown}]: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    shared = compiled.metadata.shared
+    ok = shared <= SHARED_LIMIT[arch]
+    return int(not ok), (f"{'ok  ' if ok else 'FAIL'} sm_{arch} {label} [{shown}] shared={shared}B "
+                         f"warps={compiled.metadata.num_warps} {time.perf_counter() - t0:.1f}s")
+
+
+def check_specs(workers: int = 1) -> int:
+    """Every module's AOT_SPECS for every architecture, compiled by `workers` processes."""
+    jobs = [(name, index, arch) for name in MODULES
+            for index in range(len(getattr(importlib.import_module(f"lorafuse.kernels.{name}"), "AOT_SPECS", ())))
+            for arch in ARCHS]
     failures = 0
-    for name in MODULES:
-        module = importlib.import_module(f"lorafuse.kernels.{name}")
-        for spec in getattr(module, "AOT_SPECS", ()):
-            label = f"{name}.{spec.kernel.__name__}"
-            shown = ",".join([f"{k}={v}" for k, v in spec.constexprs.items() if k.isupper()]
-                             + [f"{k}={v}" for k, v in spec.options.items()])
-            for arch in ARCHS:
-                t0 = time.perf_counter()
-                try:
-                    compiled = compile_spec(spec, arch)
-                except Exception as e:  # report every failing variant, not just the first
-                    failures += 1
-                    print(f"FAIL sm_{arch} {label} [{shown}]: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                    continue
-                shared = compiled.metadata.shared
-                ok = shared <= SHARED_LIMIT[arch]
-                failures += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} sm_{arch} {label} [{shown}] shared={shared}B "
-                      f"warps={compiled.metadata.num_warps} {time.perf_counter() - t0:.1f}s")
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for failed, line in pool.map(_check_spec, jobs):
+            failures += failed
+            print(line)
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
         return 2
     if not (args.report or args.gate):
-        return check_specs()
+        return check_specs(args.jobs)
     started = time.perf_counter()
     jobs = headline_jobs()
     for job in jobs:
