@@ -38,12 +38,10 @@ def compare(model: str, data: str, adapters: list[str] | dict[str, str], *, gene
     {"model", "data", "systems": {"base": {...}, NAME: {...}}, "general": {NAME: ...}, "report": path}.
     quantize "nf4": the base's projections in NF4, as QLoRA trained the adapters."""
     from .adapters import adapter_names, load_adapters
-    from .data import encode_all, read_jsonl
-    from .evaluate import evaluate_loss, exact_match, generate_answers, prompt_and_answer
+    from .evaluate import evaluate_loss, exact_match, generate_answers, prompt_and_answer, read_eval_data
     from .forgetting import agreement, base_reference, read_general
     from .lora import read_adapter_config
     from .model import check_supported, load_model, load_tokenizer, resolve_device, resolve_dtype
-    from .packing import pack
     from .prepare import prepare_model
 
     if not isinstance(adapters, dict):
@@ -57,13 +55,10 @@ def compare(model: str, data: str, adapters: list[str] | dict[str, str], *, gene
     generate = generate or report is not None
     where = resolve_device(device)
     tokenizer = load_tokenizer(model)
-    examples, _ = read_jsonl(data, "skip" if skip_invalid else "stop")
-    docs, enc = encode_all(tokenizer, examples, max_seq_len, "truncate", "assistant", data)
-    log(f"[data] {data}: {enc.summary(max_seq_len)}")
+    examples, batches = read_eval_data(tokenizer, data, max_seq_len, skip_invalid, log)
     hf_model = load_model(model, resolve_dtype(dtype, where), where, quantize=quantize)
     loaded = load_adapters(hf_model, adapters)
     prepared = prepare_model(hf_model, stack_projections=False)
-    batches = pack(docs, max(max_seq_len, 4096))
     references = [prompt_and_answer(ex, tokenizer)[1] for ex in examples]
     systems, answers, general_results, reference = {}, {}, {}, None
     for name in ["base", *adapters]:

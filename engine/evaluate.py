@@ -83,6 +83,15 @@ def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: 
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
+def read_eval_data(tokenizer, data: str, max_seq_len: int, skip_invalid: bool, log=print):
+    """The examples of a JSONL file to evaluate and their packed batches (loss on assistant tokens, long
+    examples truncated as training would), with the [data] line saying what was read."""
+    examples, _ = read_jsonl(data, "skip" if skip_invalid else "stop")
+    docs, enc = encode_all(tokenizer, examples, max_seq_len, "truncate", "assistant", data)
+    log(f"[data] {data}: {enc.summary(max_seq_len)}")
+    return examples, pack(docs, max(max_seq_len, 4096))
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
     hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
     return hits / max(len(references), 1)
@@ -103,13 +112,11 @@ def evaluate(model: str, data: str, adapter: str | None = None, *, generate: boo
         read_adapter_config(adapter)
     where = resolve_device(device)
     tokenizer = load_tokenizer(model)
-    examples, _ = read_jsonl(data, "skip" if skip_invalid else "stop")
-    docs, enc = encode_all(tokenizer, examples, max_seq_len, "truncate", "assistant", data)
-    log(f"[data] {data}: {enc.summary(max_seq_len)}")
+    examples, batches = read_eval_data(tokenizer, data, max_seq_len, skip_invalid, log)
     hf_model = load_model(model, resolve_dtype(dtype, where), where, quantize=quantize)
     lora = load_adapter(hf_model, adapter) if adapter else None
     result = {"model": model, "adapter": adapter, "data": data}
-    result.update(evaluate_loss(prepare_model(hf_model, stack_projections=False), pack(docs, max(max_seq_len, 4096))))
+    result.update(evaluate_loss(prepare_model(hf_model, stack_projections=False), batches))
     log(f"[eval] loss {result['loss']:.4f}  perplexity {result['ppl']:.3f}  over {result['target_tokens']} "
         f"target tokens" + (f"  (adapter r={lora.r})" if lora else ""))
     if generate:
