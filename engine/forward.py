@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import torch
 
+from lorafuse.kernels.rms_norm import NormedInput
+
 from .lora import adapter_args, fusable, lora_projections
 from .packing import IGNORE_INDEX, PackedBatch
 from .prepare import PreparedLayer, PreparedModel
 
 
 def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, prepared: PreparedModel,
-                    qkv: tuple | None = None, project=None) -> torch.Tensor:
-    """The attention half of a decoder layer, from its normalised input (or its q, k, v and the o_proj
-    function given: lora_gemm.py's cuBLAS layer)."""
+                    qkv: tuple | None = None, project=None, normed_from: NormedInput | None = None) -> torch.Tensor:
+    """The attention half of a decoder layer, from its normalised input x (normed_from: the norm's input and
+    weight, which the q/k/v projections keep instead of x) or from its q, k, v and the o_proj function given
+    (lora_gemm.py's cuBLAS layer)."""
     attn, spec, ops = layer.module.self_attn, prepared.spec, prepared.ops
     tokens = (x if qkv is None else qkv[0]).shape[0]
     q_width, kv_width = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -36,7 +39,7 @@ def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, p
     elif spec.family.fused_qkv:  # Phi-3: one projection (and one adapter) for q, k and v
         q, k, v = lora_projections(x, (attn.qkv_proj,), None, ops)[0].split([q_width, kv_width, kv_width], -1)
     else:
-        q, k, v = lora_projections(x, (attn.q_proj, attn.k_proj, attn.v_proj), layer.qkv, ops)
+        q, k, v = lora_projections(x, (attn.q_proj, attn.k_proj, attn.v_proj), layer.qkv, ops, normed_from)
     q = q.view(tokens, spec.num_heads, spec.head_dim)
     k = k.view(tokens, spec.num_kv_heads, spec.head_dim)
     v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
@@ -52,8 +55,10 @@ def attention_block(x: torch.Tensor, layer: PreparedLayer, batch: PackedBatch, p
     return lora_projections(out.reshape(tokens, -1), (attn.o_proj,), None, ops)[0]
 
 
-def mlp_block(x: torch.Tensor, layer: PreparedLayer, prepared: PreparedModel) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-GELU (Gemma's GeGLU)."""
+def mlp_block(x: torch.Tensor, layer: PreparedLayer, prepared: PreparedModel,
+              normed_from: NormedInput | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) (+ residual), act SiLU (SwiGLU) or tanh-GELU (Gemma's GeGLU); normed_from as
+    in attention_block. The fused kernel adds the residual in its last GEMM; the other paths add it after."""
     mlp, ops, spec = layer.module.mlp, prepared.ops, prepared.spec
     down = mlp.down_proj
     if spec.family.fused_qkv:  # Phi-3: gate and up are one projection with one adapter
@@ -64,13 +69,15 @@ def mlp_block(x: torch.Tensor, layer: PreparedLayer, prepared: PreparedModel) ->
     if weight is not None and down.bias is None and all(map(fusable, (*gate_up, down))):
         # the activation is fused into the projections; recomputed in backward, not stored
         return ops.lora_mlp(x, weight, *_gate_and_up_adapters(gate_up, spec.intermediate_size), down.weight,
-                            *adapter_args(down), activation=spec.activation)
+                            *adapter_args(down), activation=spec.activation, normed_from=normed_from,
+                            residual=residual)
     if len(gate_up) == 1:
         g, u = lora_projections(x, gate_up, None, ops)[0].chunk(2, -1)
     else:
-        g, u = lora_projections(x, gate_up, layer.gate_up, ops)
+        g, u = lora_projections(x, gate_up, layer.gate_up, ops, normed_from)
     glu = ops.swiglu if spec.activation == "silu" else ops.geglu
-    return lora_projections(glu(g, u), (down,), None, ops)[0]
+    out = lora_projections(glu(g, u), (down,), None, ops)[0]
+    return out if residual is None else residual + out
 
 
 def _gate_and_up_adapters(gate_up: tuple, intermediate: int) -> tuple:
@@ -90,15 +97,21 @@ def decoder_layer(hidden: torch.Tensor, layer: PreparedLayer, batch: PackedBatch
         return prepared.lora_gemm.decoder_layer(hidden, layer, batch, prepared)
     module, ops, spec = layer.module, prepared.ops, prepared.spec
     norm = lambda t, weight: ops.rms_norm(t, weight, spec.eps, spec.family.norm_offset)  # noqa: E731
-    attended = attention_block(norm(hidden, module.input_layernorm.weight), layer, batch, prepared)
+    # the projections of a norm's output keep the norm's input (kept by the norm anyway), not the output
+    normed_from = lambda t, weight: NormedInput(t, weight, spec.eps, spec.family.norm_offset)  # noqa: E731
+    weight = module.input_layernorm.weight
+    # the residual path reads the hidden the norm hands back: both gradients meet in the norm's backward kernel
+    normed, hidden = ops.rms_norm_branch(hidden, weight, spec.eps, spec.family.norm_offset)
+    attended = attention_block(normed, layer, batch, prepared, normed_from=normed_from(hidden, weight))
     if not spec.family.sandwich_norms:
         # the residual add and the norm in one kernel: one launch less, and h is read once
-        normed, hidden = ops.rms_norm_residual(attended, hidden, module.post_attention_layernorm.weight, spec.eps,
-                                               spec.family.norm_offset)
-        return hidden + mlp_block(normed, layer, prepared)
+        weight = module.post_attention_layernorm.weight
+        normed, hidden = ops.rms_norm_residual(attended, hidden, weight, spec.eps, spec.family.norm_offset)
+        return mlp_block(normed, layer, prepared, normed_from(hidden, weight), residual=hidden)
     # Gemma 2/3: each half's output is normalised before it joins the residual stream
     hidden = hidden + norm(attended, module.post_attention_layernorm.weight)
-    mixed = mlp_block(norm(hidden, module.pre_feedforward_layernorm.weight), layer, prepared)
+    weight = module.pre_feedforward_layernorm.weight
+    mixed = mlp_block(norm(hidden, weight), layer, prepared, normed_from(hidden, weight))
     return hidden + norm(mixed, module.post_feedforward_layernorm.weight)
 
 

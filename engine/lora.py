@@ -92,16 +92,17 @@ def adapter_args(proj) -> tuple:
     return lora_a, lora_b, scaling
 
 
-def lora_projections(x: torch.Tensor, projs, stacked=None, ops: KernelOps = TRITON) -> tuple:
+def lora_projections(x: torch.Tensor, projs, stacked=None, ops: KernelOps = TRITON, normed_from=None) -> tuple:
     """The outputs of the projections `projs` (nn.Linear or LoraLinear) of one input x.
 
     With their frozen weights stacked (`stacked`: a prepare.Stacked of exactly these projections)
-    and every one fusable, one grouped kernel reads x once for all of them; otherwise each runs alone.
+    and every one fusable, one grouped kernel reads x once for all of them (and, given normed_from, the
+    rms_norm.NormedInput that x is the output of, keeps the norm's input instead of x); otherwise each runs alone.
     """
     if stacked is not None and all(fusable(p) for p in projs):
         lora_as, lora_bs, scalings = zip(*(adapter_args(p) for p in projs))
         return ops.lora_linear_group(x, stacked.weight, list(lora_as), list(lora_bs), list(scalings),
-                                     [p.out_features for p in projs], bias=stacked.bias)
+                                     [p.out_features for p in projs], bias=stacked.bias, normed_from=normed_from)
     return tuple(_project(p, x, ops) for p in projs)
 
 

@@ -19,7 +19,7 @@ from lorafuse.kernels.lora_linear import (
     lora_linear_reference,
     lora_mlp_reference,
 )
-from lorafuse.kernels.rms_norm import rms_norm_reference, rms_norm_residual_reference
+from lorafuse.kernels.rms_norm import rms_norm_branch_reference, rms_norm_reference, rms_norm_residual_reference
 from lorafuse.kernels.rope import apply_rope_reference
 from lorafuse.kernels.swiglu import geglu_reference, swiglu_reference
 
@@ -31,6 +31,7 @@ class KernelOps:
     lora_linear_group: Callable
     lora_mlp: Callable
     rms_norm: Callable
+    rms_norm_branch: Callable
     rms_norm_residual: Callable
     apply_rope: Callable
     swiglu: Callable
@@ -39,10 +40,10 @@ class KernelOps:
 
 
 TRITON = KernelOps("auto", kernels.lora_linear, kernels.lora_linear_group, kernels.lora_mlp, kernels.rms_norm,
-                   kernels.rms_norm_residual, kernels.apply_rope, kernels.swiglu, kernels.geglu,
+                   kernels.rms_norm_branch, kernels.rms_norm_residual, kernels.apply_rope, kernels.swiglu, kernels.geglu,
                    kernels.fused_linear_cross_entropy)
 REFERENCE = KernelOps("reference", lora_linear_reference, lora_linear_group_reference, lora_mlp_reference,
-                      rms_norm_reference, rms_norm_residual_reference, apply_rope_reference, swiglu_reference,
+                      rms_norm_reference, rms_norm_branch_reference, rms_norm_residual_reference, apply_rope_reference, swiglu_reference,
                       geglu_reference, fused_linear_cross_entropy_reference)
 
 

@@ -11,10 +11,10 @@ when TRITON_INTERPRET=1 was set before triton was imported, the PyTorch referenc
 if __name__ == "lorafuse.kernels":
     from .fused_linear_cross_entropy import fused_linear_cross_entropy
     from .lora_linear import lora_linear, lora_linear_group, lora_mlp
-    from .rms_norm import rms_norm, rms_norm_residual
+    from .rms_norm import rms_norm, rms_norm_branch, rms_norm_residual
     from .rope import apply_rope
     from .swiglu import geglu, swiglu
     from .varlen_attention import varlen_attention
 
     __all__ = ["lora_linear", "lora_linear_group", "lora_mlp", "fused_linear_cross_entropy", "varlen_attention",
-               "apply_rope", "rms_norm", "rms_norm_residual", "swiglu", "geglu"]
+               "apply_rope", "rms_norm", "rms_norm_branch", "rms_norm_residual", "swiglu", "geglu"]

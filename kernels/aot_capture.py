@@ -10,9 +10,10 @@ tensor's offset is.
 The step is one decoder layer, forward and backward, plus the loss head, as engine/forward.py runs them
 (the Triton LoRA GEMM path; the LoRA masters float32, read in place, a group's A and B each one buffer as
 inject_lora leaves them, so q/k/v and gate/up take the rank map):
-  x = rms_norm(h); q, k, v = lora_linear_group(x, [Wq; Wk; Wv]); q, k, v = apply_rope(q, k, v=v)
+  x, h = rms_norm_branch(h); q, k, v = lora_linear_group(x, [Wq; Wk; Wv]); q, k, v = apply_rope(q, k, v=v)
   a = varlen_attention(q, k, v); x, h = rms_norm_residual(lora_linear(a, Wo), h)
-  h = h + lora_mlp(x, [Wg; Wu], Wd);  loss = fused_linear_cross_entropy(rms_norm(h), Whead)
+  h = lora_mlp(x, [Wg; Wu], Wd, residual=h);  loss = fused_linear_cross_entropy(rms_norm(h), Whead)
+  (the projections of a norm's output handed its input, normed_from, as the engine does)
 plus the Triton producers of the cuBLAS LoRA path (lora_cublas.py), forward and backward, at the shapes of
 engine/lora_gemm.py's decoder layer: rms_norm_lowrank ([x_hat | U] for q/k/v and for gate/up) and glu_lowrank
 ([h | U] for down_proj); its GEMMs are cuBLAS calls, which compile nothing here.
@@ -134,6 +135,7 @@ def training_step(shape: Shape = LLAMA_31_8B, arch: int = 90, tokens: int = TOKE
     """The launches on sm_<arch> of one decoder layer (forward and backward) and the loss head, then the cuBLAS
     LoRA path's Triton producers (module docstring), on meta tensors."""
     from lorafuse import kernels
+    from lorafuse.kernels.rms_norm import NormedInput
 
     dev = "meta"
 
@@ -153,10 +155,10 @@ def training_step(shape: Shape = LLAMA_31_8B, arch: int = 90, tokens: int = TOKE
     with recording(arch) as launches:
         h = w(tokens, hid, grad=True)
         norm_w = w(hid)
-        x = kernels.rms_norm(h, norm_w, 1e-5)
+        x, h = kernels.rms_norm_branch(h, norm_w, 1e-5)
         (qa, qb), (ka, kb), (va, vb) = adapters((hq, hkv, hkv), hid)
         q, k, v = kernels.lora_linear_group(x, w(hq + 2 * hkv, hid), [qa, ka, va], [qb, kb, vb], [s] * 3,
-                                            [hq, hkv, hkv])
+                                            [hq, hkv, hkv], normed_from=NormedInput(h, norm_w, 1e-5))
         q, k, v = q.view(tokens, shape.heads, d), k.view(tokens, shape.kv_heads, d), v.view(tokens, shape.kv_heads, d)
         positions = torch.empty(tokens, dtype=torch.int64, device=dev)
         inv_freq = torch.empty(d // 2, dtype=torch.float32, device=dev)
@@ -168,8 +170,8 @@ def training_step(shape: Shape = LLAMA_31_8B, arch: int = 90, tokens: int = TOKE
         x, h = kernels.rms_norm_residual(o, h, norm_w, 1e-5)
         (ga, gb), (ua, ub) = adapters((inter, inter), hid)
         ((da, db),) = adapters((hid,), inter)
-        h = h + kernels.lora_mlp(x, w(2 * inter, hid), ga, gb, s, ua, ub, s, w(hid, inter), da, db, s,
-                                 activation=shape.activation)
+        h = kernels.lora_mlp(x, w(2 * inter, hid), ga, gb, s, ua, ub, s, w(hid, inter), da, db, s,
+                             activation=shape.activation, normed_from=NormedInput(h, norm_w, 1e-5), residual=h)
         labels = torch.empty(tokens, dtype=torch.int64, device=dev)
         loss = kernels.fused_linear_cross_entropy(kernels.rms_norm(h, norm_w, 1e-5), w(shape.vocab, hid), labels,
                                                   reduction="sum", softcap=shape.final_softcap)

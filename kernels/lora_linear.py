@@ -70,6 +70,7 @@ from ._dispatch import HAVE_TRITON, use_triton
 from ._launch import aot_spec, arch_autotune, count, device_arch, dot_precision, empty_output, launch
 from ._lora_gemm_select import lora_gemm_path
 from .nf4 import dense_weight, gemm_mode, is_nf4, nf4_linear_reference, nf4_matmul
+from .rms_norm import NormedInput, rms_norm_values
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
 
 # ----------------------------------------------------------------------------- PyTorch references
@@ -87,21 +88,24 @@ def lora_linear_reference(x, weight, lora_a, lora_b, scaling: float, bias=None):
     return base if lora_a is None else base + F.linear(F.linear(x, lora_a), lora_b * scaling)
 
 
-def lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None):
+def lora_linear_group_reference(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None, *, normed_from=None):
     """y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T, the frozen part as one product with the stacked weight
-    (x read once, an NF4 weight dequantized once; backward's dx is one product too)."""
+    (x read once, an NF4 weight dequantized once; backward's dx is one product too). normed_from is accepted
+    for the Triton path's signature and not used: autograd keeps what it keeps."""
     frozen = _base_reference(x, weight, bias).split(list(out_splits), -1)
     return tuple(y if a is None else y + F.linear(F.linear(x, a), b * s)
                  for y, a, b, s in zip(frozen, lora_as, lora_bs, scalings, strict=True))
 
 
 def lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
-                       down_weight, down_a, down_b, down_scaling, activation: str = "silu"):
+                       down_weight, down_a, down_b, down_scaling, activation: str = "silu", *, normed_from=None,
+                       residual=None):
     inter = down_weight.shape[1]
     gate, up = lora_linear_group_reference(x, gate_up_weight, [gate_a, up_a], [gate_b, up_b],
                                            [gate_scaling, up_scaling], [inter, inter])
     h = GLU_REFERENCES[check_activation(activation)](gate, up)
-    return lora_linear_reference(h, down_weight, down_a, down_b, down_scaling)
+    out = lora_linear_reference(h, down_weight, down_a, down_b, down_scaling)
+    return out if residual is None else residual + out
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -151,15 +155,16 @@ if HAVE_TRITON:
     @triton.jit
     def _lowrank_mm_kernel(
         a0_ptr, a1_ptr, a2_ptr, b_ptr, c_ptr, bias_ptr, scale_ptr, e_ptr, f_ptr,
-        g_ptr, u_ptr, du_ptr, h_ptr,
+        g_ptr, u_ptr, du_ptr, h_ptr, res_ptr,
         M, N, R, K0, K1, K2, b_off0, b_off1, b_off2,
         map_c1, map_c2, map_ro0, map_ro1, map_ro2, map_rw0, map_rw1, map_rw2,
         stride_a0m, stride_a0k, stride_a1m, stride_a1k, stride_a2m, stride_a2k,
         stride_bk, stride_bn, stride_cm, stride_cn,
         stride_em, stride_er, stride_fr, stride_fn,
-        stride_gm, stride_um, stride_dum, stride_hm,
+        stride_gm, stride_um, stride_dum, stride_hm, stride_resm,
         M_BUCKET,  # only an autotune key: tokens rounded up to a power of 2
         NUM_SEGS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
         GLU_BWD: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr,
         MAP_LOWRANK: tl.constexpr, MAP_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -222,6 +227,9 @@ if HAVE_TRITON:
             tl.store(c_ptr + row0 * stride_cm + (local_m * stride_cm + cols * stride_cn),
                      (acc * u * d_act).to(c_ptr.dtype.element_ty), mask=out_mask)
         else:
+            if HAS_RESIDUAL:  # the decoder's residual add, on the tile: one rounding, no launch after the GEMM
+                res_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_resm + offs_n[None, :]
+                acc = acc + tl.load(res_ptrs, mask=out_mask, other=0.0).to(tl.float32)
             c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
@@ -288,9 +296,12 @@ if HAVE_TRITON:
         (80, "dx3"): {(256, 128, 64, 8, 3)},  # q/k/v dX, three dY segments: 124 B
         (80, "map_segments"): {(128, 64, 4, 4)},  # 48 B
         (90, "map_segments"): {(32, 128, 4, 4)},  # 108 B
+        (80, "residual"): {(256, 128, 64, 8, 3)},  # down_proj with the residual tile added: 144 B
     }
 
     def _variant(named_args, kwargs) -> str | None:
+        if kwargs.get("HAS_RESIDUAL"):
+            return "residual"
         if kwargs.get("MAP_LOWRANK"):
             return "map_lowrank"
         if kwargs.get("MAP_SEGMENTS"):
@@ -312,7 +323,7 @@ if HAVE_TRITON:
 
     # the variant flags and F's layout are in the key: a forward and the dX of the same shape (o_proj) must not
     # share a tuned config that only one of them may take
-    _TUNE_KEY = _KEY + ["MAP_LOWRANK", "MAP_SEGMENTS", "stride_fn"]
+    _TUNE_KEY = _KEY + ["MAP_LOWRANK", "MAP_SEGMENTS", "HAS_RESIDUAL", "stride_fn"]
     _tuned_main = arch_autotune({80: MAIN_CONFIGS_SM80, 90: MAIN_CONFIGS}, key=_TUNE_KEY,
                                 prune=_prune_spilling)(_lowrank_mm)
     _tuned_glu = arch_autotune({80: GLU_CONFIGS, 90: GLU_CONFIGS}, key=_TUNE_KEY)(_lowrank_mm)
@@ -327,10 +338,11 @@ if HAVE_TRITON:
         """Variants of the autotune lists (tiles, warps, stages) for the kernel's main uses."""
 
         def spec(dtype, *, segs, lowrank, bias, scale, glu=None, precision, config, block_n=None, block_r=16,
-                 rank_map=False):
+                 rank_map=False, residual=False):
             # unit strides are constexpr 1 at runtime (Triton specialises them)
             consts = {"stride_a0k": 1, "stride_a1k": 1, "stride_a2k": 1, "stride_cn": 1,
                       "NUM_SEGS": segs, "HAS_BIAS": bias, "HAS_SCALE": scale, "HAS_LOWRANK": lowrank,
+                      "HAS_RESIDUAL": residual,
                       "GLU_BWD": glu is not None, "ACTIVATION": glu or "silu", "STORE_H": glu is not None,
                       "EVEN_K": True, "DOT_PRECISION": precision, "BLOCK_R": block_r,
                       "MAP_LOWRANK": rank_map and lowrank, "MAP_SEGMENTS": rank_map and not lowrank}
@@ -345,6 +357,8 @@ if HAVE_TRITON:
         return [
             # forward y = x W^T + bias + U B^T: the largest tiles, bf16 and fp16
             spec("bf16", segs=1, lowrank=True, bias=True, scale=False, precision="tf32", config=big),
+            # the MLP's down projection, with the decoder's residual add in the epilogue
+            spec("bf16", segs=1, lowrank=True, bias=False, scale=False, precision="tf32", config=big, residual=True),
             spec("fp16", segs=1, lowrank=True, bias=False, scale=False, precision="tf32", config=tall, block_r=64),
             # y of q/k/v: the block-diagonal B read through the rank map
             spec("bf16", segs=1, lowrank=True, bias=False, scale=False, precision="tf32", config=big, block_r=64,
@@ -381,8 +395,9 @@ def _pow2(n: int) -> int:
 
 
 def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu=None, activation="silu",
-        skinny=False, rank_map=None):
-    """out[M, N] = scale * (sum_s A_s @ Bop[off_s : off_s + K_s] + E @ F) + bias  (module docstring).
+        skinny=False, rank_map=None, residual=None):
+    """out[M, N] = scale * (sum_s A_s @ Bop[off_s : off_s + K_s] + E @ F) + bias (+ residual [M, N], unit
+    column stride)  (module docstring).
 
     segments: [(A_s [M, K_s], off_s)]; Bop is `b` read with b_strides = (stride along K, along N);
     lowrank: (E [M, R], F, (stride_fr, stride_fn)); glu: (g, u, du, h or None) for the dH epilogue of
@@ -409,17 +424,20 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu
     else:
         g = u = du = h = out
         h_stride = 0
+    assert residual is None or (glu is None and residual.stride(1) == 1)
     args = (
         segs[0][0], segs[1][0], segs[2][0], b, out,
         bias if bias is not None else out, scale if scale is not None else out, e, f, g, u, du, h,
+        residual if residual is not None else out,
         M, N, R, ks[0], ks[1], ks[2], segs[0][1], segs[1][1], segs[2][1], *(rank_map or NO_RANK_MAP),
         segs[0][0].stride(0), segs[0][0].stride(1), segs[1][0].stride(0), segs[1][0].stride(1),
         segs[2][0].stride(0), segs[2][0].stride(1),
         b_strides[0], b_strides[1], out.stride(0), out.stride(1),
         e.stride(0), e.stride(1), stride_fr, stride_fn,
-        g.stride(0), u.stride(0), du.stride(0), h_stride, _pow2(M),
+        g.stride(0), u.stride(0), du.stride(0), h_stride, residual.stride(0) if residual is not None else 0, _pow2(M),
     )
     flags = dict(NUM_SEGS=len(segments), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+                 HAS_RESIDUAL=residual is not None,
                  HAS_LOWRANK=lowrank is not None and R > 0, GLU_BWD=glu is not None,
                  ACTIVATION=activation, STORE_H=glu is not None and glu[3] is not None,
                  BLOCK_R=min(64, max(16, _pow2(R))), MAP_LOWRANK=rank_map is not None and lowrank is not None,
@@ -543,9 +561,9 @@ def _fused_nf4(weight) -> bool:
     return is_nf4(weight) and weight.nested and gemm_mode() == "fused"
 
 
-def _lowrank_forward(x2d, weight, bias, adapters: _Adapters | None, plan: _Plan, scale, out):
-    """out = x W^T + bias + U B^T with U = x A^T diag(s); returns U (None without adapters). An NF4 weight is
-    dequantized here, for this GEMM only (or read by the fused NF4 GEMM)."""
+def _lowrank_forward(x2d, weight, bias, adapters: _Adapters | None, plan: _Plan, scale, out, residual=None):
+    """out = x W^T + bias + U B^T (+ residual) with U = x A^T diag(s); returns U (None without adapters). An NF4
+    weight is dequantized here, for this GEMM only (or read by the fused NF4 GEMM)."""
     if adapters is None:
         u = lowrank = rank_map = None
     else:
@@ -556,9 +574,12 @@ def _lowrank_forward(x2d, weight, bias, adapters: _Adapters | None, plan: _Plan,
         lowrank = (u, b, (b.stride(1), b.stride(0)))
     if _fused_nf4(weight):
         nf4_matmul(out, x2d, weight, transpose=True, bias=bias, lowrank=lowrank)
+        if residual is not None:
+            out.add_(residual)
         return u
     weight = dense_weight(weight, x2d.dtype)
-    _mm(out, [(x2d, 0)], weight, (weight.stride(1), weight.stride(0)), bias=bias, lowrank=lowrank, rank_map=rank_map)
+    _mm(out, [(x2d, 0)], weight, (weight.stride(1), weight.stride(0)), bias=bias, lowrank=lowrank, rank_map=rank_map,
+        residual=residual)
     return u
 
 
@@ -634,11 +655,27 @@ def _lowrank_backward(plan, dys, x2d, weight, adapters: _Adapters | None, u, sca
 # ----------------------------------------------------------------------------- autograd Functions
 
 
+def _keep_input(ctx, x2d, normed: NormedInput | None) -> tuple:
+    """What a Function keeps of its input x for dA: x itself, or, when x is an rms_norm output (normed), the
+    norm's input h and weight, which the norm keeps anyway (_input_again rebuilds x from them)."""
+    if normed is None:
+        ctx.norm_args = None
+        return x2d, None
+    ctx.norm_args = (normed.eps, normed.offset)
+    return normed.h.reshape(x2d.shape), normed.weight
+
+
+def _input_again(ctx, kept_x, norm_weight):
+    if ctx.norm_args is None:
+        return kept_x
+    return rms_norm_values(kept_x, norm_weight, *ctx.norm_args)
+
+
 class LoraGroupFunction(torch.autograd.Function):
     """y_i = x W_i^T + bias_i + s_i (x A_i^T) B_i^T for the stacked weight; one projection is lora_linear."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: _Plan, *adapters):
+    def forward(ctx, x, weight, bias, plan: _Plan, normed: NormedInput | None, *adapters):
         lora_as, lora_bs = list(adapters[0::2]), list(adapters[1::2])
         x2d = x.reshape(-1, x.shape[-1])
         adapters = _Adapters.make(plan, lora_as, lora_bs)
@@ -649,7 +686,7 @@ class LoraGroupFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.nf4 = weight if is_nf4(weight) else None  # dequantized again in backward, not kept dense
         a, b = (adapters.a, adapters.b) if adapters is not None else (None, None)
-        ctx.save_for_backward(x2d, None if ctx.nf4 is not None else weight, a, b, u)
+        ctx.save_for_backward(*_keep_input(ctx, x2d, normed), None if ctx.nf4 is not None else weight, a, b, u)
         ctx.plan, ctx.scale, ctx.x_shape = plan, scale, x.shape
         ctx.rank_map = adapters.rank_map if adapters is not None else None
         if len(plan.splits) == 1:
@@ -658,12 +695,14 @@ class LoraGroupFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x2d, weight, a, b, u = ctx.saved_tensors
+        kept_x, norm_weight, weight, a, b, u = ctx.saved_tensors
         plan = ctx.plan
         adapters = _Adapters(a, b, ctx.rank_map) if a is not None else None
         dys = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         needs = ctx.needs_input_grad
-        need_ab = [needs[4 + 2 * i] or needs[5 + 2 * i] for i in range(len(plan.splits))]
+        need_ab = [needs[5 + 2 * i] or needs[6 + 2 * i] for i in range(len(plan.splits))]
+        # x itself is read only by dA and dW; dX needs its shape alone
+        x2d = _input_again(ctx, kept_x, norm_weight) if any(need_ab) or needs[1] else kept_x
         if ctx.nf4 is not None:
             weight = ctx.nf4
         dx, dw, dbias, das, dbs = _lowrank_backward(plan, dys, x2d, weight, adapters, u, ctx.scale,
@@ -671,7 +710,7 @@ class LoraGroupFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         adapter_grads = [g for pair in zip(das, dbs, strict=True) for g in pair]
-        return (dx, dw, dbias, None, *adapter_grads)
+        return (dx, dw, dbias, None, None, *adapter_grads)
 
 
 class LoraMLPFunction(torch.autograd.Function):
@@ -679,7 +718,7 @@ class LoraMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_up_weight, down_weight, plan_gu: _Plan, plan_down: _Plan, gate_a, gate_b, up_a,
-                up_b, down_a, down_b, activation: str):
+                up_b, down_a, down_b, activation: str, normed: NormedInput | None, residual):
         inter, hidden = down_weight.shape[1], down_weight.shape[0]
         x2d = x.reshape(-1, x.shape[-1])
         T = x2d.shape[0]
@@ -692,26 +731,27 @@ class LoraMLPFunction(torch.autograd.Function):
         scale_d = _scale_vector(plan_down.ranks, plan_down.scalings, x.device) if down_a is not None else None
         out = empty_output((*x.shape[:-1], hidden), x.dtype, x.device)
         adapters_d = _Adapters.make(plan_down, [down_a], [down_b])
-        u_d = _lowrank_forward(h, down_weight, None, adapters_d, plan_down, scale_d, out.view(-1, hidden))
+        res2d = residual.reshape(-1, hidden) if residual is not None else None
+        u_d = _lowrank_forward(h, down_weight, None, adapters_d, plan_down, scale_d, out.view(-1, hidden), res2d)
         # NF4 weights are dequantized again in backward, one at a time; dense ones are saved
         weights = (gate_up_weight, down_weight)
         ctx.nf4 = tuple(w if is_nf4(w) else None for w in weights)
         saved = [None if is_nf4(w) else w for w in weights]
         a_gu, b_gu = (adapters_gu.a, adapters_gu.b) if adapters_gu is not None else (None, None)
-        ctx.save_for_backward(x2d, *saved, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
+        ctx.save_for_backward(*_keep_input(ctx, x2d, normed), *saved, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d)
         ctx.rank_map = adapters_gu.rank_map if adapters_gu is not None else None
         ctx.plan_gu, ctx.scales, ctx.x_shape, ctx.activation = plan_gu, (scale_gu, scale_d), x.shape, activation
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, gu_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d = ctx.saved_tensors
+        kept_x, norm_weight, gu_weight, down_weight, a_gu, b_gu, u_gu, gu, down_a, down_b, u_d = ctx.saved_tensors
         plan_gu, (scale_gu, scale_d) = ctx.plan_gu, ctx.scales
         needs = ctx.needs_input_grad
         if ctx.nf4[1] is not None:  # the dH GEMM with the GLU epilogue reads a dense weight, in both NF4 modes
-            down_weight = dense_weight(ctx.nf4[1], x2d.dtype)
+            down_weight = dense_weight(ctx.nf4[1], kept_x.dtype)
         inter = down_weight.shape[1]
-        T = x2d.shape[0]
+        T = kept_x.shape[0]
         dy = dy.reshape(-1, dy.shape[-1])
         need_down_ab = needs[9] or needs[10]
         need_h = (down_a is not None and need_down_ab) or needs[2]
@@ -738,12 +778,15 @@ class LoraMLPFunction(torch.autograd.Function):
             gu_weight = ctx.nf4[0]
         dys = [dgu[:, :inter], dgu[:, inter:]]
         need_ab = [needs[5] or needs[6], needs[7] or needs[8]]
+        x2d = _input_again(ctx, kept_x, norm_weight) if any(need_ab) or needs[1] else kept_x
         adapters_gu = _Adapters(a_gu, b_gu, ctx.rank_map) if a_gu is not None else None
         dx, d_gu_w, _, das, dbs = _lowrank_backward(plan_gu, dys, x2d, gu_weight, adapters_gu, u_gu, scale_gu,
                                                     needs[0], needs[1], False, need_ab)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
-        return (dx, d_gu_w, d_down_w, None, None, das[0], dbs[0], das[1], dbs[1], d_down_a, d_down_b, None)
+        d_residual = dy.reshape(*ctx.x_shape[:-1], dy.shape[-1]) if needs[13] else None  # out = residual + ...: its gradient as it is
+        return (dx, d_gu_w, d_down_w, None, None, das[0], dbs[0], das[1], dbs[1], d_down_a, d_down_b, None, None,
+                d_residual)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -796,14 +839,17 @@ def lora_linear(x, weight, lora_a, lora_b, scaling: float, bias=None):
     x, weight, bias = (_cast(t, dtype) for t in (x, weight, bias))  # the adapters are read in their own dtype
     r = _check_adapter("lora_linear", lora_a, lora_b, weight.shape[0], weight.shape[1])
     plan = _Plan.make((weight.shape[0],), (r,), (scaling,))
-    return LoraGroupFunction.apply(x, weight, bias, plan, lora_a, lora_b)
+    return LoraGroupFunction.apply(x, weight, bias, plan, None, lora_a, lora_b)
 
 
-def lora_linear_group(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None) -> tuple:
+def lora_linear_group(x, weight, lora_as, lora_bs, scalings, out_splits, bias=None, *,
+                      normed_from: NormedInput | None = None) -> tuple:
     """Several LoRA projections of one input whose frozen weights are stacked (module docstring).
 
     weight [sum(out_splits), in] = [W_0; W_1; ...]; lora_as[i] [r_i, in] and lora_bs[i] [out_splits[i], r_i]
     (both None for a projection without adapter); scalings[i] floats; bias [sum(out_splits)] or None.
+    normed_from: when x is rms_norm(h, weight, eps, offset), those (rms_norm.NormedInput): the Triton path
+    then keeps h, not x, and rebuilds x in backward (the other paths keep x; the values are the same).
     Returns (y_0, y_1, ...), y_i [..., out_splits[i]]: column views of one buffer (last dim contiguous;
     they may not be modified in place).
     """
@@ -825,17 +871,22 @@ def lora_linear_group(x, weight, lora_as, lora_bs, scalings, out_splits, bias=No
                   for i, (a, b, n) in enumerate(zip(lora_as, lora_bs, out_splits, strict=True)))
     plan = _Plan.make(out_splits, ranks, tuple(float(s) for s in scalings))
     adapters = [t for pair in zip(lora_as, lora_bs, strict=True) for t in pair]
-    outs = LoraGroupFunction.apply(x, weight, bias, plan, *adapters)
+    if normed_from is not None:
+        normed_from.check(x, "lora_linear_group")
+    outs = LoraGroupFunction.apply(x, weight, bias, plan, normed_from, *adapters)
     return outs if isinstance(outs, tuple) else (outs,)
 
 
 def lora_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
-             down_weight, down_a, down_b, down_scaling, activation: str = "silu"):
-    """down(act(gate(x)) * up(x)), each projection a LoRA linear (A/B None: the plain frozen linear).
+             down_weight, down_a, down_b, down_scaling, activation: str = "silu", *,
+             normed_from: NormedInput | None = None, residual=None):
+    """down(act(gate(x)) * up(x)) (+ residual), each projection a LoRA linear (A/B None: the plain frozen linear).
 
     x [..., H]; gate_up_weight [2 I, H] = [W_gate; W_up]; down_weight [H, I]; no biases.
     activation: "silu" (SwiGLU: Llama, Mistral, Qwen) or "gelu_tanh" (GeGLU with PyTorch's
-    F.gelu(approximate="tanh"), HF's gelu_pytorch_tanh: Gemma).
+    F.gelu(approximate="tanh"), HF's gelu_pytorch_tanh: Gemma). normed_from: as in lora_linear_group.
+    residual [..., H] (x's shape and dtype), or None: added to the output, by the down projection's GEMM on the
+    Triton path (the decoder's residual add without a launch of its own; rounded once).
     """
     check_activation(activation)
     hidden, inter = down_weight.shape
@@ -844,11 +895,15 @@ def lora_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_sca
                          f"[2 * {inter}, {hidden}]")
     if lora_gemm_path(x, gate_up_weight) == "cublas" and lora_gemm_path(x, down_weight) == "cublas":
         from .lora_cublas import lora_mlp as cublas_mlp  # LORAFUSE_LORA_GEMM (lora_cublas.py)
-        return cublas_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling, down_weight,
-                          down_a, down_b, down_scaling, activation)
+        out = cublas_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling, down_weight,
+                         down_a, down_b, down_scaling, activation)
+        return out if residual is None else residual + out
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(-1) != 1):
+        raise ValueError(f"lora_mlp: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} "
+                         f"{x.dtype}, with a unit last stride")
     if not use_triton(x):
         return lora_mlp_reference(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_scaling,
-                                  down_weight, down_a, down_b, down_scaling, activation)
+                                  down_weight, down_a, down_b, down_scaling, activation, residual=residual)
     count("lora_mlp")
     dtype = _compute_dtype(x)
     x, gate_up_weight, down_weight = _cast(x, dtype), _cast(gate_up_weight, dtype), _cast(down_weight, dtype)
@@ -857,5 +912,7 @@ def lora_mlp(x, gate_up_weight, gate_a, gate_b, gate_scaling, up_a, up_b, up_sca
     r_down = _check_adapter("lora_mlp down", down_a, down_b, hidden, inter)
     plan_gu = _Plan.make((inter, inter), ranks, (float(gate_scaling), float(up_scaling)))
     plan_down = _Plan.make((hidden,), (r_down,), (float(down_scaling),))
+    if normed_from is not None:
+        normed_from.check(x, "lora_mlp")
     return LoraMLPFunction.apply(x, gate_up_weight, down_weight, plan_gu, plan_down, gate_a, gate_b, up_a,
-                                 up_b, down_a, down_b, activation)
+                                 up_b, down_a, down_b, activation, normed_from, residual)

@@ -16,7 +16,8 @@ Backward, with g = dy * w':
   dw = sum over rows of dy * xhat                    (only when weight requires grad)
 Residual form: the gradient dh of the returned h adds to dx, and that sum is the gradient of
 both x and residual.
-Saved for backward: x (or h) and rstd [rows] in float32, nothing else; xhat is recomputed.
+Saved for backward: x (or h) and rstd [rows] in float32, nothing else; xhat is recomputed. A LoRA projection of
+y keeps the same x instead of y when handed NormedInput (below), and rebuilds y in its backward.
 
 Tiling: a program holds ROWS rows x BLOCK_D columns (BLOCK_D = next power of two >= D, at most
 65536) in registers, so each element is read once in the forward and once in the backward. Wide
@@ -36,6 +37,7 @@ contiguous first. residual may be strided the same way. Outputs and gradients ar
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +49,11 @@ def rms_norm_reference(x, weight, eps: float, offset: float = 0.0):
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (y * (offset + weight.float())).to(x.dtype)
+
+
+def rms_norm_branch_reference(x, weight, eps: float, offset: float = 0.0):
+    """(rms_norm(x), x): autograd sums the gradients of the two uses of x."""
+    return rms_norm_reference(x, weight, eps, offset), x
 
 
 def rms_norm_residual_reference(x, residual, weight, eps: float, offset: float = 0.0):
@@ -270,6 +277,26 @@ class _RMSNorm(torch.autograd.Function):
         return (dx.view(ctx.shape) if need_dx else None), dw, None, None
 
 
+class _RMSNormBranch(torch.autograd.Function):
+    """(y, x): x returned as itself (autograd makes it an alias), so the gradient of the residual path that reads
+    it comes back into this backward and is added in the kernel (HAS_DH), not by a separate add."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):
+        x3, n_rows, n_inner = _as_rows(x)
+        y, _, rstd = _forward(x3, None, weight, eps, offset, n_rows, n_inner)
+        ctx.save_for_backward(x3, weight, rstd)
+        ctx.offset, ctx.n_rows, ctx.n_inner, ctx.shape = offset, n_rows, n_inner, x.shape
+        return y.view(x.shape), x
+
+    @staticmethod
+    def backward(ctx, dy, dx_branch):
+        x3, weight, rstd = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        dx, dw = _backward(dy, dx_branch, x3, weight, rstd, ctx.offset, ctx.n_rows, ctx.n_inner, need_dx, need_dw)
+        return (dx.view(ctx.shape) if need_dx else None), dw, None, None
+
+
 class _RMSNormResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, offset):
@@ -293,6 +320,34 @@ class _RMSNormResidual(torch.autograd.Function):
         return (dx if need_x else None), (dx if need_residual else None), dw, None, None
 
 
+class NormedInput(NamedTuple):
+    """What an rms_norm output y was computed from: y = rms_norm(h, weight, eps, offset).
+
+    A LoRA projection of y needs y again in backward (dA = V^T y). Handed this, it keeps h, which the norm's own
+    backward keeps anyway (one storage, counted once), and rebuilds y there with one forward launch of the same
+    kernel on the same h (the same values), without a second [tokens, D] tensor kept per norm. For the output of
+    rms_norm_residual, h is the returned sum h: the fused kernel normalises the rounded h it stores, so the
+    rebuild computes the same math, equal up to the order of the float32 sum of squares when the two kernels'
+    tuned configs differ."""
+
+    h: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    offset: float = 0.0
+
+    def check(self, y: torch.Tensor, op: str) -> None:
+        if self.h.shape != y.shape or self.h.dtype != y.dtype or self.h.device != y.device:
+            raise ValueError(f"{op}: normed_from.h {tuple(self.h.shape)} {self.h.dtype} does not match x "
+                             f"{tuple(y.shape)} {y.dtype} on {y.device}")
+
+
+def rms_norm_values(h, weight, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """rms_norm(h, weight, eps, offset) without autograd: the rebuild of NormedInput (one forward launch)."""
+    h3, n_rows, n_inner = _as_rows(h)
+    y, _, _ = _forward(h3, None, weight, float(eps), float(offset), n_rows, n_inner)
+    return y.view(h.shape)
+
+
 def _check(x, weight, op):
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"{op}: expected x [..., D] and weight [D]; "
@@ -312,6 +367,17 @@ def rms_norm(x, weight, eps: float, offset: float = 0.0):
         return rms_norm_reference(x, weight, eps, offset)
     count("rms_norm")
     return _RMSNorm.apply(x, weight, float(eps), float(offset))
+
+
+def rms_norm_branch(x, weight, eps: float, offset: float = 0.0):
+    """(rms_norm(x, weight, eps, offset), x) for a residual stream x that branches into a normalised block and the
+    residual path: use the returned x for the residual path, and the gradients of both uses meet in the norm's
+    backward kernel (one launch) instead of an add after it. x's backward needs of the norm are rms_norm's."""
+    _check(x, weight, "rms_norm_branch")
+    if not use_triton(x):
+        return rms_norm_branch_reference(x, weight, eps, offset)
+    count("rms_norm")
+    return _RMSNormBranch.apply(x, weight, float(eps), float(offset))
 
 
 def rms_norm_residual(x, residual, weight, eps: float, offset: float = 0.0):

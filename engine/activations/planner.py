@@ -168,8 +168,9 @@ def llama_layer_bytes_per_token(hidden_size: int, intermediate_size: int, num_he
     """Bytes per token that one kept Llama-family decoder layer saves for backward with lorafuse's
     fused kernels (RMSNorm, RoPE, varlen attention, SwiGLU, LoRA linears with dropout 0).
 
-    Saved, in `dtype` per token: the layer input and the post-attention residual (RMSNorm inputs),
-    both normalised activations (inputs of q/k/v and of gate/up), q and k after RoPE, v (copied out of
+    Saved, in `dtype` per token: the layer input and the post-attention residual (RMSNorm inputs; the
+    normalised activations, inputs of q/k/v and of gate/up, are rebuilt from them in backward, not kept:
+    rms_norm.NormedInput), q and k after RoPE, v (copied out of
     the fused q/k/v output by the RoPE launch, so that buffer is not kept), the attention output (o_proj
     input), gate and up (their SwiGLU product, down_proj's input, is recomputed in backward), and x @ A^T
     (lora_rank values) of each LoRA projection; in float32: two RMSNorm rstd and the attention
@@ -180,7 +181,7 @@ def llama_layer_bytes_per_token(hidden_size: int, intermediate_size: int, num_he
     num_kv_heads = num_kv_heads or num_heads
     head_dim = head_dim or hidden_size // num_heads
     q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
-    elements = (4 * hidden_size + 2 * q_width + 2 * kv_width + 2 * intermediate_size
+    elements = (2 * hidden_size + 2 * q_width + 2 * kv_width + 2 * intermediate_size
                 + lora_rank * lora_projections)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return elements * itemsize + 4 * (2 + num_heads)

@@ -241,6 +241,20 @@ def test_mlp_matches_float64(dtype):
     check("lora_mlp", lora_mlp, lora_mlp_reference, mlp_inputs(19, 37, 29, (8, 4, 16), dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_with_residual_matches_float64(dtype):
+    """residual + down(...): the decoder's residual add in the down GEMM's epilogue, and its gradient."""
+    inputs = mlp_inputs(19, 37, 29, (8, 4, 16), dtype)
+    inputs["residual"] = rand(19, 37, dtype=dtype, scale=3.0, grad=True)
+    check("lora_mlp", lora_mlp, lora_mlp_reference, inputs, dtype)
+
+
+def test_mlp_residual_must_match_x():
+    inputs = _cast(mlp_inputs(5, 16, 24, (4, 4, 4), torch.float32), torch.float32)
+    with pytest.raises(ValueError, match="residual"):
+        lora_mlp(**inputs, residual=torch.zeros(5, 16, dtype=torch.float16))
+
+
 def test_mlp_partial_adapters_and_weight_grads():
     """Only the gate adapted (up and down plain), the frozen weights trained too, 3-D input."""
     inputs = mlp_inputs(6, 37, 29, (8, 0, 0), torch.float32, weight_grad=True, lead=(2,))
@@ -304,6 +318,13 @@ def test_group_qkv_bf16_on_gpu():
 @pytest.mark.gpu
 def test_mlp_bf16_on_gpu():
     inputs = mlp_inputs(2048, 4096, 14336, (16, 16, 16), torch.bfloat16, device="cuda")
+    check("lora_mlp", lora_mlp, lora_mlp_reference, inputs, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_mlp_with_residual_bf16_on_gpu():
+    inputs = mlp_inputs(2048, 4096, 14336, (16, 16, 16), torch.bfloat16, device="cuda")
+    inputs["residual"] = rand(2048, 4096, dtype=torch.bfloat16, scale=3.0, grad=True, device="cuda")
     check("lora_mlp", lora_mlp, lora_mlp_reference, inputs, torch.bfloat16)
 
 

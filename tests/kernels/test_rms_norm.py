@@ -12,7 +12,13 @@ import torch
 
 from lorafuse.kernels import rms_norm
 from lorafuse.kernels._launch import launches
-from lorafuse.kernels.rms_norm import rms_norm_reference, rms_norm_residual, rms_norm_residual_reference
+from lorafuse.kernels.rms_norm import (
+    rms_norm_branch,
+    rms_norm_branch_reference,
+    rms_norm_reference,
+    rms_norm_residual,
+    rms_norm_residual_reference,
+)
 
 from kernel_utils import TOL, assert_close, expect_triton, poison_outputs, rel_err
 
@@ -129,6 +135,30 @@ def test_rms_norm_residual_matches_float64(shape, layout, offset, weight_grad, d
     check("h", h, h64, hs, dtype)
     check("dx", x.grad, x64.grad, xs.grad, dtype)
     check("dresidual", residual.grad, r64.grad, rs.grad, dtype)
+    if weight_grad:
+        check("dw", weight.grad, w64.grad, ws.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("offset,weight_grad", [(0.0, False), (1.0, True)], ids=["off0", "off1-dw"])
+def test_rms_norm_branch_adds_the_residual_gradient_in_its_kernel(offset, weight_grad, dtype):
+    """(y, x): x read by a second path (the residual stream) gets both gradients from one backward launch."""
+    x = make_input((37, 96), "contiguous", dtype).requires_grad_()
+    weight = (torch.randn(96) * 0.5 + (0.0 if offset else 1.0)).to(dtype).requires_grad_(weight_grad)
+    before = launches["rms_norm"]
+    y, x_again = rms_norm_branch(x, weight, EPS, offset)
+    assert launches["rms_norm"] == before + 1 and torch.equal(x_again, x)
+    assert x_again.data_ptr() == x.data_ptr()  # the same storage, no copy
+    dy, dbranch = torch.randn_like(y), torch.randn_like(x)
+    torch.autograd.backward((y, x_again * 1), (dy, dbranch))  # `* 1`: x_again is read by another op
+
+    x64, w64 = leaf(x.double()), leaf(weight.double(), weight_grad)
+    torch.autograd.backward((rms_norm64(x64, w64, EPS, offset), x64 * 1), (dy.double(), dbranch.double()))
+    xs, ws = leaf(x), leaf(weight, weight_grad)
+    ys, xs_again = rms_norm_branch_reference(xs, ws, EPS, offset)
+    torch.autograd.backward((ys, xs_again * 1), (dy, dbranch))
+    check("y", y, rms_norm64(x.double(), weight.double(), EPS, offset), ys, dtype)
+    check("dx", x.grad, x64.grad, xs.grad, dtype)
     if weight_grad:
         check("dw", weight.grad, w64.grad, ws.grad, dtype)
 
