@@ -40,11 +40,11 @@ class KernelOps:
 
 
 TRITON = KernelOps("auto", kernels.lora_linear, kernels.lora_linear_group, kernels.lora_mlp, kernels.rms_norm,
-                   kernels.rms_norm_branch, kernels.rms_norm_residual, kernels.apply_rope, kernels.swiglu, kernels.geglu,
-                   kernels.fused_linear_cross_entropy)
+                   kernels.rms_norm_branch, kernels.rms_norm_residual, kernels.apply_rope, kernels.swiglu,
+                   kernels.geglu, kernels.fused_linear_cross_entropy)
 REFERENCE = KernelOps("reference", lora_linear_reference, lora_linear_group_reference, lora_mlp_reference,
-                      rms_norm_reference, rms_norm_branch_reference, rms_norm_residual_reference, apply_rope_reference, swiglu_reference,
-                      geglu_reference, fused_linear_cross_entropy_reference)
+                      rms_norm_reference, rms_norm_branch_reference, rms_norm_residual_reference,
+                      apply_rope_reference, swiglu_reference, geglu_reference, fused_linear_cross_entropy_reference)
 
 
 def kernel_ops(name: str) -> KernelOps:

@@ -784,7 +784,8 @@ class LoraMLPFunction(torch.autograd.Function):
                                                     needs[0], needs[1], False, need_ab)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
-        d_residual = dy.reshape(*ctx.x_shape[:-1], dy.shape[-1]) if needs[13] else None  # out = residual + ...: its gradient as it is
+        # out = residual + ...: the residual's gradient is dY itself
+        d_residual = dy.reshape(*ctx.x_shape[:-1], dy.shape[-1]) if needs[13] else None
         return (dx, d_gu_w, d_down_w, None, None, das[0], dbs[0], das[1], dbs[1], d_down_a, d_down_b, None, None,
                 d_residual)
 

@@ -12,7 +12,8 @@ No token attends across documents. Same layout as flash-attn's varlen API.
 Forward (flash-attention 2, online softmax in base 2 with log2(e) folded into the scale):
   c'_ij = log2(e) * c_ij;  m_i = running max_j c'_ij;  l_i = sum_j 2^(c'_ij - m_i)
   out_i = (sum_j 2^(c'_ij - m_i) v_j) / l_i;  lse2_i = m_i + log2 l_i   (stored in base 2)
-  q (k in dK/dV) is multiplied by scale log2(e) once per program, so a block's dot gives c' directly.
+  q is multiplied by scale log2(e) once per program, so a block's dot gives c' directly; dK/dV scales its
+  [keys, queries] scores instead, in the FFMA that subtracts lse (a scaled k would sit in registers).
 Backward, with P_ij = exp(c_ij - lse_i) = 2^(c'_ij - lse2_i) recomputed from the stored lse2:
   delta_i = sum_d dout_id out_id = sum_j P_ij dP_ij,   dP_ij = dout_i . v_j
   dS_ij = P_ij (dP_ij - delta_i) * dc_ij/ds_ij,  where dc/ds = 1, or 1 - tanh^2(s_ij / softcap) with softcapping
@@ -33,12 +34,13 @@ shared by every layer's forward and backward (_schedule). The same TILE-row list
   first key): blocks before it are outside every row's window and never loaded. The blocks from
   there up to the one holding start_m + TILE - window (the last row's first key) straddle the
   window's lower edge and are masked; the blocks after them, up to the tile's first row, are not.
-- dk/dv: one program per (key tile, key/value head); it loops over the query heads of the group
-  and, for each, over query blocks of BLOCK_M from the diagonal down to the document's end,
+- dk/dv: one program per (key tile, key/value head); one flat loop walks the (query head of the group,
+  query block of BLOCK_M) pairs, each head's blocks from the diagonal down to the document's end,
   accumulating dk and dv in registers (no atomics, so no races and bitwise-reproducible results).
   With a window the walk stops at query start_n + TILE - 1 + window (exclusive: the tile's last key
-  leaves every later query's window), and the query blocks below the diagonal go unmasked only up to
-  start_n + window (while the tile's first key is still in their window); the rest are masked.
+  leaves every later query's window). Every block is masked (one copy of the loop body: at D = 128 a
+  128-key tile's two float32 accumulators take half the registers, and a second copy, or a loop nested
+  in the heads' loop, spills); rows past the document read lse = +inf, so their P is 0 unmasked.
 - dq: one program per (query tile, query head), walking key blocks like the forward (window included).
 - a preprocess kernel computes delta = rowsum(dout * out) per (head, token).
 The window and the cap are runtime arguments behind constexpr switches (WINDOWED, SOFTCAP), so the plain
@@ -325,42 +327,6 @@ if HAVE_TRITON:
         tl.store(delta_ptr + head.to(tl.int64) * n_tokens + tok, delta_row, mask=offs_t < n_tokens)
 
     @triton.jit
-    def _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base, delta_base,
-                    stride_qt, stride_dot, seq_start, seq_len, offs_n, lo, hi, softcap_log2, window,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
-        offs_d = tl.arange(0, HEAD_DIM_PAD)
-        d_ok = offs_d < HEAD_DIM
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            tok_m = (seq_start + offs_m).to(tl.int64)
-            if MASKED:
-                row_ok = offs_m < seq_len
-                tile_mask = row_ok[:, None] & d_ok[None, :]
-                lse_row = tl.load(lse_base + tok_m, mask=row_ok, other=0.0)
-                delta_row = tl.load(delta_base + tok_m, mask=row_ok, other=0.0)
-            else:
-                tile_mask = d_ok[None, :]
-                lse_row = tl.load(lse_base + tok_m)
-                delta_row = tl.load(delta_base + tok_m)
-            q_tile = tl.load(q_base + tok_m[:, None] * stride_qt + offs_d[None, :], mask=tile_mask, other=0.0)
-            dout_tile = tl.load(dout_base + tok_m[:, None] * stride_dot + offs_d[None, :], mask=tile_mask,
-                                other=0.0)
-            # transposed scores [keys, queries]: the key tile stays the row operand of every dot
-            scores_t, capped_t = _scores(tl.dot(k_tile, tl.trans(q_tile)), softcap_log2, SOFTCAP)
-            p_t = tl.math.exp2(scores_t - lse_row[None, :])
-            if MASKED:
-                keep = _visible(offs_m[None, :], offs_n[:, None], row_ok[None, :], window, CAUSAL, WINDOWED)
-                p_t = tl.where(keep, p_t, 0.0)
-            dv_acc = tl.dot(p_t.to(dout_tile.dtype), dout_tile, dv_acc)
-            dp_t = tl.dot(v_tile, tl.trans(dout_tile))
-            ds_t = p_t * (dp_t - delta_row[None, :])
-            if SOFTCAP:
-                ds_t = ds_t * (1.0 - capped_t * capped_t)
-            dk_acc = tl.dot(ds_t.to(q_tile.dtype), q_tile, dk_acc)
-        return dk_acc, dv_acc
-
-    @triton.jit
     def _varlen_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr, tile_doc_ptr, tile_end_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -369,8 +335,7 @@ if HAVE_TRITON:
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr,
         CAUSAL: tl.constexpr, WINDOWED: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
     ):
-        # the diagonal pass covers [start_n, start_n + TILE) and the unmasked pass starts right after it:
-        # a query block that straddled that line would be counted twice
+        # the walk starts at the tile's first key (causal), a multiple of TILE: query blocks then tile it exactly
         tl.static_assert(TILE % BLOCK_M == 0, "the query block must divide the key tile")
         pid = tl.program_id(0)
         kv_head = pid % n_kv_heads
@@ -381,71 +346,73 @@ if HAVE_TRITON:
             return
         offs_n = start_n + tl.arange(0, TILE)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        col_ok = offs_n < seq_len
         d_ok = offs_d < HEAD_DIM
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        tok_n = (seq_start + offs_n).to(tl.int64)
-        k_tile = tl.load(k_ptr + kv_head * stride_kh + tok_n[:, None] * stride_kt + offs_d[None, :],
+        # the tile's rows from its first (int64 scalar) plus int32 offsets within it, loads and stores alike
+        tile0 = (seq_start + start_n).to(tl.int64)
+        local_n = tl.arange(0, TILE)[:, None]
+        kv_mask = (offs_n < seq_len)[:, None]
+        if HEAD_DIM != HEAD_DIM_PAD:  # padded head dims only: a mask of the full columns costs registers
+            kv_mask = kv_mask & d_ok[None, :]
+        k_tile = tl.load(k_ptr + kv_head * stride_kh + tile0 * stride_kt + (local_n * stride_kt + offs_d[None, :]),
                          mask=kv_mask, other=0.0)
-        # scaled once for every query block and head of the group: k.q comes out in base-2 units
-        k_tile = (k_tile.to(tl.float32) * scale_log2).to(k_tile.dtype)
-        v_tile = tl.load(v_ptr + kv_head * stride_vh + tok_n[:, None] * stride_vt + offs_d[None, :],
+        v_tile = tl.load(v_ptr + kv_head * stride_vh + tile0 * stride_vt + (local_n * stride_vt + offs_d[None, :]),
                          mask=kv_mask, other=0.0)
         dk_acc = tl.zeros([TILE, HEAD_DIM_PAD], dtype=tl.float32)
         dv_acc = tl.zeros([TILE, HEAD_DIM_PAD], dtype=tl.float32)
 
+        # causal: queries above the tile's first key see none of its keys; with a window, query i sees key j while
+        # i < j + window, so the tile's last key leaves every query's window at start_n + TILE - 1 + window
+        lo = 0
+        hi = seq_len
         if CAUSAL:
-            diag_hi = tl.minimum(start_n + TILE, seq_len)
-            below_lo = start_n + TILE
-            # queries below the diagonal that every key of the tile reaches, and the end of those any key reaches
-            full_end = seq_len
-            hi = seq_len
+            lo = start_n
             if WINDOWED:
-                # query i sees key j while i < j + window: the tile's first key drops out of the window at
-                # start_n + window, its last one at start_n + TILE - 1 + window; later queries are skipped
-                full_end = tl.minimum(seq_len, start_n + window)
                 hi = tl.minimum(seq_len, start_n + TILE - 1 + window)
-            below_full_hi = below_lo + (tl.maximum(full_end - below_lo, 0) // BLOCK_M) * BLOCK_M
-        else:
-            full_hi = (seq_len // BLOCK_M) * BLOCK_M
-        # GQA: this key/value head's gradients sum over its group of query heads, in registers
-        for g in range(group):
+        seq_start64 = seq_start.to(tl.int64)
+        local = tl.arange(0, BLOCK_M)
+        n_blocks = tl.cdiv(hi - lo, BLOCK_M)
+        # One flat loop over (query head of the GQA group, query block): this key/value head's gradients sum over
+        # its group's heads in registers. Every block is masked, and there is one copy of the body: the registers
+        # of a 128-key tile's two [128, D] float32 accumulators leave no room for a second one, nor for a nested
+        # loop. A block is addressed from its first row (int64 scalar math) plus int32 offsets within it.
+        for step in range(group * n_blocks):
+            g = step // n_blocks
+            start_m = lo + (step - g * n_blocks) * BLOCK_M
             head = kv_head * group + g
-            q_base = q_ptr + head * stride_qh
-            dout_base = dout_ptr + head * stride_doh
-            lse_base = lse_ptr + head.to(tl.int64) * n_tokens
-            delta_base = delta_ptr + head.to(tl.int64) * n_tokens
+            row0 = seq_start64 + start_m
+            offs_m = start_m + local
+            row_ok = offs_m < seq_len
+            tile_mask = row_ok[:, None]
+            if HEAD_DIM != HEAD_DIM_PAD:
+                tile_mask = tile_mask & d_ok[None, :]
+            stats = head.to(tl.int64) * n_tokens + row0
+            # rows past the document get lse = +inf, so their P is exactly 0 without a [keys, queries] mask of them
+            lse_row = tl.load(lse_ptr + stats + local, mask=row_ok, other=float("inf"))
+            delta_row = tl.load(delta_ptr + stats + local, mask=row_ok, other=0.0)
+            q_tile = tl.load(q_ptr + head * stride_qh + row0 * stride_qt
+                             + (local[:, None] * stride_qt + offs_d[None, :]), mask=tile_mask, other=0.0)
+            dout_tile = tl.load(dout_ptr + head * stride_doh + row0 * stride_dot
+                                + (local[:, None] * stride_dot + offs_d[None, :]), mask=tile_mask, other=0.0)
+            # transposed scores [keys, queries]: the key tile stays the row operand of every dot. Its scale is
+            # applied here (one FFMA with the lse), not to the tile: a scaled k would be a register operand of
+            # the dot for the whole loop, the raw one is read from shared memory
+            scores_t, capped_t = _scores(tl.dot(k_tile, tl.trans(q_tile)) * scale_log2, softcap_log2, SOFTCAP)
+            # dP before P: the scores die as P is made, so at most two [keys, queries] float32 blocks are live
+            dp_t = tl.dot(v_tile, tl.trans(dout_tile)) - delta_row[None, :]
+            p_t = tl.math.exp2(scores_t - lse_row[None, :])
             if CAUSAL:
-                # query blocks on the diagonal (masked), those wholly below it and inside the window of every
-                # key of the tile, then the rest up to the window's end or the document's (masked); queries
-                # above see none of these keys and are skipped, and so are those past every key's window
-                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
-                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             start_n, diag_hi, softcap_log2, window,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, True)
-                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
-                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             below_lo, below_full_hi, softcap_log2, window,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, False)
-                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
-                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             below_full_hi, hi, softcap_log2, window,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, True)
-            else:
-                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
-                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             0, full_hi, softcap_log2, window,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, False)
-                dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, dout_base, lse_base,
-                                             delta_base, stride_qt, stride_dot, seq_start, seq_len, offs_n,
-                                             full_hi, seq_len, softcap_log2, window,
-                                             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, CAUSAL, WINDOWED, SOFTCAP, True)
+                p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], True, window, CAUSAL, WINDOWED), p_t, 0.0)
+            ds_t = p_t * dp_t
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - capped_t * capped_t)
+            dv_acc = tl.dot(p_t.to(dout_tile.dtype), dout_tile, dv_acc)
+            dk_acc = tl.dot(ds_t.to(q_tile.dtype), q_tile, dk_acc)
 
-        dk_acc = dk_acc * softmax_scale
-        tl.store(dk_ptr + kv_head * stride_dkh + tok_n[:, None] * stride_dkt + offs_d[None, :],
-                 dk_acc.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptr + kv_head * stride_dvh + tok_n[:, None] * stride_dvt + offs_d[None, :],
+        tl.store(dv_ptr + kv_head * stride_dvh + tile0 * stride_dvt + (local_n * stride_dvt + offs_d[None, :]),
                  dv_acc.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+        dk_acc = dk_acc * softmax_scale
+        tl.store(dk_ptr + kv_head * stride_dkh + tile0 * stride_dkt + (local_n * stride_dkt + offs_d[None, :]),
+                 dk_acc.to(dk_ptr.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
     def _dq_inner(dq_acc, q_tile, dout_tile, lse_row, delta_row, k_base, v_base, stride_kt, stride_vt,
@@ -557,18 +524,18 @@ if HAVE_TRITON:
              128: [(64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4)],
              256: [(32, 8, 2), (32, 8, 3)]},
     }
-    # dK/dV at D = 128 on sm_90: the score and dP dots of a 64-key tile with 32-query blocks are wgmma m64n16.
-    # Every tiling that makes them m64n64 spills with Triton 3.9 (both [tile, D] float32 accumulators and the
-    # key and value tiles stay in registers): a 128-key tile on 8 warps with 64-query blocks, 828-1,376 B per
-    # thread; a 64-key tile on 4 warps, 2,040 B (1,644 B with dV and dK in two passes, one accumulator live at a
-    # time); scores laid out [queries, keys], 6,212 B. So one config ships.
+    # dK/dV at D = 128 on sm_90: a 128-key tile on 8 warps (one 64-key half per warpgroup). With 32-query blocks
+    # the score and dP dots are wgmma m64n32 (a 64-key tile made them m64n16), pipelined over 2 or 3 stages; with
+    # 64-query blocks they are m64n64, which fits the registers (254) only unpipelined, num_stages=1 (2 stages
+    # spill 152 B, 3 stages 72 B). The autotuner picks among the three on the GPU. At D = 256 (Gemma 2), a
+    # 32-key tile with 32-query blocks (16-query blocks spill 16-32 B at the 128 registers ptxas gives them).
     _DKDV_OPTIONS = {
         80: {64: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
              128: [(32, 8, 2), (32, 8, 3)],
              256: [(16, 8, 3), (16, 8, 2)]},
         90: {64: [(32, 8, 2), (32, 8, 3), (64, 8, 2)],
-             128: [(32, 8, 2)],
-             256: [(16, 8, 2)]},
+             128: [(32, 8, 2), (32, 8, 3), (64, 8, 1)],
+             256: [(32, 8, 2)]},
     }
     _DQ_OPTIONS = {
         80: {64: [(32, 8, 2), (64, 8, 2), (32, 8, 3), (64, 8, 3)],
@@ -593,7 +560,7 @@ if HAVE_TRITON:
 # sm_80 a 128-row query tile at D = 128 spills in every dQ config and the forward's 128-key blocks (mma.sync
 # keeps both operands in registers); 64 rows do not.
 TILES = {80: {64: (128, 128), 128: (64, 64), 256: (64, 32)},
-         90: {64: (128, 128), 128: (128, 64), 256: (64, 32)}}
+         90: {64: (128, 128), 128: (128, 128), 256: (64, 32)}}
 # The interpreter runs one small fixed config: query tiles of 32 and key tiles of 64 with inner blocks of
 # 16 still give several tiles per document, several diagonal blocks per tile, the unmasked loops, and
 # two different tile lists.
