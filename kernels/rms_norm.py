@@ -260,21 +260,30 @@ def _backward(dy, dh, x3, weight, rstd, offset, n_rows, n_inner, need_dx, need_d
     return dx, dw
 
 
+def _norm_saving(ctx, x, weight, eps, offset):
+    x3, n_rows, n_inner = _as_rows(x)
+    y, _, rstd = _forward(x3, None, weight, eps, offset, n_rows, n_inner)
+    ctx.save_for_backward(x3, weight, rstd)
+    ctx.offset, ctx.n_rows, ctx.n_inner, ctx.shape = offset, n_rows, n_inner, x.shape
+    return y.view(x.shape)
+
+
+def _norm_backward(ctx, dy, dx_extra):
+    """dx (plus dx_extra, the gradient of another use of x, added in the kernel) and dw."""
+    x3, weight, rstd = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    dx, dw = _backward(dy, dx_extra, x3, weight, rstd, ctx.offset, ctx.n_rows, ctx.n_inner, need_dx, need_dw)
+    return (dx.view(ctx.shape) if need_dx else None), dw, None, None
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        x3, n_rows, n_inner = _as_rows(x)
-        y, _, rstd = _forward(x3, None, weight, eps, offset, n_rows, n_inner)
-        ctx.save_for_backward(x3, weight, rstd)
-        ctx.offset, ctx.n_rows, ctx.n_inner, ctx.shape = offset, n_rows, n_inner, x.shape
-        return y.view(x.shape)
+        return _norm_saving(ctx, x, weight, eps, offset)
 
     @staticmethod
     def backward(ctx, dy):
-        x3, weight, rstd = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[:2]
-        dx, dw = _backward(dy, None, x3, weight, rstd, ctx.offset, ctx.n_rows, ctx.n_inner, need_dx, need_dw)
-        return (dx.view(ctx.shape) if need_dx else None), dw, None, None
+        return _norm_backward(ctx, dy, None)
 
 
 class _RMSNormBranch(torch.autograd.Function):
@@ -283,18 +292,11 @@ class _RMSNormBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        x3, n_rows, n_inner = _as_rows(x)
-        y, _, rstd = _forward(x3, None, weight, eps, offset, n_rows, n_inner)
-        ctx.save_for_backward(x3, weight, rstd)
-        ctx.offset, ctx.n_rows, ctx.n_inner, ctx.shape = offset, n_rows, n_inner, x.shape
-        return y.view(x.shape), x
+        return _norm_saving(ctx, x, weight, eps, offset), x
 
     @staticmethod
     def backward(ctx, dy, dx_branch):
-        x3, weight, rstd = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[:2]
-        dx, dw = _backward(dy, dx_branch, x3, weight, rstd, ctx.offset, ctx.n_rows, ctx.n_inner, need_dx, need_dw)
-        return (dx.view(ctx.shape) if need_dx else None), dw, None, None
+        return _norm_backward(ctx, dy, dx_branch)
 
 
 class _RMSNormResidual(torch.autograd.Function):
