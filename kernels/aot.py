@@ -6,8 +6,9 @@ kernel that the interpreter accepts but the GPU compiler rejects (tl.dot shapes,
 memory) fails in CI, not on a rented GPU.
 
 `python -m lorafuse.kernels.aot --report` compiles what a training step really launches (aot_capture.py: one
-decoder layer and the loss head of Llama-3.1-8B at 16,384 tokens, LoRA r=16, bf16, and of a Gemma-2 local
-layer for head dim 256, sliding window, softcap and GeGLU), every config of each autotune list for that
+decoder layer and the loss head of Llama-3.1-8B at 16,384 tokens, LoRA r=16, bf16, of a Gemma-2 local
+layer for head dim 256, sliding window, softcap and GeGLU, and Llama-3.2-1B's attention for head dim 64), every
+config of each autotune list for that
 architecture, specialised as the launcher specialises; then per variant and architecture: registers, spill
 bytes, shared memory, blocks per SM and the tensor-core instruction shapes (aot_static.py). It writes
 bench/results/static-<date>.json and a markdown table beside it (bench/harness/report_static.py; with
@@ -170,9 +171,11 @@ def headline_jobs() -> list[dict]:
     from . import aot_capture as cap
 
     jobs, seen = [], set()
-    for case, shape in (("llama", cap.LLAMA_31_8B), ("gemma2-local", cap.GEMMA_2_9B)):
+    for case, shape, prefix in (("llama", cap.LLAMA_31_8B, ""), ("gemma2-local", cap.GEMMA_2_9B, ""),
+                                ("head-dim-64", cap.LLAMA_32_1B, cap.ATTENTION_ONLY)):
         for arch in ARCHS:
-            jobs += launch_jobs(cap.training_step(shape, arch), arch, case, seen)
+            launches = [rec for rec in cap.training_step(shape, arch) if rec.fn.__name__.startswith(prefix)]
+            jobs += launch_jobs(launches, arch, case, seen)
     return jobs
 
 
@@ -274,8 +277,9 @@ def main(argv=None) -> int:
     if args.report:
         date = datetime.date.today().isoformat()
         data = {"kind": "static", "date": date, "headline": "Llama-3.1-8B, 16,384 tokens per micro-batch, LoRA "
-                "r=16 on all seven projections, bf16; and a Gemma-2-9B local layer (head dim 256, window, softcap, "
-                "GeGLU)", "command": "python -m lorafuse.kernels.aot --report", "environment": environment(),
+                "r=16 on all seven projections, bf16; a Gemma-2-9B local layer (head dim 256, window, softcap, "
+                "GeGLU); Llama-3.2-1B's attention (head dim 64)",
+                "command": "python -m lorafuse.kernels.aot --report", "environment": environment(),
                 "shared_limit": {str(a): SHARED_LIMIT[a] for a in ARCHS}, "variants": results}
         if args.baseline:
             data["baseline"] = args.baseline

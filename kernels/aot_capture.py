@@ -49,6 +49,10 @@ LLAMA_31_8B = Shape("Llama-3.1-8B", 4096, 32, 8, 128, 14336, 128256)
 # Gemma 2 9B's local layers: head dim 256, sliding window, attention softcap, GeGLU (the other shipped paths)
 GEMMA_2_9B = Shape("Gemma-2-9B (local layer)", 3584, 16, 8, 256, 14336, 256000, activation="gelu_tanh",
                    window=4096, softcap=50.0, final_softcap=30.0)
+# head dim 64 (Llama-3.2-1B, SmolLM2): only its attention launches are compiled (ATTENTION_ONLY), the rest are
+# the kernels above at smaller widths
+LLAMA_32_1B = Shape("Llama-3.2-1B", 2048, 32, 8, 64, 8192, 128256)
+ATTENTION_ONLY = "_varlen"
 
 TOKENS = 16384  # tokens per micro-batch of the headline run
 RANK, ALPHA = 16, 32
