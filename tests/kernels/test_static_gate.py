@@ -1,13 +1,13 @@
 """The static gate: no shipped config spills registers or needs more shared memory than the GPU has.
 
 `python -m lorafuse.kernels.aot --gate` records the launches of a training step at the headline shapes on meta
-tensors (Llama-3.1-8B at 16,384 tokens, LoRA r=16, bf16; a Gemma-2 local layer for head dim 256, window, softcap
-and GeGLU; Llama-3.2-1B's attention for head dim 64), compiles every config of each launch's autotune list for
-sm_80 and sm_90 as the launcher would (integers divisible by 16 and unit strides specialised), and reads ptxas's register, spill and shared-memory
-figures. No GPU needed: Triton compiles ahead of time. 256 variants: 197 s on two lightly loaded cores with
-Triton's cache empty (--jobs 2), hence `slow`; it still runs in `make test`. Since the merge of main (the rank map,
-float32 masters, rope's COPY_V, the cuBLAS path's producers) 290 variants: 75 s with a warm cache (--jobs 1); with
-head dim 64's attention and the residual GEMM epilogue 321.
+tensors (Llama-3.1-8B at 16,384 tokens, LoRA r=16, bf16; a Gemma-2 local layer for head dim 256, window, softcap and
+GeGLU; Llama-3.2-1B's attention for head dim 64), compiles every config of each launch's autotune list for sm_80 and
+sm_90 as the launcher would (integers divisible by 16 and unit strides specialised), and reads ptxas's register,
+spill and shared-memory figures. No GPU needed: Triton compiles ahead of time. 256 variants: 197 s on two lightly
+loaded cores with Triton's cache empty (--jobs 2), hence `slow`; it still runs in `make test`. Since the merge of
+main (the rank map, float32 masters, rope's COPY_V, the cuBLAS path's producers) 290 variants: 75 s with a warm
+cache (--jobs 1); with head dim 64's attention and the residual GEMM epilogue 321.
 """
 
 import importlib
