@@ -746,31 +746,23 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, 
 _AOT_TYPES = {"lse_ptr delta_ptr": "*fp32", "cu_ptr tile_doc_ptr tile_end_ptr": "*i32",
               "scale_log2 softmax_scale softcap_log2": "fp32"}
 
-# bf16 variants the GPU runs: head dims 128 and 256 (80 and 96 compile like 128 plus masks), causal, the
-# first config of each autotune list. (Compiled here without the runtime's divisibility-by-16
-# specialization of pointers and strides, so loads are not pipelined and the shared memory shown is the
-# unpipelined figure; with it, every config of the lists fits sm_80 and sm_90.)
+# bf16 variants the GPU runs that the static gate (aot.py --gate, which compiles every config of Llama-3.1-8B's,
+# a Gemma-2 local layer's and head dim 64's launches as they are specialised) does not: head dim 80 (padded
+# to 128: the preprocess), plain causal at 256, windows at 128 (Mistral, Gemma 3 local layers), and softcapping
+# without a window (Gemma 2's global layers). The first config of each autotune list, compiled without the
+# runtime's divisibility-by-16 specialization of pointers and strides.
 AOT_SPECS = [
-    aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[90][128][0], CAUSAL=True),
-             types=_AOT_TYPES, config=_TUNED_FWD[128].arch_configs[90][0]),
     aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[90][256][0], CAUSAL=True),
              types=_AOT_TYPES, config=_TUNED_FWD[256].arch_configs[90][0]),
     aot_spec(_varlen_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, HEAD_DIM_PAD=128, BLOCK_T=PREPROCESS_BLOCK_T),
              types=_AOT_TYPES),
-    aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[90][128][1], CAUSAL=True),
-             types=_AOT_TYPES, config=_TUNED_DKDV[128].arch_configs[90][0]),
-    aot_spec(_varlen_bwd_dq_kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[90][128][0], CAUSAL=True),
-             types=_AOT_TYPES, config=_TUNED_DQ[128].arch_configs[90][0]),
     aot_spec(_varlen_bwd_dkdv_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[90][256][1], CAUSAL=True),
              types=_AOT_TYPES, config=_TUNED_DKDV[256].arch_configs[90][0]),
-    # sliding windows (Mistral, Gemma 2/3 local layers) at head dim 128, and with softcapping at 256 (Gemma 2)
-    *[aot_spec(kernel, "bf16", dict(HEAD_DIM=dim, HEAD_DIM_PAD=dim, TILE=TILES[90][dim][tile], CAUSAL=True,
-                                    WINDOWED=True, SOFTCAP=dim == 256),
-               types=_AOT_TYPES, config=tuned[dim].arch_configs[90][0])
-      for dim in (128, 256)
+    *[aot_spec(kernel, "bf16", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=TILES[90][128][tile], CAUSAL=True,
+                                    WINDOWED=True),
+               types=_AOT_TYPES, config=tuned[128].arch_configs[90][0])
       for kernel, tuned, tile in ((_varlen_fwd_kernel, _TUNED_FWD, 0), (_varlen_bwd_dkdv_kernel, _TUNED_DKDV, 1),
                                   (_varlen_bwd_dq_kernel, _TUNED_DQ, 0))],
-    # softcapping without a window (Gemma 2's global layers): the forward
     aot_spec(_varlen_fwd_kernel, "bf16", dict(HEAD_DIM=256, HEAD_DIM_PAD=256, TILE=TILES[90][256][0], CAUSAL=True,
                                               SOFTCAP=True), types=_AOT_TYPES,
              config=_TUNED_FWD[256].arch_configs[90][0]),
