@@ -94,6 +94,18 @@ def jit_function(kernel):
     return kernel
 
 
+def rank_block(R: int) -> int:
+    """Columns a program holds for R low-rank columns: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << max(0, (max(R, 1) - 1).bit_length()))
+
+
+def meta_aot_spec(kernel, dtype: str, meta: dict, constexprs: dict, types: dict) -> AotSpec:
+    """aot_spec of a kernel launched with `meta`, its block sizes and num_warps as a module's _meta gives them."""
+    blocks = {k: v for k, v in meta.items() if k != "num_warps"}
+    return aot_spec(kernel, dtype, {**constexprs, **blocks}, types=types)._replace(
+        options={"num_warps": meta["num_warps"]})
+
+
 def aot_spec(kernel, dtype: str, constexprs: dict | None = None, *, types: dict | None = None,
              config=None) -> AotSpec:
     """A variant of `kernel` for `dtype` tensors ("bf16", "fp16", "fp32"), its types derived from arg_names.

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, dot_precision, empty_output
+from ._launch import count, dot_precision, empty_output, meta_aot_spec, rank_block
 
 
 def rms_norm_lowrank_reference(x, weight, eps: float, offset: float, lora_a, scale):
@@ -88,7 +88,6 @@ if HAVE_TRITON:
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < n_rows
         rows64 = rows.to(tl.int64)
-        offs_k = tl.arange(0, BLOCK_K)
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
@@ -97,34 +96,41 @@ if HAVE_TRITON:
             v = tl.load(V + rows64[:, None] * stride_v + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :],
                         other=0.0).to(tl.float32)
             sv = (v * s[None, :]).to(A.dtype.element_ty)
-
+        else:
+            sv = rstd  # not read without the low-rank term
+        # two passes over the row: mean(g w' xhat) needs the whole row before any dx
         proj = tl.zeros([ROWS], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + offs_k) < K
-            ok = row_ok[:, None] & k_ok[None, :]
-            g = tl.load(DY + rows64[:, None] * stride_dy + (k0 + offs_k)[None, :], mask=ok, other=0.0).to(tl.float32)
-            if HAS_LOWRANK:
-                a = tl.load(A + offs_r[:, None] * stride_a + (k0 + offs_k)[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                            other=0.0)
-                g = tl.dot(sv, a, g, input_precision=DOT_PRECISION)
-            w = tl.load(W + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32) + offset
-            x = tl.load(X + rows64[:, None] * stride_x + (k0 + offs_k)[None, :], mask=ok, other=0.0).to(tl.float32)
-            proj += tl.sum(g * w[None, :] * x * rstd[:, None], axis=1)
+            gw, xhat, _ = _bwd_chunk(DY, stride_dy, X, stride_x, W, A, stride_a, sv, rows64, row_ok, rstd, k0, K, R,
+                                     offset, HAS_LOWRANK, DOT_PRECISION, BLOCK_K, BLOCK_R)
+            proj += tl.sum(gw * xhat, axis=1)
         proj = proj / K
 
         for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + offs_k) < K
-            ok = row_ok[:, None] & k_ok[None, :]
-            g = tl.load(DY + rows64[:, None] * stride_dy + (k0 + offs_k)[None, :], mask=ok, other=0.0).to(tl.float32)
-            if HAS_LOWRANK:
-                a = tl.load(A + offs_r[:, None] * stride_a + (k0 + offs_k)[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                            other=0.0)
-                g = tl.dot(sv, a, g, input_precision=DOT_PRECISION)
-            w = tl.load(W + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32) + offset
-            x = tl.load(X + rows64[:, None] * stride_x + (k0 + offs_k)[None, :], mask=ok, other=0.0).to(tl.float32)
-            xhat = x * rstd[:, None]
-            dx = (g * w[None, :] - xhat * proj[:, None]) * rstd[:, None]
-            tl.store(DX + rows64[:, None] * K + (k0 + offs_k)[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+            gw, xhat, ok = _bwd_chunk(DY, stride_dy, X, stride_x, W, A, stride_a, sv, rows64, row_ok, rstd, k0, K, R,
+                                      offset, HAS_LOWRANK, DOT_PRECISION, BLOCK_K, BLOCK_R)
+            dx = (gw - xhat * proj[:, None]) * rstd[:, None]
+            tl.store(DX + rows64[:, None] * K + (k0 + tl.arange(0, BLOCK_K))[None, :], dx.to(DX.dtype.element_ty),
+                     mask=ok)
+
+    @triton.jit
+    def _bwd_chunk(DY, stride_dy, X, stride_x, W, A, stride_a, sv, rows64, row_ok, rstd, k0, K, R, offset,
+                   HAS_LOWRANK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+        """Columns k0 .. k0 + BLOCK_K of the rows: g w' with g = dY (+ sV A, the low-rank gradient), xhat, and the
+        mask of the chunk."""
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        k_ok = offs_k < K
+        ok = row_ok[:, None] & k_ok[None, :]
+        g = tl.load(DY + rows64[:, None] * stride_dy + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_LOWRANK:
+            a = tl.load(A + offs_r[:, None] * stride_a + offs_k[None, :], mask=(offs_r < R)[:, None] & k_ok[None, :],
+                        other=0.0)
+            g = tl.dot(sv, a, g, input_precision=DOT_PRECISION)
+        w = tl.load(W + offs_k, mask=k_ok, other=0.0).to(tl.float32) + offset
+        x = tl.load(X + rows64[:, None] * stride_x + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+        return g * w[None, :], x * rstd[:, None], ok
 
 
 def _meta(R: int) -> dict:
@@ -132,7 +138,7 @@ def _meta(R: int) -> dict:
 
 
 def _meta_for(R: int, interpreted: bool) -> dict:
-    block_r = max(16, 1 << max(0, (max(R, 1) - 1).bit_length()))
+    block_r = rank_block(R)
     if interpreted:
         return {"ROWS": 16, "BLOCK_K": 32, "BLOCK_R": block_r}
     return {"ROWS": 32, "BLOCK_K": 128 if block_r <= 64 else 64, "BLOCK_R": block_r, "num_warps": 8}
@@ -140,13 +146,9 @@ def _meta_for(R: int, interpreted: bool) -> dict:
 
 if HAVE_TRITON:
     def _aot(kernel, dtype, R, **flags):
-        meta = {k: v for k, v in _meta_for(R, interpreted=False).items() if k != "num_warps"}
         types = {"X W A OUT DY V DX": f"*{dtype}", "SCALE RSTD": "*fp32", "eps offset": "fp32"}
-        consts = {**flags, **meta, "HAS_LOWRANK": R > 0, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-        from ._launch import AotSpec, aot_spec
-
-        spec = aot_spec(kernel, dtype, consts, types=types)
-        return AotSpec(spec.kernel, spec.signature, spec.constexprs, {"num_warps": 8})
+        consts = {**flags, "HAS_LOWRANK": R > 0, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        return meta_aot_spec(kernel, dtype, _meta_for(R, interpreted=False), consts, types)
 
     # the engine's uses: Llama q/k/v (R = 3 x 16) and gate/up (2 x 16), the widest rank block, float32 on GPU
     AOT_SPECS = [_aot(_fwd_kernel, "bf16", 48), _aot(_fwd_kernel, "bf16", 0), _aot(_fwd_kernel, "fp16", 192),

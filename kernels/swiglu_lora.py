@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import HAVE_TRITON, INTERPRETED, use_triton
-from ._launch import count, device_arch, dot_precision, empty_output
+from ._launch import count, device_arch, dot_precision, empty_output, meta_aot_spec, rank_block
 from .swiglu import GLU_REFERENCES
 
 
@@ -99,7 +99,7 @@ def _meta(R: int) -> dict:
 
 
 def _meta_for(R: int, interpreted: bool) -> dict:
-    block_r = max(16, 1 << max(0, (max(R, 1) - 1).bit_length()))
+    block_r = rank_block(R)
     if interpreted:
         return {"ROWS": 16, "BLOCK_I": 32, "BLOCK_R": block_r}
     # sm_80: the SiLU forward at 128-column chunks spills 12 B per thread (python -m lorafuse.kernels.aot --gate)
@@ -109,14 +109,10 @@ def _meta_for(R: int, interpreted: bool) -> dict:
 
 if HAVE_TRITON:
     def _aot(kernel, dtype, R, activation):
-        from ._launch import AotSpec, aot_spec
-
-        meta = {k: v for k, v in _meta_for(R, interpreted=False).items() if k != "num_warps"}
         types = {"G U A OUT DH V DGU": f"*{dtype}", "scaling": "fp32"}
-        consts = {**meta, "HAS_LOWRANK": R > 0, "ACTIVATION": activation,
+        consts = {"HAS_LOWRANK": R > 0, "ACTIVATION": activation,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-        spec = aot_spec(kernel, dtype, consts, types=types)
-        return AotSpec(spec.kernel, spec.signature, spec.constexprs, {"num_warps": 8})
+        return meta_aot_spec(kernel, dtype, _meta_for(R, interpreted=False), consts, types)
 
     AOT_SPECS = [_aot(_fwd_kernel, "bf16", 16, "silu"), _aot(_fwd_kernel, "bf16", 16, "gelu_tanh"),
                  _aot(_fwd_kernel, "fp16", 128, "silu"), _aot(_fwd_kernel, "fp32", 16, "silu"),

@@ -49,3 +49,21 @@ def llama_8b_dir(tiny_model_dir, path):
                   num_key_value_heads=8, head_dim=128, vocab_size=128256)
     (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+def reference_then_kernels(monkeypatch, reference_loss, loss, params):
+    """The loss and gradients of `params` under LORAFUSE_KERNELS=reference, then under auto (reference_loss and loss
+    are the calls to make): (ref_loss, ref_grads, loss, grads, ran), ran the kernel ops the auto run launched."""
+    import torch
+
+    from lorafuse.kernels._launch import launches
+
+    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
+    ref = reference_loss()
+    ref_grads = torch.autograd.grad(ref, params)
+    monkeypatch.setenv("LORAFUSE_KERNELS", "auto")
+    before = dict(launches)
+    out = loss()
+    grads = torch.autograd.grad(out, params)
+    ran = {op for op, n in launches.items() if n > before.get(op, 0)}
+    return ref, ref_grads, out, grads, ran

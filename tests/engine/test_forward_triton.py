@@ -13,7 +13,8 @@ from lorafuse.engine.lora import inject_lora, lora_modules, lora_parameters
 from lorafuse.engine.model import load_model
 from lorafuse.engine.packing import make_batch
 from lorafuse.engine.prepare import prepare_model
-from lorafuse.kernels._launch import launches
+
+from engine_utils import reference_then_kernels
 
 
 def test_micro_qwen3_through_triton_kernels_matches_reference(tmp_path, monkeypatch):
@@ -30,15 +31,8 @@ def test_micro_qwen3_through_triton_kernels_matches_reference(tmp_path, monkeypa
     batch = make_batch([Document(rng.integers(3, 97, n), rng.random(n) < 0.8) for n in (11, 1, 6)])
     params = lora_parameters(model)
 
-    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
-    ref_loss = packed_loss(prepared, batch)
-    ref_grads = torch.autograd.grad(ref_loss, params)
-
-    monkeypatch.setenv("LORAFUSE_KERNELS", "auto")
-    before = dict(launches)
-    loss = packed_loss(prepared, batch)
-    grads = torch.autograd.grad(loss, params)
-    ran = {op for op, n in launches.items() if n > before.get(op, 0)}
+    ref_loss, ref_grads, loss, grads, ran = reference_then_kernels(
+        monkeypatch, lambda: packed_loss(prepared, batch), lambda: packed_loss(prepared, batch), params)
     assert {"lora_linear", "lora_linear_group", "lora_mlp", "rms_norm", "apply_rope", "varlen_attention",
             "fused_linear_cross_entropy"} <= ran, ran
 
@@ -67,14 +61,8 @@ def test_micro_models_of_other_families_through_triton_kernels(tmp_path, monkeyp
     batch = make_batch([Document(rng.integers(3, 97, n), rng.random(n) < 0.8) for n in (9, 1, 7)])
     params = lora_parameters(model)
 
-    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
-    ref_loss = packed_loss(prepared, batch)
-    ref_grads = torch.autograd.grad(ref_loss, params)
-    monkeypatch.setenv("LORAFUSE_KERNELS", "auto")
-    before = dict(launches)
-    loss = packed_loss(prepared, batch)
-    grads = torch.autograd.grad(loss, params)
-    ran = {op for op, n in launches.items() if n > before.get(op, 0)}
+    ref_loss, ref_grads, loss, grads, ran = reference_then_kernels(
+        monkeypatch, lambda: packed_loss(prepared, batch), lambda: packed_loss(prepared, batch), params)
     assert {"lora_linear", "lora_mlp", "rms_norm", "apply_rope", "varlen_attention",
             "fused_linear_cross_entropy"} <= ran, ran
     assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())

@@ -22,7 +22,7 @@ from lorafuse.engine.step import train_step
 from lorafuse.engine.train import train
 from lorafuse.kernels._launch import launches
 
-from engine_utils import QUIET, tiny_train_config, write_ticket_files
+from engine_utils import QUIET, reference_then_kernels, tiny_train_config, write_ticket_files
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -61,15 +61,8 @@ def test_micro_model_step_on_the_cublas_path_matches_the_reference(tmp_path, mon
     b = batch()
     params = lora_parameters(model)
 
-    monkeypatch.setenv("LORAFUSE_KERNELS", "reference")
-    ref_loss = packed_loss(reference_of(prepared), b)
-    ref_grads = torch.autograd.grad(ref_loss, params)
-
-    monkeypatch.setenv("LORAFUSE_KERNELS", "auto")
-    before = dict(launches)
-    loss = packed_loss(prepared, b)
-    grads = torch.autograd.grad(loss, params)
-    ran = {op for op, n in launches.items() if n > before.get(op, 0)}
+    ref_loss, ref_grads, loss, grads, ran = reference_then_kernels(
+        monkeypatch, lambda: packed_loss(reference_of(prepared), b), lambda: packed_loss(prepared, b), params)
     assert {"rms_norm_lowrank", "glu_lowrank"} <= ran, ran  # the producers ran (interpreter), no Triton LoRA GEMM
     assert not {"lora_linear", "lora_linear_group", "lora_mlp"} & ran, ran
     assert prepared.lora_gemm.buffers(), "no [W | B] buffer was built"

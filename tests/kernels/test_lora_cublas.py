@@ -225,6 +225,22 @@ def test_augmented_linear_one_gemm_equals_two(monkeypatch, dtype):
 # ----------------------------------------------------------------------------- the RMSNorm producer
 
 
+def _check_producer(op, run, fn, reference, width, R, dtype):
+    """A producer's (out, U) and gradients, run(fn, dtype) through its Triton kernel, against run(reference) in
+    float64: out and U the two column blocks of one buffer [out | U] (out `width` wide), U's float32 master
+    getting a float32 gradient."""
+    with expect_triton(op):
+        outs, grads = run(fn, dtype)
+    ref_outs, ref_grads = run(reference, torch.float64)
+    if R:
+        assert outs[1].data_ptr() == outs[0].data_ptr() + width * outs[0].element_size()  # one buffer
+        assert grads[1].dtype == torch.float32
+    for o, r in zip(outs, ref_outs, strict=True):
+        assert_close(o, r, dtype)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_close(g, r, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("T", "K", "R"), [(1, 33, 1), (19, 77, 5), (40, 64, 48), (7, 130, 64), (5, 16, 0)])
 @pytest.mark.parametrize("offset", [0.0, 1.0])
@@ -244,16 +260,7 @@ def test_rms_norm_lowrank_through_the_interpreter(monkeypatch, dtype, T, K, R, o
         gs = [dy.to(dt)] + ([du.to(dt)] if R else [])
         return outs, torch.autograd.grad(outs, leaves, gs)
 
-    with expect_triton("rms_norm_lowrank"):
-        outs, grads = run(rms_norm_lowrank, dtype)
-    ref_outs, ref_grads = run(rms_norm_lowrank_reference, torch.float64)
-    if R:
-        assert outs[1].data_ptr() == outs[0].data_ptr() + K * outs[0].element_size()  # [y | U], one buffer
-        assert grads[1].dtype == torch.float32
-    for o, r in zip(outs, ref_outs, strict=True):
-        assert_close(o, r, dtype)
-    for g, r in zip(grads, ref_grads, strict=True):
-        assert_close(g, r, dtype)
+    _check_producer("rms_norm_lowrank", run, rms_norm_lowrank, rms_norm_lowrank_reference, K, R, dtype)
 
 
 def test_rms_norm_lowrank_refuses_a_trained_norm_weight():
@@ -331,16 +338,7 @@ def test_glu_lowrank_through_the_interpreter(monkeypatch, dtype, activation, T, 
         outs, leaves = [h] + ([u] if R else []), [g_all] + ([aa] if R else [])
         return outs, torch.autograd.grad(outs, leaves, [dh.to(dt)] + ([du.to(dt)] if R else []))
 
-    with expect_triton("glu_lowrank"):
-        outs, grads = run(glu_lowrank, dtype)
-    ref_outs, ref_grads = run(glu_lowrank_reference, torch.float64)
-    if R:
-        assert outs[1].data_ptr() == outs[0].data_ptr() + inter * outs[0].element_size()  # [h | U], one buffer
-        assert grads[1].dtype == torch.float32
-    for o, r in zip(outs, ref_outs, strict=True):
-        assert_close(o, r, dtype)
-    for g, r in zip(grads, ref_grads, strict=True):
-        assert_close(g, r, dtype)
+    _check_producer("glu_lowrank", run, glu_lowrank, glu_lowrank_reference, inter, R, dtype)
 
 
 def test_group_of_three_with_one_token(cublas):
