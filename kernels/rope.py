@@ -53,7 +53,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_heads(X, stride_t, stride_h, OUT, n_heads, tokens64, token_ok, j, j_ok, cos3, sin3,
+    def _rotate_heads(X, stride_t, stride_h, OUT, out_stride_t, n_heads, tokens64, token_ok, j, j_ok, cos3, sin3,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         for h0 in range(0, n_heads, BLOCK_H):
             heads = h0 + tl.arange(0, BLOCK_H)
@@ -64,20 +64,19 @@ if HAVE_TRITON:
             x_hi = tl.load(X + in_off + HALF, mask=tile_ok, other=0.0).to(tl.float32)
             out_lo = x_lo * cos3 - x_hi * sin3
             out_hi = x_hi * cos3 + x_lo * sin3
-            out_rows = (tokens64 * n_heads)[:, None, None] + heads[None, :, None]
-            out_off = out_rows * (2 * HALF) + j[None, None, :]
+            out_off = (tokens64 * out_stride_t)[:, None, None] + (heads * (2 * HALF))[None, :, None] + j[None, None, :]
             tl.store(OUT + out_off, out_lo.to(OUT.dtype.element_ty), mask=tile_ok)
             tl.store(OUT + out_off + HALF, out_hi.to(OUT.dtype.element_ty), mask=tile_ok)
 
     @triton.jit
-    def _copy_heads(X, stride_t, stride_h, OUT, n_heads, tokens64, token_ok, j, j_ok, HALF: tl.constexpr,
-                    BLOCK_H: tl.constexpr):
+    def _copy_heads(X, stride_t, stride_h, OUT, out_stride_t, n_heads, tokens64, token_ok, j, j_ok,
+                    HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         for h0 in range(0, n_heads, BLOCK_H):
             heads = h0 + tl.arange(0, BLOCK_H)
             tile_ok = token_ok[:, None, None] & (heads < n_heads)[None, :, None] & j_ok[None, None, :]
             in_off = (tokens64 * stride_t)[:, None, None] + (heads.to(tl.int64) * stride_h)[None, :, None] \
                 + j[None, None, :]
-            out_off = ((tokens64 * n_heads)[:, None, None] + heads[None, :, None]) * (2 * HALF) + j[None, None, :]
+            out_off = (tokens64 * out_stride_t)[:, None, None] + (heads * (2 * HALF))[None, :, None] + j[None, None, :]
             tl.store(OUT + out_off, tl.load(X + in_off, mask=tile_ok), mask=tile_ok)
             tl.store(OUT + out_off + HALF, tl.load(X + in_off + HALF, mask=tile_ok), mask=tile_ok)
 
@@ -86,7 +85,7 @@ if HAVE_TRITON:
         Q, stride_q_t, stride_q_h, K, stride_k_t, stride_k_h,
         Q_OUT, K_OUT, POS, INV_FREQ,
         n_tokens, n_q_heads, n_kv_heads, scaling,
-        V, stride_v_t, stride_v_h, V_OUT,
+        V, stride_v_t, stride_v_h, V_OUT, out_stride_q, out_stride_kv,
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
         BACKWARD: tl.constexpr, COPY_V: tl.constexpr = False,
     ):
@@ -105,12 +104,13 @@ if HAVE_TRITON:
             sin_tile = -sin_tile
         cos3 = cos_tile[:, None, :]
         sin3 = sin_tile[:, None, :]
-        _rotate_heads(Q, stride_q_t, stride_q_h, Q_OUT, n_q_heads, tokens64, token_ok, j, j_ok, cos3, sin3,
-                      HALF, BLOCK_H)
-        _rotate_heads(K, stride_k_t, stride_k_h, K_OUT, n_kv_heads, tokens64, token_ok, j, j_ok, cos3, sin3,
-                      HALF, BLOCK_H)
+        _rotate_heads(Q, stride_q_t, stride_q_h, Q_OUT, out_stride_q, n_q_heads, tokens64, token_ok, j, j_ok,
+                      cos3, sin3, HALF, BLOCK_H)
+        _rotate_heads(K, stride_k_t, stride_k_h, K_OUT, out_stride_kv, n_kv_heads, tokens64, token_ok, j, j_ok,
+                      cos3, sin3, HALF, BLOCK_H)
         if COPY_V:  # v out of the fused q/k/v buffer, so attention keeps q, k and v, not that buffer
-            _copy_heads(V, stride_v_t, stride_v_h, V_OUT, n_kv_heads, tokens64, token_ok, j, j_ok, HALF, BLOCK_H)
+            _copy_heads(V, stride_v_t, stride_v_h, V_OUT, out_stride_kv, n_kv_heads, tokens64, token_ok, j, j_ok,
+                        HALF, BLOCK_H)
 
     def _prune_rope_configs(configs, named_args, **kwargs):
         """Drop head chunks wider than both head counts need; keep tiles of 16..64 elements per thread (at 8, with
@@ -150,9 +150,11 @@ if HAVE_TRITON:
     ]
 
 
-def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool, v=None):
-    """Rotate q and k (or, with backward, their gradients) in one launch, and copy v (shaped like k) when given;
-    returns new contiguous tensors."""
+def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool, v=None, fused_out: bool = False):
+    """Rotate q and k (or, with backward, their gradients) in one launch, and copy v (shaped like k) when given.
+    Returns new tensors: contiguous ones, or with fused_out (v given) views of one [T, Hq + 2 Hkv, D] buffer, q's
+    heads then k's then v's (the layout of a stacked q/k/v projection output, so its backward reads the three
+    gradients as one matrix)."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -161,16 +163,20 @@ def _rope(q, k, position_ids, inv_freq, scaling: float, backward: bool, v=None):
         v = v.contiguous()
     n_tokens, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
-    q_out = empty_output(q.shape, q.dtype, q.device)
-    k_out = empty_output(k.shape, k.dtype, k.device)
-    v_out = empty_output(v.shape, v.dtype, v.device) if v is not None else None
+    if fused_out:
+        fused = empty_output((n_tokens, n_q_heads + 2 * n_kv_heads, head_dim), q.dtype, q.device)
+        q_out, k_out, v_out = fused.split([n_q_heads, n_kv_heads, n_kv_heads], 1)
+    else:
+        q_out = empty_output(q.shape, q.dtype, q.device)
+        k_out = empty_output(k.shape, k.dtype, k.device)
+        v_out = empty_output(v.shape, v.dtype, v.device) if v is not None else None
     if n_tokens == 0:
         return q_out, k_out, v_out
     half = head_dim // 2
     v_in = v if v is not None else k
     args = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), q_out, k_out, position_ids, inv_freq,
             n_tokens, n_q_heads, n_kv_heads, scaling, v_in, v_in.stride(0), v_in.stride(1),
-            v_out if v is not None else k_out)
+            v_out if v is not None else k_out, q_out.stride(0), k_out.stride(0))
     launch(_rope_kernel, _rope_tuned, lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),), *args,
            interpreted={"BLOCK_T": 4, "BLOCK_H": 4},
            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BACKWARD=backward, COPY_V=v is not None)
@@ -188,9 +194,25 @@ class _ApplyRope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq_out, dk_out, dv_out=None):
         position_ids, inv_freq = ctx.saved_tensors
-        dq, dk, _ = _rope(dq_out, dk_out, position_ids, inv_freq, ctx.scaling, backward=True)
         need_q, need_k = ctx.needs_input_grad[:2]
-        return (dq if need_q else None), (dk if need_k else None), None, None, None, dv_out  # v was copied
+        # with v: the three gradients land side by side in one buffer (dv copied by the same launch), so the
+        # q/k/v projection's backward reads them as one matrix: its dB's are then one GEMM (lora_linear.py)
+        fused = dv_out is not None and dq_out is not None and dk_out is not None
+        dq, dk, dv = _rope(dq_out, dk_out, position_ids, inv_freq, ctx.scaling, backward=True,
+                           v=dv_out if fused else None, fused_out=fused)
+        return (dq if need_q else None), (dk if need_k else None), None, None, None, dv if fused else dv_out
+
+
+def rope_values(x, position_ids, inv_freq, attention_scaling: float = 1.0):
+    """x [T, H, D] rotated (a new contiguous tensor), without autograd, in one launch: the rotation of keys that
+    are computed again in backward (varlen_attention's kv_again)."""
+    if not use_triton(x):
+        return apply_rope_reference(x, x[:, :0], position_ids, inv_freq, attention_scaling)[0]
+    if position_ids.dim() == 2:
+        position_ids = position_ids[0]
+    out, _, _ = _rope(x, x[:, :0], position_ids.contiguous(), inv_freq.float().contiguous(),
+                      float(attention_scaling), backward=False)
+    return out
 
 
 def apply_rope(q, k, position_ids, inv_freq, attention_scaling: float = 1.0, v=None):

@@ -244,3 +244,40 @@ def test_rope_copies_v_out_of_the_fused_buffer(dtype):
     dv = torch.randn_like(v_out)
     torch.autograd.backward((q_out, k_out, v_out), (torch.randn_like(q_out), torch.randn_like(k_out), dv))
     assert torch.equal(v.grad, dv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_backward_with_v_writes_the_three_gradients_into_one_buffer(dtype):
+    """With v, the backward's dq, dk (rotated back) and dv (copied) are views of one [T, Hq + 2 Hkv, D] buffer, in
+    the fused projection's layout, so its backward reads them as one matrix; their values are those of the
+    backward without v."""
+    tokens, q_heads, kv_heads, head_dim = 11, 3, 2, 24
+    q, k, v = (leaf(torch.randn(tokens, h, head_dim, dtype=dtype)) for h in (q_heads, kv_heads, kv_heads))
+    positions = document_positions([4, 7])
+    inv_freq, scaling = hf_inv_freq("llama3", head_dim)
+    douts = [torch.randn(tokens, h, head_dim, dtype=dtype) for h in (q_heads, kv_heads, kv_heads)]
+    with expect_triton("apply_rope"):
+        dq, dk, dv = torch.autograd.grad(apply_rope(q, k, positions, inv_freq, scaling, v=v), (q, k, v), douts)
+        dq_alone, dk_alone = torch.autograd.grad(apply_rope(q, k, positions, inv_freq, scaling), (q, k), douts[:2])
+    assert torch.equal(dq, dq_alone) and torch.equal(dk, dk_alone) and torch.equal(dv, douts[2])
+    storage = dq.untyped_storage().data_ptr()
+    assert dk.untyped_storage().data_ptr() == dv.untyped_storage().data_ptr() == storage
+    width = (q_heads + 2 * kv_heads) * head_dim
+    assert dq.stride(0) == dk.stride(0) == dv.stride(0) == width
+    assert dk.data_ptr() == dq.data_ptr() + q_heads * head_dim * dq.element_size()
+    assert dv.data_ptr() == dk.data_ptr() + kv_heads * head_dim * dk.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_values_rotates_one_tensor_like_apply_rope(dtype):
+    """rope_values (the keys computed again in attention's backward): what apply_rope gives k, with one launch."""
+    from lorafuse.kernels.rope import rope_values
+
+    k = torch.randn(9, 2, 24, dtype=dtype)
+    positions = document_positions([3, 6])
+    inv_freq, scaling = hf_inv_freq("yarn", 24)
+    before = launches["apply_rope"]
+    _, k_rotated = apply_rope(torch.randn(9, 1, 24, dtype=dtype), k, positions, inv_freq, scaling)
+    assert launches["apply_rope"] == before + 1
+    assert torch.equal(rope_values(k, positions, inv_freq, scaling), k_rotated)
+    assert torch.equal(rope_values(k, positions[None], inv_freq, scaling), k_rotated)  # [1, T] positions
