@@ -37,7 +37,11 @@ would give, without its launch:
   backward     V = dY B diag(s)           skinny, the dY_i as segments
                dX = dY W + V A             E = V, F = A, the dY_i as segments
                dA = V^T x, dB_i = dY_i^T U_i: one GEMM each with a float32 output (the masters' dtype, no
-               cast after): torch.mm(out_dtype=float32) on CUDA, this kernel on the CPU; dW = dY^T x by cuBLAS
+               cast after): torch.mm(out_dtype=float32) on CUDA, this kernel on the CPU; dW = dY^T x by cuBLAS.
+               A group whose dY_i are the column blocks of one buffer (the engine's q/k/v after RoPE's backward,
+               gate/up always) and whose ranks sit in a rank map gets all its dB_i from one launch of this
+               kernel: C = dY^T U [sum n_i, R] with the rank map on the output (MAP_OUTPUT), row m storing only
+               its own projection's r columns, so C is the dB_i stacked by rows
 Saved for backward: x and U only (plus the parameters). U carries the scale, so dB needs none.
 Not handled here: LoRA dropout > 0 (the low-rank branch then sees another input than the base);
 the engine runs plain PyTorch ops for that case and these kernels for dropout 0.
@@ -70,7 +74,7 @@ from ._dispatch import HAVE_TRITON, use_triton
 from ._launch import aot_spec, arch_autotune, count, device_arch, dot_precision, empty_output, launch
 from ._lora_gemm_select import lora_gemm_path
 from .nf4 import dense_weight, gemm_mode, is_nf4, nf4_linear_reference, nf4_matmul
-from .rms_norm import NormedInput, rms_norm_values
+from .rms_norm import NormedInput
 from .swiglu import GLU_REFERENCES, check_activation, glu_forward_triton
 
 # ----------------------------------------------------------------------------- PyTorch references
@@ -166,7 +170,7 @@ if HAVE_TRITON:
         NUM_SEGS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LOWRANK: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         GLU_BWD: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr,
-        MAP_LOWRANK: tl.constexpr, MAP_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        MAP_LOWRANK: tl.constexpr, MAP_SEGMENTS: tl.constexpr, MAP_OUTPUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
@@ -230,7 +234,15 @@ if HAVE_TRITON:
             if HAS_RESIDUAL:  # the decoder's residual add, on the tile: one rounding, no launch after the GEMM
                 res_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_resm + offs_n[None, :]
                 acc = acc + tl.load(res_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-            c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+            cols = offs_n[None, :]
+            if MAP_OUTPUT:
+                # dB of a group, C = dY^T U: row m (an output feature) keeps only its projection's ranks, stored
+                # as that projection's dB block, so C holds the B_i stacked by rows [M, r] (rank_window)
+                rank_lo, rank_n = rank_window(offs_m, map_c1, map_c2, map_ro0, map_ro1, map_ro2, map_rw0, map_rw1,
+                                              map_rw2)
+                cols = cols - rank_lo[:, None]
+                out_mask = out_mask & (cols >= 0) & (cols < rank_n[:, None])
+            c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + cols * stride_cn
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
     def _even_k(args) -> bool:
@@ -292,7 +304,8 @@ if HAVE_TRITON:
     _SPILLING = {
         (80, "map_lowrank"): {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3)},  # 248-656 B, 176-320 B
         (90, "map_lowrank"): {(128, 256, 64, 8, 3), (128, 128, 64, 4, 4)},  # 64-104 B, 52-104 B
-        (80, "dx"): {(128, 256, 64, 8, 3)},  # o_proj / down dX, one dY segment: 36 B
+        # dX of one dY segment: o_proj / down (36 B), and q/k/v's (RoPE's backward hands one buffer) at 256 x 128
+        (80, "dx"): {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3)},  # 36 B, 76 B
         (80, "dx3"): {(256, 128, 64, 8, 3)},  # q/k/v dX, three dY segments: 124 B
         (80, "map_segments"): {(128, 64, 4, 4)},  # 48 B
         (90, "map_segments"): {(32, 128, 4, 4)},  # 108 B
@@ -345,7 +358,8 @@ if HAVE_TRITON:
                       "HAS_RESIDUAL": residual,
                       "GLU_BWD": glu is not None, "ACTIVATION": glu or "silu", "STORE_H": glu is not None,
                       "EVEN_K": True, "DOT_PRECISION": precision, "BLOCK_R": block_r,
-                      "MAP_LOWRANK": rank_map and lowrank, "MAP_SEGMENTS": rank_map and not lowrank}
+                      "MAP_LOWRANK": rank_map and lowrank, "MAP_SEGMENTS": rank_map and not lowrank,
+                      "MAP_OUTPUT": False}
             if block_n is not None:
                 consts["BLOCK_N"] = block_n
             # the LoRA matrices are the float32 masters, read in place: B (or A) as the low-rank F, and A (U = x A^T)
@@ -395,17 +409,21 @@ def _pow2(n: int) -> int:
 
 
 def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu=None, activation="silu",
-        skinny=False, rank_map=None, residual=None):
+        skinny=False, rank_map=None, residual=None, stacked_out=False):
     """out[M, N] = scale * (sum_s A_s @ Bop[off_s : off_s + K_s] + E @ F) + bias (+ residual [M, N], unit
     column stride)  (module docstring).
 
     segments: [(A_s [M, K_s], off_s)]; Bop is `b` read with b_strides = (stride along K, along N);
     lowrank: (E [M, R], F, (stride_fr, stride_fn)); glu: (g, u, du, h or None) for the dH epilogue of
     h = act(g) * u with act the `activation` ("silu", "gelu_tanh"). rank_map: (c1, c2, ro0, ro1, ro2, rw0, rw1, rw2)
-    of a group's block-diagonal B given by rows (_Adapters): on the low-rank F when there is one, else on Bop.
+    of a group's block-diagonal B given by rows (_Adapters): on the low-rank F when there is one, else on Bop;
+    with stacked_out, on the output instead: the product [M, R] (R = Bop's columns) keeps row m's own ranks
+    only, and out [M, r] receives them (a group's dB_i stacked by rows).
     out may be float32 with 16-bit operands (the LoRA gradients).
     """
     M, N = out.shape
+    if stacked_out:
+        N = b.shape[1]
     if M == 0 or N == 0:
         return out
     assert 1 <= len(segments) <= MAX_SEGMENTS
@@ -441,7 +459,7 @@ def _mm(out, segments, b, b_strides, *, bias=None, scale=None, lowrank=None, glu
                  HAS_LOWRANK=lowrank is not None and R > 0, GLU_BWD=glu is not None,
                  ACTIVATION=activation, STORE_H=glu is not None and glu[3] is not None,
                  BLOCK_R=min(64, max(16, _pow2(R))), MAP_LOWRANK=rank_map is not None and lowrank is not None,
-                 MAP_SEGMENTS=rank_map is not None and lowrank is None,
+                 MAP_SEGMENTS=rank_map is not None and lowrank is None and not stacked_out, MAP_OUTPUT=stacked_out,
                  DOT_PRECISION=dot_precision(segments[0][0].dtype))
     if skinny:
         flags["BLOCK_N"] = min(256, max(16, _pow2(N)))
@@ -556,6 +574,21 @@ def _grad_mm(a, b) -> torch.Tensor:
     return out
 
 
+def _grad_b_stacked(segs, u, adapters: _Adapters, plan: _Plan) -> torch.Tensor | None:
+    """The dB_i = dY_i^T U_i of a group in one GEMM, stacked by rows [sum n_i, r] in float32 (each block a
+    contiguous [n_i, r], the layout of the masters' grads), when the dY_i are one matrix (the columns of one
+    buffer: one segment) and the ranks sit in a rank map. Its row m reads all of U and keeps its own ranks
+    (the product is R / r times the dB's columns, a GEMM with r columns beside the dX GEMM's thousands). None
+    otherwise: one GEMM per projection."""
+    if adapters.rank_map is None or len(segs) != 1 or segs[0][1] != 0 or segs[0][0].shape[1] != sum(plan.splits):
+        return None
+    dy_all = segs[0][0]
+    out = empty_output((dy_all.shape[1], plan.ranks[0]), torch.float32, dy_all.device)
+    t = dy_all.t()
+    return _mm(out, [(t, 0)], u, (u.stride(0), u.stride(1)), skinny=True, rank_map=adapters.rank_map,
+               stacked_out=True)
+
+
 def _fused_nf4(weight) -> bool:
     """Whether this GEMM reads the NF4 weight in its tiles (LORAFUSE_NF4_GEMM=fused) instead of a dequantized copy."""
     return is_nf4(weight) and weight.nested and gemm_mode() == "fused"
@@ -634,11 +667,16 @@ def _lowrank_backward(plan, dys, x2d, weight, adapters: _Adapters | None, u, sca
     if v is not None and any(need_ab):
         da_stack = _grad_mm(v.t(), x2d)  # float32, like the masters
     grad_dtype = adapters.a.dtype if adapters is not None else x2d.dtype
+    db_stack = _grad_b_stacked(segs, u, adapters, plan) if v is not None and all(need_ab) else None
     for i, (n, r, r_off) in enumerate(zip(plan.splits, plan.ranks, plan.r_offsets, strict=True)):
         if r and need_ab[i]:
             das[i] = da_stack[r_off:r_off + r] if v is not None else x2d.new_zeros(r, K, dtype=grad_dtype)
-            dbs[i] = _grad_mm(dys[i].t(), u[:, r_off:r_off + r]) if dys[i] is not None \
-                else x2d.new_zeros(n, r, dtype=grad_dtype)
+            if db_stack is not None:
+                dbs[i] = db_stack[plan.offsets[i]:plan.offsets[i] + n]
+            elif dys[i] is not None:
+                dbs[i] = _grad_mm(dys[i].t(), u[:, r_off:r_off + r])
+            else:
+                dbs[i] = x2d.new_zeros(n, r, dtype=grad_dtype)
     if need_dw:  # a dense weight that trains (never an NF4 one)
         dw = torch.empty_like(weight)
         for dy, off, n in zip(dys, plan.offsets, plan.splits, strict=True):
@@ -659,16 +697,16 @@ def _keep_input(ctx, x2d, normed: NormedInput | None) -> tuple:
     """What a Function keeps of its input x for dA: x itself, or, when x is an rms_norm output (normed), the
     norm's input h and weight, which the norm keeps anyway (_input_again rebuilds x from them)."""
     if normed is None:
-        ctx.norm_args = None
+        ctx.normed = None
         return x2d, None
-    ctx.norm_args = (normed.eps, normed.offset)
+    ctx.normed = normed._replace(h=None, weight=None)  # the tensors go through save_for_backward
     return normed.h.reshape(x2d.shape), normed.weight
 
 
 def _input_again(ctx, kept_x, norm_weight):
-    if ctx.norm_args is None:
+    if ctx.normed is None:
         return kept_x
-    return rms_norm_values(kept_x, norm_weight, *ctx.norm_args)
+    return ctx.normed._replace(weight=norm_weight).values(kept_x).reshape(kept_x.shape)
 
 
 class LoraGroupFunction(torch.autograd.Function):

@@ -336,6 +336,18 @@ class NormedInput(NamedTuple):
     weight: torch.Tensor
     eps: float
     offset: float = 0.0
+    # a dict for one backward to hand y, rebuilt, to the next (the engine's k/v recompute to the q/k/v
+    # projection's dA), so it is built once: `values(keep=True)` leaves it there, the projection takes it
+    rebuilt: dict | None = None
+
+    def values(self, h: torch.Tensor | None = None, keep: bool = False) -> torch.Tensor:
+        """y again (from h, or from self.h): rms_norm_values, or the y an earlier values(keep=True) left."""
+        if self.rebuilt and "y" in self.rebuilt:
+            return self.rebuilt["y"] if keep else self.rebuilt.pop("y")
+        y = rms_norm_values(self.h if h is None else h, self.weight, self.eps, self.offset)
+        if keep and self.rebuilt is not None:
+            self.rebuilt["y"] = y
+        return y
 
     def check(self, y: torch.Tensor, op: str) -> None:
         if self.h.shape != y.shape or self.h.dtype != y.dtype or self.h.device != y.device:
@@ -345,6 +357,7 @@ class NormedInput(NamedTuple):
 
 def rms_norm_values(h, weight, eps: float, offset: float = 0.0) -> torch.Tensor:
     """rms_norm(h, weight, eps, offset) without autograd: the rebuild of NormedInput (one forward launch)."""
+    count("rms_norm_values")
     h3, n_rows, n_inner = _as_rows(h)
     y, _, _ = _forward(h3, None, weight, float(eps), float(offset), n_rows, n_inner)
     return y.view(h.shape)

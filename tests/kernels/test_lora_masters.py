@@ -40,13 +40,17 @@ def run(fn, inputs, dys):
     leaves = {f"{k}[{i}]" if isinstance(v, list) else k: t for k, v in inputs.items()
               for i, t in enumerate(v if isinstance(v, list) else [v])
               if isinstance(t, torch.Tensor) and t.requires_grad}
+    base = dys[0]._base
+    if base is not None and all(dy._base is base for dy in dys):  # column blocks of one buffer stay so
+        dys = base.to(outs[0].dtype).split([dy.shape[-1] for dy in dys], -1)
     grads = torch.autograd.grad(outs, list(leaves.values()), [dy.to(o.dtype) for o, dy in zip(outs, dys)])
     return outs, dict(zip(leaves, grads))
 
 
-def check(op, inputs64, dtype, stacked=False, monkeypatch=None):
+def check(op, inputs64, dtype, stacked=False, monkeypatch=None, one_dy=False):
     """The kernel with x and the frozen weights in dtype and float32 adapters, against float64; also no further
-    from it than PyTorch with everything in dtype (adapters cast, as a 16-bit PEFT forward computes)."""
+    from it than PyTorch with everything in dtype (adapters cast, as a 16-bit PEFT forward computes). one_dy: the
+    outputs' gradients are column blocks of one buffer (as RoPE's backward hands q/k/v theirs)."""
     fn, ref = getattr(lora_module, op), getattr(lora_module, f"{op}_reference")
 
     def inputs_in(adapter_dtype, other_dtype, stack=False):
@@ -62,6 +66,8 @@ def check(op, inputs64, dtype, stacked=False, monkeypatch=None):
     with torch.no_grad():
         shapes = [o.shape for o in (lambda o: o if isinstance(o, tuple) else (o,))(ref(**inputs64))]
     dys = [rand(*s) for s in shapes]
+    if one_dy:
+        dys = list(torch.cat(dys, -1).split([s[-1] for s in shapes], -1))
     ref_outs, ref_grads = run(ref, inputs_in(torch.float64, torch.float64), dys)
     stock_outs, stock_grads = run(ref, inputs_in(dtype, dtype), dys)
     kernel_inputs = inputs_in(torch.float32, dtype, stack=stacked)
@@ -105,6 +111,18 @@ def group(T, K, splits, r):
 def test_qkv_group_rank_map(dtype, stacked, monkeypatch):
     """q/k/v of odd widths, equal ranks: B through the rank map; the adapters one buffer or three tensors."""
     check("lora_linear_group", group(37, 45, (40, 13, 13), 4), dtype, stacked=stacked, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_group_db_from_one_gradient_buffer_is_one_gemm(dtype, monkeypatch):
+    """The dY_i column blocks of one buffer: the dB_i come out of one GEMM (the rank map on its output), stacked by
+    rows, each block contiguous (the masters' layout); only dA stays a GEMM of its own."""
+    grad_mms = []
+    original = lora_module._grad_mm
+    monkeypatch.setattr(lora_module, "_grad_mm", lambda a, b: grad_mms.append(a.shape) or original(a, b))
+    check("lora_linear_group", group(37, 45, (40, 13, 13), 4), dtype, stacked=True, monkeypatch=monkeypatch,
+          one_dy=True)
+    assert grad_mms == [(12, 37)], grad_mms  # dA of the stack; no dB_i GEMM one by one
 
 
 def test_group_of_two_one_token(monkeypatch):

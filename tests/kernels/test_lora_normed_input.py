@@ -120,6 +120,31 @@ def test_normed_from_must_match_the_input():
         lora_linear_group(x, **params, normed_from=NormedInput(torch.randn(8, 16), torch.ones(16), EPS))
 
 
+def test_a_rebuilt_input_left_by_an_earlier_backward_is_taken_once(monkeypatch):
+    """values(keep=True) (the engine's k/v recompute) leaves y in the shared dict; the group's backward takes it
+    (no second rebuild launch) and the gradients are those of a rebuild of its own."""
+    from lorafuse.kernels._launch import launches
+
+    T, H = 13, 32
+    h = _rand(T, H, dtype=torch.float32, device="cpu")
+    norm_weight = 1 + 0.1 * torch.randn(H)
+    params = _group_params(H, (16, 8, 8), 4, torch.float32, "cpu")
+    grads = []
+    for leave in (False, True):
+        normed = NormedInput(h, norm_weight, EPS, 0.0, {})
+        outs = lora_linear_group(rms_norm(h, norm_weight, EPS), **params, normed_from=normed)
+        if leave:
+            y = normed.values(keep=True)
+            assert normed.values(keep=True) is y and normed.rebuilt["y"] is y  # kept: built once
+        before = launches["rms_norm_values"]
+        leaves = [t for t in (*params["lora_as"], *params["lora_bs"])]
+        grads.append(torch.autograd.grad(sum(o.sum() for o in outs), leaves))
+        assert launches["rms_norm_values"] - before == (0 if leave else 1)
+        assert normed.rebuilt == {}  # taken, not held on
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.gpu
 def test_group_and_mlp_bf16_on_gpu():
     h = _rand(1000, 512, dtype=torch.bfloat16, device="cuda")
