@@ -12,7 +12,8 @@ optimizer's state is made in the first); the count is exact and
 deterministic. A GPU runs the same host code, so it launches the same ops (plus cuBLAS' own split kernels,
 and none of autotuning's reruns after the first step). One difference of kind, not of number: the float32
 LoRA gradients are one torch.mm(out_dtype=float32) each on CUDA (cuBLAS), which CPU torch lacks, so here they
-are one launch each of our GEMM kernel with a float32 output (counted as triton).
+are one launch each of our GEMM kernel with a float32 output (counted as triton); a group's stacked dB's are our
+kernel on both.
 
 Saved bytes: the storages that autograd keeps for backward (saved-tensor hooks, each storage counted once
 whatever views of it are saved; parameters are weights, not activations, and are left out), in the forward of

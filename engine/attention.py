@@ -6,6 +6,9 @@ layer's sliding window (query i sees keys i - window < j <= i) and logit softcap
   flash_attn    flash-attn's flash_attn_varlen_func, when it is installed
   torch_varlen  torch.nn.attention.varlen.varlen_attn, where this torch has it (CUDA only)
   sdpa          one scaled_dot_product_attention call per document (the reference)
+
+Each takes kv_again (varlen_attention.KVAgain: how to compute k and v again in backward); only triton uses it, the
+others keep k and v as they always do.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from lorafuse.kernels.varlen_attention import varlen_attention_reference
 CHOICES = ("auto", "triton", "flash_attn", "torch_varlen", "sdpa")
 
 
-def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None):
+def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None, kv_again=None):
     from flash_attn import flash_attn_varlen_func
 
     # flash-attn counts the keys left of the query: window - 1 of them, plus the query itself
@@ -28,7 +31,7 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=Non
                                   softmax_scale=scale, window_size=window_size, softcap=softcap or 0.0)
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None):
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None, kv_again=None):
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
@@ -50,12 +53,12 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=N
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
 
 
-def triton_attention(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None):
+def triton_attention(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None, kv_again=None):
     return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=scale, window=window,
-                            softcap=softcap)
+                            softcap=softcap, kv_again=kv_again)
 
 
-def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None):
+def sdpa_attention(q, k, v, cu_seqlens, max_seqlen, scale, window=None, softcap=None, kv_again=None):
     """The reference: one SDPA call per document."""
     return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=scale,
                                       window=window, softcap=softcap)

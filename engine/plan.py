@@ -69,7 +69,7 @@ def estimate_memory(model, tokens: int, dtype: torch.dtype, checkpointing: str, 
     """Peak device memory of one training step of `tokens` tokens on a LoRA model (loaded, or built on the
     meta device). checkpointing: none | recompute | offload for every layer, or "auto": the modes
     plan_for_model picks to fit budget_bytes (train.memory_budget_gb)."""
-    kept, layer_input = layer_bytes_per_token(model.config, dtype, lora_rank=lora_rank,
+    kept, layer_input = layer_bytes_per_token(model, dtype, lora_rank=lora_rank,
                                               lora_projections=lora_projections)
     if checkpointing == "auto":
         modes = plan_for_model(model, budget_bytes, tokens, dtype, lora_rank=lora_rank,

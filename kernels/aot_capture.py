@@ -11,7 +11,9 @@ The step is one decoder layer, forward and backward, plus the loss head, as engi
 (the Triton LoRA GEMM path; the LoRA masters float32, read in place, a group's A and B each one buffer as
 inject_lora leaves them, so q/k/v and gate/up take the rank map):
   x, h = rms_norm_branch(h); q, k, v = lora_linear_group(x, [Wq; Wk; Wv]); q, k, v = apply_rope(q, k, v=v)
-  a = varlen_attention(q, k, v); x, h = rms_norm_residual(lora_linear(a, Wo), h)
+  a = varlen_attention(q, k, v)   (k, v computed again in its backward: x again, lora_linear_group(x, [Wk; Wv]),
+                                   rope_values(k))
+  x, h = rms_norm_residual(lora_linear(a, Wo), h)
   h = lora_mlp(x, [Wg; Wu], Wd, residual=h);  loss = fused_linear_cross_entropy(rms_norm(h), Whead)
   (the projections of a norm's output handed its input, normed_from, as the engine does)
 plus the Triton producers of the cuBLAS LoRA path (lora_cublas.py), forward and backward, at the shapes of
@@ -140,6 +142,8 @@ def training_step(shape: Shape = LLAMA_31_8B, arch: int = 90, tokens: int = TOKE
     LoRA path's Triton producers (module docstring), on meta tensors."""
     from lorafuse import kernels
     from lorafuse.kernels.rms_norm import NormedInput
+    from lorafuse.kernels.rope import rope_values
+    from lorafuse.kernels.varlen_attention import KVAgain
 
     dev = "meta"
 
@@ -161,14 +165,23 @@ def training_step(shape: Shape = LLAMA_31_8B, arch: int = 90, tokens: int = TOKE
         norm_w = w(hid)
         x, h = kernels.rms_norm_branch(h, norm_w, 1e-5)
         (qa, qb), (ka, kb), (va, vb) = adapters((hq, hkv, hkv), hid)
-        q, k, v = kernels.lora_linear_group(x, w(hq + 2 * hkv, hid), [qa, ka, va], [qb, kb, vb], [s] * 3,
-                                            [hq, hkv, hkv], normed_from=NormedInput(h, norm_w, 1e-5))
+        w_qkv, normed = w(hq + 2 * hkv, hid), NormedInput(h, norm_w, 1e-5, 0.0, {})
+        q, k, v = kernels.lora_linear_group(x, w_qkv, [qa, ka, va], [qb, kb, vb], [s] * 3, [hq, hkv, hkv],
+                                            normed_from=normed)
         q, k, v = q.view(tokens, shape.heads, d), k.view(tokens, shape.kv_heads, d), v.view(tokens, shape.kv_heads, d)
         positions = torch.empty(tokens, dtype=torch.int64, device=dev)
         inv_freq = torch.empty(d // 2, dtype=torch.float32, device=dev)
         q, k, v = kernels.apply_rope(q, k, positions, inv_freq, v=v)
+
+        def kv_again(h, positions):  # engine/forward.py's keys_and_values_again
+            k, v = kernels.lora_linear_group(normed.values(h, keep=True), w_qkv[hq:], [ka, va], [kb, vb], [s] * 2,
+                                             [hkv, hkv])
+            heads = (tokens, shape.kv_heads, d)
+            return rope_values(k.view(heads), positions, inv_freq), v.view(heads)
+
         att = kernels.varlen_attention(q, k, v, _cu_seqlens(tokens, DOCS), 8192, softmax_scale=d ** -0.5,
-                                       window=shape.window, softcap=shape.softcap)
+                                       window=shape.window, softcap=shape.softcap,
+                                       kv_again=KVAgain(kv_again, (h, positions)))
         ((oa, ob),) = adapters((hid,), hq)
         o = kernels.lora_linear(att.reshape(tokens, hq), w(hid, hq), oa, ob, s)
         x, h = kernels.rms_norm_residual(o, h, norm_w, 1e-5)

@@ -47,7 +47,8 @@ The window and the cap are runtime arguments behind constexpr switches (WINDOWED
 causal kernels compile as before; a window of T tokens or more is dropped on the host (no document is
 longer). The heavy-first tile order stays: a window only flattens the heavy end of a document's tiles.
 Saved for backward: q, k, v (as given, views included), out, lse2 [Hq, T] float32 (base 2) and the tile
-list. Recomputed in backward: the scores, their cap and the probabilities.
+list; with kv_again, the inputs k and v are computed from instead of k and v. Recomputed in backward: the
+scores, their cap and the probabilities (and k, v with kv_again).
 
 Inputs may be strided views (for instance q, k, v split from one fused qkv projection, whose token
 stride exceeds H * D): the kernels take token and head strides and copy nothing, as long as the
@@ -689,28 +690,51 @@ def _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, scores: _Scores, q_sch
     return dq, dk, dv
 
 
+class KVAgain(NamedTuple):
+    """How to compute k and v again in backward instead of keeping them: fn(*inputs) -> (k, v), the values given
+    to the forward (any token and head strides, head dim contiguous). The inputs are saved for backward in their
+    place, like every saved tensor (saved-tensor hooks, offload included, see them); fn runs once, without
+    autograd, when the backward starts."""
+
+    fn: object
+    inputs: tuple
+
+
 class VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, scores: _Scores):
+    def forward(ctx, q, k, v, cu_seqlens, scores: _Scores, again: KVAgain | None):
         q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
         schedule = _schedule(cu_seqlens, q.shape[0], _tiles(_head_dim_pad(q.shape[2]))[0])
         out, lse = _varlen_forward(q, k, v, cu_seqlens, scores, schedule)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, schedule[0], schedule[1])
+        kept = (k, v) if again is None else again.inputs
+        ctx.save_for_backward(q, out, lse, cu_seqlens, schedule[0], schedule[1], *kept)
+        ctx.again = None if again is None else (again.fn, k.shape, v.shape, k.dtype)
         ctx.bound = schedule[2]
         ctx.scores = scores
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens, tile_doc, tile_end = ctx.saved_tensors
+        q, out, lse, cu_seqlens, tile_doc, tile_end, *kept = ctx.saved_tensors
+        if ctx.again is None:
+            k, v = kept
+        else:
+            fn, k_shape, v_shape, dtype = ctx.again
+            with torch.no_grad():
+                k, v = fn(*kept)
+            if k.shape != k_shape or v.shape != v_shape or k.dtype != dtype or v.dtype != dtype:
+                raise RuntimeError(f"varlen_attention: kv_again gave k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} "
+                                   f"{v.dtype}; the forward had {tuple(k_shape)}, {tuple(v_shape)} {dtype}")
+            k, v = _head_dim_contiguous(k), _head_dim_contiguous(v)
         dout = _head_dim_contiguous(dout)
         dq, dk, dv = _varlen_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.scores,
                                       (tile_doc, tile_end, ctx.bound))
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, softmax_scale=None, *,
-                     deterministic: bool = False, window: int | None = None, softcap: float | None = None):
+                     deterministic: bool = False, window: int | None = None, softcap: float | None = None,
+                     kv_again: KVAgain | None = None):
     """Attention within each packed document; see the module docstring. Returns [T, Hq, D].
 
     q, k, v may be strided views (head dim contiguous), e.g. split from one fused qkv output.
@@ -719,7 +743,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, 
     window (causal only): query i attends key j of its document when i - window < j <= i (flash-attn's
     window_size=(window - 1, 0); 1 is the diagonal alone; None, or a window longer than the document, is
     plain causal). softcap: scores s = scale q.k become softcap * tanh(s / softcap) before the softmax
-    (Gemma 2's attn_logit_softcapping); None leaves them as they are.
+    (Gemma 2's attn_logit_softcapping); None leaves them as they are. kv_again (KVAgain): k and v are not kept
+    for backward but computed again there from its inputs (memory for a recompute: the engine's k and v come from
+    the layer's input by a GEMM and RoPE); the PyTorch path keeps what autograd keeps.
     """
     check_varlen_args(q, k, v, cu_seqlens, max_seqlen)
     check_window_softcap(causal, window, softcap)
@@ -739,7 +765,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, 
     window = int(window) if window is not None and window < q.shape[0] else None
     softcap = float(softcap) if softcap is not None else None
     scores = _Scores(bool(causal), float(softmax_scale), window, softcap)
-    return VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), scores)
+    if kv_again is not None and not (callable(kv_again.fn) and all(isinstance(t, torch.Tensor)
+                                                                   for t in kv_again.inputs)):
+        raise TypeError("varlen_attention: kv_again must be KVAgain(fn, inputs) with a callable fn and tensor inputs")
+    return VarlenAttention.apply(q, k, v, cu_seqlens.contiguous(), scores, kv_again)
 
 
 # Arguments not listed here are bf16 tensors (*_ptr) or i32 strides and counts.

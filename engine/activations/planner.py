@@ -56,7 +56,7 @@ def plan_for_model(model, budget_bytes: float, tokens: int, dtype: torch.dtype, 
                    lora_projections: int, sharded=None) -> list[str]:
     """plan_checkpointing for a loaded LoRA model: the device budget less what is not activations
     (resident_bytes: weights, LoRA state, the loss workspace)."""
-    kept, layer_input = layer_bytes_per_token(model.config, dtype, lora_rank=lora_rank,
+    kept, layer_input = layer_bytes_per_token(model, dtype, lora_rank=lora_rank,
                                               lora_projections=lora_projections)
     activations = budget_bytes - sum(resident_bytes(model, tokens, dtype, sharded=sharded).values())
     return plan_checkpointing(model.config.num_hidden_layers, kept, layer_input, tokens, activations)
@@ -86,13 +86,20 @@ def resident_bytes(model, tokens: int, dtype: torch.dtype, sharded=None) -> dict
     return {"weights": weights, "lora": lora, "loss_workspace": loss_workspace}
 
 
-def layer_bytes_per_token(config, dtype: torch.dtype, *, lora_rank: int, lora_projections: int) -> tuple[int, int]:
-    """(bytes a kept decoder layer saves per token, bytes of a layer's input per token) for a HF config."""
-    c = config
+def layer_bytes_per_token(model, dtype: torch.dtype, *, lora_rank: int, lora_projections: int) -> tuple[int, int]:
+    """(bytes a kept decoder layer saves per token, bytes of a layer's input per token) for a HF model (loaded,
+    or built on the meta device). Its attention keeps k and v where the engine cannot compute them again
+    (forward.keys_and_values_again): Phi-3's one q/k/v projection, and NF4 (QLoRA) q/k/v weights."""
+    from ..model import SUPPORTED
+    from ..quantize import quantized_weights
+
+    c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    family = SUPPORTED.get(getattr(c, "model_type", None))
+    keeps_kv = (family is not None and "qkv_proj" in family.projections) or bool(quantized_weights(model))
     kept = llama_layer_bytes_per_token(c.hidden_size, c.intermediate_size, c.num_attention_heads,
                                        c.num_key_value_heads, head_dim=head_dim, dtype=dtype, lora_rank=lora_rank,
-                                       lora_projections=lora_projections)
+                                       lora_projections=lora_projections, keeps_kv=keeps_kv)
     return kept, c.hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
@@ -164,24 +171,24 @@ def plan_checkpointing(n_layers: int, bytes_per_token_per_layer_kept: float,
 def llama_layer_bytes_per_token(hidden_size: int, intermediate_size: int, num_heads: int,
                                 num_kv_heads: int | None = None, *, head_dim: int | None = None,
                                 dtype: torch.dtype = torch.bfloat16, lora_rank: int = 16,
-                                lora_projections: int = 7) -> int:
+                                lora_projections: int = 7, keeps_kv: bool = False) -> int:
     """Bytes per token that one kept Llama-family decoder layer saves for backward with lorafuse's
     fused kernels (RMSNorm, RoPE, varlen attention, SwiGLU, LoRA linears with dropout 0).
 
     Saved, in `dtype` per token: the layer input and the post-attention residual (RMSNorm inputs; the
     normalised activations, inputs of q/k/v and of gate/up, are rebuilt from them in backward, not kept:
-    rms_norm.NormedInput), q and k after RoPE, v (copied out of
-    the fused q/k/v output by the RoPE launch, so that buffer is not kept), the attention output (o_proj
-    input), gate and up (their SwiGLU product, down_proj's input, is recomputed in backward), and x @ A^T
-    (lora_rank values) of each LoRA projection; in float32: two RMSNorm rstd and the attention
-    log-sum-exp per query head. bench/step_costs.py measures the same figure on the real forward. For
-    anything else (HF stock layers, other kernels) measure instead: measure_bytes_per_token. The layer
-    input alone is hidden_size * dtype's itemsize.
+    rms_norm.NormedInput), q after RoPE (k and v are computed again from the layer input in attention's
+    backward: forward.keys_and_values_again; keeps_kv: a model whose attention keeps them, Phi-3's one q/k/v
+    projection or NF4 q/k/v weights), the attention output (o_proj input), gate and up (their SwiGLU product,
+    down_proj's input, is recomputed in backward), and x @ A^T (lora_rank values) of each LoRA projection; in
+    float32: two RMSNorm rstd and the attention log-sum-exp per query head. bench/step_costs.py measures the
+    same figure on the real forward. For anything else (HF stock layers, other kernels) measure instead:
+    measure_bytes_per_token. The layer input alone is hidden_size * dtype's itemsize.
     """
     num_kv_heads = num_kv_heads or num_heads
     head_dim = head_dim or hidden_size // num_heads
     q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
-    elements = (2 * hidden_size + 2 * q_width + 2 * kv_width + 2 * intermediate_size
+    elements = (2 * hidden_size + 2 * q_width + (2 * kv_width if keeps_kv else 0) + 2 * intermediate_size
                 + lora_rank * lora_projections)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return elements * itemsize + 4 * (2 + num_heads)

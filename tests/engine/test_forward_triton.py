@@ -68,3 +68,43 @@ def test_micro_models_of_other_families_through_triton_kernels(tmp_path, monkeyp
     assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
     for g, r in zip(grads, ref_grads):
         assert (g - r).norm() <= 1e-3 * r.norm() + 1e-7
+
+
+def test_attention_computes_k_and_v_again_instead_of_keeping_them(tmp_path, monkeypatch):
+    """A Llama layer's attention keeps no k or v (they are computed again from the layer input in its backward,
+    forward.keys_and_values_again): the saved storages shrink by exactly k's and v's, and the loss and gradients
+    are those of the run that keeps them (the same kernels on the same values)."""
+    from lorafuse.engine import forward
+    from lorafuse.engine.activations.planner import measure_bytes_per_token
+
+    hidden, kv_heads, head_dim = 32, 1, 16
+    build_model(tiny_config("llama", vocab_size=97, hidden=hidden, layers=1, heads=2, kv_heads=kv_heads,
+                            intermediate=48, head_dim=head_dim), tmp_path, seed=3)
+    model = load_model(tmp_path, torch.float32, torch.device("cpu"))
+    prepared = prepare_model(model)
+    inject_lora(model, LoraConfig(r=4, alpha=8))
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    params = lora_parameters(model)
+    rng = np.random.default_rng(3)
+
+    def documents(n):
+        return make_batch([Document(rng.integers(3, 97, k), rng.random(k) < 0.8) for k in (n // 2, n - n // 2)])
+
+    fixed = documents(17)
+    layer = prepared.layers[0]
+    results, saved = [], []
+    for recompute in (False, True):
+        if not recompute:
+            monkeypatch.setattr(forward, "keys_and_values_again", lambda *args: None)
+        loss = packed_loss(prepared, fixed)
+        results.append((loss, torch.autograd.grad(loss, params)))
+        saved.append(measure_bytes_per_token(
+            lambda batch: forward.decoder_layer(model.model.embed_tokens(batch.input_ids), layer, batch, prepared),
+            lambda n: (documents(n),)))
+        monkeypatch.undo()
+    (kept_loss, kept_grads), (loss, grads) = results
+    assert torch.equal(loss, kept_loss)
+    for g, r in zip(grads, kept_grads, strict=True):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
+    assert saved[0] - saved[1] == 2 * kv_heads * head_dim * 4  # k and v, float32

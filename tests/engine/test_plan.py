@@ -127,7 +127,7 @@ def test_plan_of_an_8b_model_from_its_config_alone(run_yaml, tmp_path, tiny_mode
     memory = plan["memory"]
     assert memory["weights"] / GIB == pytest.approx(8.03e9 * 2 / GIB, rel=0.01)
     assert memory["lora"] == plan["parameters"]["lora"] * 28
-    kept_per_token = (2 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 14336 + 16 * 7) * 2 + 4 * (2 + 32)
+    kept_per_token = (2 * 4096 + 2 * 4096 + 2 * 14336 + 16 * 7) * 2 + 4 * (2 + 32)  # k, v computed again
     assert memory["activations"] == 32 * 8192 * kept_per_token
     largest = plan["largest_max_tokens_per_step"]
     # keeping everything, 32 layers of kept_per_token bytes fill what the weights leave of 80 GB near 20k tokens

@@ -169,6 +169,46 @@ def test_poisoned_buffers_are_fully_written(monkeypatch):
         assert_close(o, r, torch.float32, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_again_computes_k_and_v_in_backward_instead_of_keeping_them(dtype):
+    """With kv_again the backward gets k and v from fn(*inputs), run once, and autograd keeps neither k nor v:
+    gradients equal those of the kept k and v bitwise (the same values), and fn's k and v may be strided."""
+    lengths = [5, 33, 1, 17]
+    q64, k64, v64 = _inputs(lengths, 4, 2, 80)
+    cu, dout = _cu(lengths), torch.randn(q64.shape, dtype=torch.float64).to(dtype)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+    kept = _run(varlen_attention, q64, k64, v64, dout, cu, 33, True, dtype)
+
+    source = torch.cat([k.detach(), v.detach()], 1) * 2  # what fn computes from: k and v are views of it
+    calls = []
+
+    def again(src):
+        calls.append(src)
+        return src[:, :2] / 2, src[:, 2:] / 2
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        with expect_triton("varlen_attention"):
+            out = varlen_attention(q, k, v, cu, 33, kv_again=va.KVAgain(again, (source,)))
+    saved = {t.untyped_storage().data_ptr() for t in packed}
+    assert k.untyped_storage().data_ptr() not in saved and v.untyped_storage().data_ptr() not in saved
+    assert source.untyped_storage().data_ptr() in saved
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert len(calls) == 1 and calls[0] is source
+    for name, a, b in zip(NAMES, (out, *grads), kept, strict=True):
+        assert torch.equal(a, b), f"{name} differs from the run that kept k and v"
+
+
+def test_kv_again_that_gives_other_shapes_is_an_error():
+    q, k, v = (t.float().requires_grad_() for t in _inputs([9], 2, 1, 16))
+    cu = _cu([9])
+    out = varlen_attention(q, k, v, cu, 9, kv_again=va.KVAgain(lambda: (k[:, :, :8], v), ()))
+    with pytest.raises(RuntimeError, match="kv_again gave k"):
+        out.sum().backward()
+    with pytest.raises(TypeError, match="KVAgain"):
+        varlen_attention(q, k, v, cu, 9, kv_again=va.KVAgain(None, ()))
+
+
 def test_tile_schedule_maps_programs_to_documents():
     lengths = [1, 0, 70, 32, 33, 5]
     tile = 32

@@ -65,7 +65,9 @@ def test_plan_when_nothing_fits(caplog):
 
 def test_plan_for_llama_8b_at_32k_tokens():
     kept = llama_layer_bytes_per_token(4096, 14336, 32, 8, dtype=torch.bfloat16, lora_rank=16)
-    assert kept == 2 * (2 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 14336 + 7 * 16) + 4 * (2 + 32)
+    assert kept == 2 * (2 * 4096 + 2 * 4096 + 2 * 14336 + 7 * 16) + 4 * (2 + 32)  # k, v computed again
+    assert llama_layer_bytes_per_token(4096, 14336, 32, 8, dtype=torch.bfloat16, lora_rank=16, keeps_kv=True) == \
+        kept + 2 * 2 * 1024
     layer_input = 4096 * 2
     tokens = 32768
     gib = 2**30
