@@ -26,6 +26,8 @@ def role(variant: dict) -> str:
     if kernel == "_lowrank_mm_kernel":
         if flags.get("GLU_BWD") == "True":
             return f"LoRA GEMM dH + {'SwiGLU' if flags.get('ACTIVATION') == 'silu' else 'GeGLU'} backward"
+        if flags.get("MAP_OUTPUT") == "True":
+            return "LoRA skinny dB of a group (dY^T U), rank map"
         if flags.get("HAS_LOWRANK") != "True":
             return "LoRA skinny x A^T / dY B" + (", rank map" if flags.get("MAP_SEGMENTS") == "True" else "")
         segs = flags.get("NUM_SEGS", "1")
