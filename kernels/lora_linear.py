@@ -121,7 +121,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from ._gemm import grouped_pid, grouped_tile, lowrank_tile, rank_window
-    from .swiglu import ACTIVATIONS, _activation_and_grad
+    from .swiglu import _activation_and_grad
 
     @triton.jit
     def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, b_off, K, rows_a, cols_b, stride_bn,
@@ -350,13 +350,13 @@ if HAVE_TRITON:
     def _aot_specs():
         """Variants of the autotune lists (tiles, warps, stages) for the kernel's main uses."""
 
-        def spec(dtype, *, segs, lowrank, bias, scale, glu=None, precision, config, block_n=None, block_r=16,
+        def spec(dtype, *, segs, lowrank, bias, scale, precision, config, block_n=None, block_r=16,
                  rank_map=False, residual=False):
             # unit strides are constexpr 1 at runtime (Triton specialises them)
             consts = {"stride_a0k": 1, "stride_a1k": 1, "stride_a2k": 1, "stride_cn": 1,
                       "NUM_SEGS": segs, "HAS_BIAS": bias, "HAS_SCALE": scale, "HAS_LOWRANK": lowrank,
                       "HAS_RESIDUAL": residual,
-                      "GLU_BWD": glu is not None, "ACTIVATION": glu or "silu", "STORE_H": glu is not None,
+                      "GLU_BWD": False, "ACTIVATION": "silu", "STORE_H": False,
                       "EVEN_K": True, "DOT_PRECISION": precision, "BLOCK_R": block_r,
                       "MAP_LOWRANK": rank_map and lowrank, "MAP_SEGMENTS": rank_map and not lowrank,
                       "MAP_OUTPUT": False}
@@ -367,29 +367,22 @@ if HAVE_TRITON:
             types = {"scale_ptr": "*fp32", "f_ptr": "*fp32", **({"b_ptr": "*fp32"} if block_n is not None else {})}
             return aot_spec(_lowrank_mm_kernel, dtype, consts, types=types, config=config)
 
-        big, tall, square8, square4, _, small = MAIN_CONFIGS
+        big, tall, square8, _, _, small = MAIN_CONFIGS
+        # only variants the static gate (aot.py --gate) does not compile as the engine launches them: the gate
+        # already covers q/k/v's rank-map forward, the down projection's residual epilogue, both GLU epilogues
+        # and the skinny U of q/k/v (every config, at the headline shapes, on sm_80 and sm_90)
         return [
             # forward y = x W^T + bias + U B^T: the largest tiles, bf16 and fp16
             spec("bf16", segs=1, lowrank=True, bias=True, scale=False, precision="tf32", config=big),
-            # the MLP's down projection, with the decoder's residual add in the epilogue
-            spec("bf16", segs=1, lowrank=True, bias=False, scale=False, precision="tf32", config=big, residual=True),
             spec("fp16", segs=1, lowrank=True, bias=False, scale=False, precision="tf32", config=tall, block_r=64),
-            # y of q/k/v: the block-diagonal B read through the rank map
-            spec("bf16", segs=1, lowrank=True, bias=False, scale=False, precision="tf32", config=big, block_r=64,
-                 rank_map=True),
-            # V = dY B of q/k/v: three dY segments and the rank map
+            # V = dY B of q/k/v given as three separate dY (the engine hands one buffer): the rank map
             spec("bf16", segs=3, lowrank=False, bias=False, scale=True, precision="tf32", config=SKINNY_CONFIGS[0],
                  block_n=64, rank_map=True),
-            # dX of q/k/v: three dY segments, rank chunks of 64
+            # dX of q/k/v from three dY segments, rank chunks of 64
             spec("bf16", segs=3, lowrank=True, bias=False, scale=False, precision="tf32", config=square8,
                  block_r=64),
-            # dH of the MLP with the SwiGLU or GeGLU backward in the epilogue
-            *[spec("bf16", segs=1, lowrank=True, bias=False, scale=False, glu=act, precision="tf32",
-                   config=square4) for act in ACTIVATIONS],
-            # skinny U = x A^T diag(s), A the float32 master: q/k/v at r = 16 (48 -> 64 columns), and the widest
-            # rank block (3 x r = 192 -> 256 columns), where float32 A tiles leave only the smallest config
-            spec("bf16", segs=1, lowrank=False, bias=False, scale=True, precision="tf32", config=SKINNY_CONFIGS[0],
-                 block_n=64),
+            # skinny U = x A^T diag(s), A the float32 master, at the widest rank block (3 x r = 192 -> 256 columns),
+            # where float32 A tiles leave only the smallest config
             spec("bf16", segs=1, lowrank=False, bias=False, scale=True, precision="tf32", config=SKINNY_CONFIGS[-1],
                  block_n=256),
             # float32 (IEEE dots): only the smaller tiles fit in shared memory

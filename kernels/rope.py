@@ -140,10 +140,10 @@ if HAVE_TRITON:
                       "BLOCK_H": block_h, "BACKWARD": backward, "COPY_V": copy_v}
         return aot_spec(_rope_kernel, dtype, constexprs, types=types)
 
+    # the static gate compiles head dim 128's and 256's forward (with and without v) and backward (with v) as the
+    # engine launches them; these are the rest
     AOT_SPECS = [
-        _aot("bf16", 64, 4, 8, False),   # Llama-3 / Qwen head_dim 128
-        _aot("bf16", 64, 4, 8, False, copy_v=True),  # the engine's forward: v copied out of the fused q/k/v
-        _aot("bf16", 64, 2, 16, True),
+        _aot("bf16", 64, 2, 16, True),   # backward without v
         _aot("bf16", 40, 4, 4, False),   # head_dim 80, masked to 64
         _aot("fp16", 32, 8, 8, True),    # head_dim 64
         _aot("fp32", 128, 1, 8, False),  # head_dim 256 (Gemma)

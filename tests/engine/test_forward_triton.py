@@ -101,7 +101,7 @@ def test_attention_computes_k_and_v_again_instead_of_keeping_them(tmp_path, monk
         results.append((loss, torch.autograd.grad(loss, params)))
         saved.append(measure_bytes_per_token(
             lambda batch: forward.decoder_layer(model.model.embed_tokens(batch.input_ids), layer, batch, prepared),
-            lambda n: (documents(n),)))
+            lambda n: (documents(n),), tokens=(8, 16)))
         monkeypatch.undo()
     (kept_loss, kept_grads), (loss, grads) = results
     assert torch.equal(loss, kept_loss)
