@@ -65,9 +65,9 @@ def keys_and_values_again(layer: PreparedLayer, batch: PackedBatch, prepared: Pr
     """How our attention kernel computes k and v again in its backward instead of keeping them: from the layer's
     input h, which its norm keeps anyway (x = rmsnorm(h); k, v = x Wk, x Wv; k = rope(k)). At Llama-3.1-8B that
     keeps 4 KB per token per layer less (a quarter of what attention kept) for one [T, hidden] x [hidden, 2 Hkv D]
-    GEMM more, about 2% of a layer's FLOPs. The rebuilt x is left for the q/k/v projection's backward, which
-    comes next and reads it too. None where attention keeps k and v: another attention implementation, q, k
-    and v not computed by one grouped kernel from a norm's output, or NF4 weights."""
+    GEMM more (its time not measured yet: no GPU run so far). The rebuilt x is left for the q/k/v projection's
+    backward, which comes next and reads it too. None where attention keeps k and v: another attention
+    implementation, q, k and v not computed by one grouped kernel from a norm's output, or NF4 weights."""
     attn, spec, ops = layer.module.self_attn, prepared.spec, prepared.ops
     projs = (attn.q_proj, attn.k_proj, attn.v_proj) if not spec.family.fused_qkv else ()
     # an NF4 stack has no row slice that is a view: QLoRA keeps k and v

@@ -351,11 +351,11 @@ if HAVE_TRITON:
         """Variants of the autotune lists (tiles, warps, stages) for the kernel's main uses."""
 
         def spec(dtype, *, segs, lowrank, bias, scale, precision, config, block_n=None, block_r=16,
-                 rank_map=False, residual=False):
+                 rank_map=False):
             # unit strides are constexpr 1 at runtime (Triton specialises them)
             consts = {"stride_a0k": 1, "stride_a1k": 1, "stride_a2k": 1, "stride_cn": 1,
                       "NUM_SEGS": segs, "HAS_BIAS": bias, "HAS_SCALE": scale, "HAS_LOWRANK": lowrank,
-                      "HAS_RESIDUAL": residual,
+                      "HAS_RESIDUAL": False,
                       "GLU_BWD": False, "ACTIVATION": "silu", "STORE_H": False,
                       "EVEN_K": True, "DOT_PRECISION": precision, "BLOCK_R": block_r,
                       "MAP_LOWRANK": rank_map and lowrank, "MAP_SEGMENTS": rank_map and not lowrank,

@@ -210,6 +210,7 @@ def rope_values(x, position_ids, inv_freq, attention_scaling: float = 1.0):
         return apply_rope_reference(x, x[:, :0], position_ids, inv_freq, attention_scaling)[0]
     if position_ids.dim() == 2:
         position_ids = position_ids[0]
+    count("rope_values")
     out, _, _ = _rope(x, x[:, :0], position_ids.contiguous(), inv_freq.float().contiguous(),
                       float(attention_scaling), backward=False)
     return out

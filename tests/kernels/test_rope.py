@@ -279,5 +279,6 @@ def test_rope_values_rotates_one_tensor_like_apply_rope(dtype):
     before = launches["apply_rope"]
     _, k_rotated = apply_rope(torch.randn(9, 1, 24, dtype=dtype), k, positions, inv_freq, scaling)
     assert launches["apply_rope"] == before + 1
-    assert torch.equal(rope_values(k, positions, inv_freq, scaling), k_rotated)
-    assert torch.equal(rope_values(k, positions[None], inv_freq, scaling), k_rotated)  # [1, T] positions
+    with expect_triton("rope_values", at_least=2):
+        assert torch.equal(rope_values(k, positions, inv_freq, scaling), k_rotated)
+        assert torch.equal(rope_values(k, positions[None], inv_freq, scaling), k_rotated)  # [1, T] positions
